@@ -1,0 +1,274 @@
+"""The project's typed configuration: one frozen dataclass per concern, loaded from YAML plus dotted overrides.
+
+    cfg = load_config("jobs/configs/demo.yaml", ["stream.batch_size=16", "odedit.enabled=false"])
+
+Sections: `model`, `data`, `method` (polymorphic on `method.name`, through the method registry), `odedit`,
+`stream`, `resources`, `tracking`, `search`. Every problem of a config (unknown keys with close matches,
+wrong types, bad values, bad combinations) is reported at once by `ConfigError`, each with its dotted path,
+the value and a hint. `dump_config` writes YAML that `load_config` reads back to an equal object.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Literal
+
+import yaml
+
+from odedit.configlib import (
+    ConfigError,
+    ConfigIssue,
+    Problem,
+    all_of,
+    apply_overrides,
+    each,
+    from_dict,
+    in_range,
+    non_negative,
+    option,
+    positive,
+    read_yaml,
+    to_dict,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DemoWorldConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "ODEditConfig",
+    "ResourcesConfig",
+    "SearchConfig",
+    "StreamConfig",
+    "TrackingConfig",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _is_known_family(name: str) -> str | None:
+    from odedit.models import ADAPTERS
+
+    return None if name in ADAPTERS else ADAPTERS.unknown_message(name)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which MLLM to load and how to feed it."""
+
+    family: str = option("llava", help="adapter family: llava, blip2_opt, instructblip, minigpt4, qwen2_vl", check=_is_known_family)
+    name_or_path: str = option("", help="hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local directory saved by save_pretrained; empty means the demo model")
+    dtype: Dtype = option("auto", help="parameter dtype; auto = bfloat16 on GPU, float32 on CPU")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N", check=lambda v: None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else "must be auto, cpu, cuda or cuda:N")
+    pooling: Literal["last", "mean"] = option("last", help="last hidden state used by R_gen: the last prompt token, or the mean over prompt tokens")
+    prompt_template: str = option("", help="prompt template with one {} for the question; empty = the family's default")
+    max_prompt_tokens: int = option(96, help="prompts longer than this (in tokens, images excluded) are truncated from the left", check=positive)
+    image_size: int = option(0, help="resize images to this square size before the processor; 0 = processor default", check=non_negative)
+
+    def _cross_checks(self) -> Iterable[Problem]:
+        if self.prompt_template and self.prompt_template.count("{}") != 1:
+            yield Problem("prompt_template", self.prompt_template, "must contain exactly one {}", "e.g. 'Question: {} Short answer:'")
+
+
+@dataclass(frozen=True)
+class DemoWorldConfig:
+    """Sizes of the embedded easy-vqa demo world (design.md §7)."""
+
+    num_edits: int = option(400, help="edit records drawn from the easy-vqa test images", check=positive)
+    num_validation_edits: int = option(64, help="extra edit records for hyperparameter search, disjoint from the test stream", check=non_negative)
+    hard_per_edit: int = option(4, help="OUT-hard rows per edit: the edit's question on other images sharing its old answer", check=non_negative)
+    train_minutes: float = option(7.0, help="training budget of the demo model on CPU", check=positive)
+    train_images: int = option(0, help="easy-vqa training images used; 0 = all 4,000", check=non_negative)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where edit records come from and where environment shards go."""
+
+    source: str = option("demo", help="record reader: demo, mmedit, vlkeb, mmkebench", check=lambda v: _source_problem(v))
+    path: str = option("", help="records file (JSON) for mmedit/vlkeb/mmkebench")
+    image_root: str = option("", help="root of edit images (EasyEdit's coco_image)")
+    rephrase_image_root: str = option("", help="root of image rephrases; empty = image_root")
+    locality_image_root: str = option("", help="root of multimodal-locality images; empty = image_root")
+    shards_dir: str = option("", help="output dir of environment shards; empty = <output_dir>/shards")
+    limit: int = option(0, help="read at most this many records; 0 = all", check=non_negative)
+    rows_per_shard: int = option(256, help="rows per parquet shard", check=positive)
+    max_image_pixels: int = option(4096 * 4096, help="images with more pixels are quarantined (decompression bombs)", check=positive)
+    max_image_bytes: int = option(32 * 1024 * 1024, help="image files larger than this are quarantined", check=positive)
+    max_text_chars: int = option(2000, help="prompts/targets longer than this are quarantined", check=positive)
+    stored_image_size: int = option(224, help="images are resized so their longer side is at most this before storage", check=positive)
+    with_hard_in_training: bool = option(False, help="[EXTENSION] also use OUT-hard rows in R_loc and the penalty (default: evaluation only, paper-faithful)")
+    demo: DemoWorldConfig = option(factory=DemoWorldConfig, help="demo world sizes")
+
+
+def _source_problem(name: str) -> str | None:
+    from pipeline.sources import SOURCES
+
+    return None if name in SOURCES else SOURCES.unknown_message(name)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Options every host editor shares. Each editor extends it with its own knobs (see `odedit.methods`)."""
+
+    name: str = option("ft", help="host editor: see odedit.methods.METHODS")
+    layers: tuple[int, ...] = option((), help="language-model layers to edit; empty = the editor's default (last layers)", check=each(non_negative))
+    modules: tuple[str, ...] = option(("ffn_out",), help="module kinds to edit: ffn_in, ffn_out, attn_out")
+    lr: float = option(0.01, help="step size of the host editor's own optimisation", check=positive)
+    n_iter: int = option(10, help="optimisation iterations per edit step", check=positive)
+    optimizer: Literal["sgd", "adam"] = option("adam", help="optimiser of the editable parameters")
+
+    @classmethod
+    def _resolve_class(cls, data: dict) -> type | Problem:
+        from odedit.methods import METHODS
+
+        name = data.get("name", "ft")
+        if name not in METHODS:
+            return Problem("name", name, METHODS.unknown_message(name), "pick a registered editor")
+        return METHODS.get(name).config_cls
+
+
+@dataclass(frozen=True)
+class ODEditConfig:
+    """The ODEdit objective (method.md §2–3). Defaults follow the paper where it speaks; [INFERENCE] otherwise."""
+
+    enabled: bool = option(True, help="false runs the host editor alone through the same code (the 'base' arm)")
+    w_loc: float = option(1.0, help="weight of R_loc (Eq. 3); the paper uses 1", check=non_negative)
+    w_gen: float = option(1.0, help="weight of R_gen (Eq. 6); the paper uses 1", check=non_negative)
+    penalty: Literal["learned", "fixed", "off"] = option("learned", help="TV-l1 penalty coefficient: learned lambda-network (paper), a fixed lambda, or no penalty")
+    fixed_lambda: float = option(1.0, help="lambda when penalty=fixed", check=non_negative)
+    penalty_reduction: Literal["mean", "sum"] = option("mean", help="[INFERENCE] E_omega over environments: mean (default) or sum of |dR_e/domega|")
+    environments: tuple[str, ...] = option(("in", "se_text", "se_image", "out_text", "out_mm"), help="environments of the penalty", check=each(lambda v: None if v in ("in", "se_text", "se_image", "out_text", "out_mm", "out_hard") else "unknown environment"))
+    mmd_kernels: int = option(5, help="[INFERENCE] number of Gaussian kernels in R_gen", check=positive)
+    mmd_bandwidth_base: float = option(0.0, help="[INFERENCE] base bandwidth sigma; 0 = median heuristic on the batch", check=non_negative)
+    mmd_bandwidth_mult: float = option(2.0, help="[INFERENCE] ratio between consecutive bandwidths (5 kernels, ratio 2 -> x{1/4..4})", check=positive)
+    lambda_hidden: int = option(32, help="[INFERENCE] width of the lambda-network (TV2 uses 32)", check=positive)
+    lambda_init_bias: float = option(0.0, help="[INFERENCE] initial output bias of the lambda-network: lambda starts near softplus(bias)")
+    lambda_max: float = option(1.0e4, help="a lambda above this is a runaway: the step is rolled back", check=positive)
+    dual_lr: float = option(1.0e-3, help="[INFERENCE] dual ascent step gamma_2 (TV2 default 1e-3)", check=positive)
+    step_rule: Literal["optimizer", "adaptive"] = option("optimizer", help="[INFERENCE] primal/dual steps: the host optimiser and fixed dual_lr, or the adaptive 1/(k^p ||g||) rule of method.md §3.3")
+    adaptive_p: float = option(1.1, help="[INFERENCE] exponent p > 1 of the adaptive rule", check=lambda v: None if v > 1 else "must be > 1")
+    adaptive_scale: float = option(1.0, help="[INFERENCE] scale c of the adaptive rule: gamma_k = c / (k^p ||g||)", check=positive)
+    warmup_iters: int = option(0, help="[INFERENCE] inner iterations per step with the penalty off (TV2 penalty_anneal_iters)", check=non_negative)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How edits are applied and evaluated."""
+
+    mode: Literal["single", "sequential"] = option("sequential", help="single: each edit undone; sequential: edits accumulate (lifelong)")
+    batch_size: int = option(1, help="edits per step", check=positive)
+    num_edits: int = option(0, help="edits in the stream; 0 = all records of the split", check=non_negative)
+    split: Literal["test", "validation"] = option("test", help="which slice of the records to edit")
+    eval_every: int = option(0, help="retention evaluation every this many edits; 0 = only at the end", check=non_negative)
+    retention_sample: int = option(64, help="earlier edits re-evaluated at each retention evaluation", check=positive)
+    checkpoint_every: int = option(0, help="checkpoint every this many steps; 0 = never", check=non_negative)
+    storage_path: str = option("", help="checkpoints, ledger and results; empty = <output_dir>/storage (shared storage on clusters)")
+    run_name: str = option("", help="stream name; resubmitting with the same name resumes it; empty = derived from the config")
+    generation_eval: bool = option(True, help="also score greedy-decoding exact match")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Ray Train workers and DeepSpeed."""
+
+    num_workers: int = option(1, help="Ray Train workers", check=positive)
+    use_gpu: bool = option(False, help="one GPU per worker (NCCL, bf16) instead of CPU (gloo, fp32)")
+    cpus_per_worker: float = option(1.0, help="CPUs reserved per worker", check=positive)
+    zero_stage: int = option(2, help="DeepSpeed ZeRO stage (2 or 3); 0 = plain data parallel without DeepSpeed", check=lambda v: None if v in (0, 2, 3) else "must be 0, 2 or 3")
+    max_failures: int = option(2, help="worker restarts from the last checkpoint before the stream fails", check=non_negative)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow."""
+
+    enabled: bool = option(True, help="log to MLflow")
+    uri: str = option("", help="tracking URI; empty = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db")
+    experiment: str = option("odedit", help="MLflow experiment name")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Ray Tune search (jobs/tune.py)."""
+
+    space: dict[str, Any] = option(factory=dict, help="dotted config key -> {type: uniform|loguniform|choice|randint, ...}")
+    num_samples: int = option(8, help="trials", check=positive)
+    metric: str = option("objective", help="reported metric to optimise")
+    mode: Literal["max", "min"] = option("max", help="maximise or minimise the metric")
+    searcher: Literal["optuna", "random"] = option("optuna", help="optuna (random if not installed) or random")
+    grace_edits: int = option(16, help="ASHA grace period in edits applied", check=positive)
+    max_concurrent: int = option(1, help="trials at once", check=positive)
+    cpus_per_trial: float = option(1.0, help="CPUs per trial", check=positive)
+    gpus_per_trial: float = option(0.0, help="GPUs per trial", check=non_negative)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole job's configuration."""
+
+    model: ModelConfig = option(factory=ModelConfig, help="the MLLM")
+    data: DataConfig = option(factory=DataConfig, help="records and shards")
+    method: MethodConfig = option(factory=MethodConfig, help="the host editor")
+    odedit: ODEditConfig = option(factory=ODEditConfig, help="the ODEdit objective")
+    stream: StreamConfig = option(factory=StreamConfig, help="edit stream")
+    resources: ResourcesConfig = option(factory=ResourcesConfig, help="workers")
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="MLflow")
+    search: SearchConfig = option(factory=SearchConfig, help="hyperparameter search")
+    output_dir: str = option("outputs/run", help="where results, shards and the sqlite MLflow store go")
+    seed: int = option(0, help="seed of every random choice", check=non_negative)
+
+    def _cross_checks(self) -> Iterable[Problem]:
+        if self.resources.zero_stage == 0 and self.resources.num_workers > 1:
+            yield Problem("resources.zero_stage", 0, "several workers need DeepSpeed ZeRO (2 or 3)", "set resources.zero_stage=2")
+        if self.stream.mode == "single" and self.stream.checkpoint_every:
+            pass  # single mode checkpoints only its ledger; allowed
+
+
+def parse_config(data: dict, overrides: Iterable[str] = (), source: str = "config") -> Config:
+    """Build a `Config` from a dict plus dotted overrides; raise `ConfigError` listing every problem."""
+    issues: list[ConfigIssue] = []
+    data = apply_overrides(_deep_copy(data), overrides, issues)
+    try:
+        cfg = from_dict(Config, data, source)
+    except ConfigError as err:
+        raise ConfigError(issues + err.issues, source) from None
+    if issues:
+        raise ConfigError(issues, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) with dotted `key=value` overrides."""
+    issues: list[ConfigIssue] = []
+    data = read_yaml(str(path), issues) if path else {}
+    if issues:
+        raise ConfigError(issues, str(path))
+    return parse_config(data, overrides, source=str(path or "defaults"))
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text that `load_config` reads back to an equal `Config`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def with_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """A copy of `cfg` with dotted overrides applied and the whole config re-validated."""
+    return parse_config(to_dict(cfg), overrides, source="config")
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+__all__ += ["with_overrides", "replace"]

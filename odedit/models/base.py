@@ -1,0 +1,392 @@
+"""The model-adapter interface: how a batch of (image or none, prompt, target) becomes model inputs and labels.
+
+One adapter per MLLM family (`odedit.models.<family>`) subclasses `ModelAdapter` and fills in a few hooks:
+where image tokens go and how many there are, how images become tensors, which modules are the language
+model's decoder layers, and (rarely) how to run the forward pass. Everything else, tokenisation, padding on
+either side, the answer-position mask, pooling of the last hidden state and greedy decoding, is shared here,
+so no code outside this package branches on a family name.
+
+Alignment convention (used by every metric and risk): logits at position t predict token t+1. `targets[b, t]`
+holds token t+1 where that token belongs to the target answer and -100 elsewhere; `answer_mask = targets >= 0`.
+So `logits[answer_mask]` are exactly the answer-position logits and `targets[answer_mask]` their labels,
+whatever the padding side.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+
+IGNORE = -100
+IMAGE_MARKER = "<image>"  # where a template puts the image; rows without an image drop it
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt: an optional image, the question/caption prompt, and the answer scored or trained on."""
+
+    prompt: str
+    target: str = ""
+    image: Any = None  # PIL.Image.Image or None
+
+
+@dataclass
+class EncodedBatch:
+    """Model inputs plus the bookkeeping every metric and risk needs.
+
+    Attributes:
+        inputs: keyword arguments of the model's forward (input_ids, attention_mask, pixel_values, ...).
+        targets: (B, L) next-token answer labels aligned with logits, -100 off the answer.
+        prompt_mask: (B, L) True on prompt positions (image tokens included), False on answer and padding.
+        last_prompt: (B,) index of the last prompt token, whose logits predict the first answer token.
+        has_image: (B,) whether the row carries an image.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    prompt_mask: torch.Tensor
+    last_prompt: torch.Tensor
+    has_image: torch.Tensor
+
+    @property
+    def answer_mask(self) -> torch.Tensor:
+        return self.targets >= 0
+
+    @property
+    def size(self) -> int:
+        return int(self.targets.shape[0])
+
+    def to(self, device: torch.device | str) -> "EncodedBatch":
+        return EncodedBatch(
+            inputs={k: v.to(device) for k, v in self.inputs.items()},
+            targets=self.targets.to(device),
+            prompt_mask=self.prompt_mask.to(device),
+            last_prompt=self.last_prompt.to(device),
+            has_image=self.has_image.to(device),
+        )
+
+
+@dataclass
+class ForwardOutput:
+    """Logits and last hidden states of one forward pass, with the batch that produced them."""
+
+    logits: torch.Tensor  # (B, L, V)
+    hidden: torch.Tensor  # (B, L, H), last layer
+    batch: EncodedBatch
+
+    def answer_logits(self) -> torch.Tensor:
+        """(N, V) logits at all answer positions of the batch, row-major."""
+        return self.logits[self.batch.answer_mask]
+
+    def answer_targets(self) -> torch.Tensor:
+        """(N,) answer token ids matching `answer_logits`."""
+        return self.batch.targets[self.batch.answer_mask]
+
+    def answer_row(self) -> torch.Tensor:
+        """(N,) the batch row of each answer position (for per-sample reductions)."""
+        mask = self.batch.answer_mask
+        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)
+        return rows[mask]
+
+    def pooled(self, pooling: str) -> torch.Tensor:
+        """(B, H) the prompt representation z(m, x) used by R_gen (method.md §2.4, Eq. 6).
+
+        [INFERENCE] "last hidden states" is read as the final layer's state at the last prompt token
+        (`pooling="last"`: the state from which the answer is decoded) or its mean over prompt positions,
+        image tokens included (`pooling="mean"`).
+        """
+        if pooling == "last":
+            idx = self.batch.last_prompt.to(self.hidden.device)
+            return self.hidden[torch.arange(self.hidden.shape[0], device=self.hidden.device), idx]
+        if pooling == "mean":
+            m = self.batch.prompt_mask.to(self.hidden.dtype).unsqueeze(-1)
+            return (self.hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+
+
+class ModelLoadError(ValueError):
+    """A model directory or hub name that cannot be loaded as the configured family."""
+
+
+class ModelAdapter(ABC):
+    """Base class of the per-family adapters.
+
+    Subclasses set `family`, `model_class`, `default_template`, `MODULE_KINDS`, and implement
+    `_image_block`, `decoder_layers`, `build_tiny`, and optionally `_forward_model`, `_extra_inputs`,
+    `_collate_images`, `_load_processors`.
+    """
+
+    family: ClassVar[str] = ""
+    model_type: ClassVar[str] = ""  # config.model_type of checkpoints of this family
+    default_template: ClassVar[str] = "Question: {} Short answer:"
+    image_before_bos: ClassVar[bool] = False
+    # Module kinds -> attribute path inside one decoder layer.
+    MODULE_KINDS: ClassVar[Mapping[str, str]] = {
+        "ffn_in": "mlp.up_proj",
+        "ffn_out": "mlp.down_proj",
+        "attn_out": "self_attn.o_proj",
+    }
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, template: str = "",
+                 pooling: str = "last", max_prompt_tokens: int = 96, image_size: int = 0) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template or self.default_template
+        self.pooling = pooling
+        self.max_prompt_tokens = max_prompt_tokens
+        self.image_size = image_size
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    model_class: ClassVar[Any] = None  # callable returning the transformers class (lazy import)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        **kwargs: Any) -> "ModelAdapter":
+        """Load model, tokenizer and image processor from a hub name or a local directory."""
+        check_loadable(name_or_path, cls.model_type, cls.family)
+        model = cls.model_class().from_pretrained(name_or_path, dtype=dtype)
+        model.to(device)
+        model.eval()
+        tokenizer, image_processor = cls._load_processors(name_or_path)
+        return cls(model, tokenizer, image_processor, **kwargs)
+
+    @classmethod
+    def _load_processors(cls, name_or_path: str) -> tuple[Any, Any]:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name_or_path), AutoImageProcessor.from_pretrained(name_or_path)
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(out_dir)
+
+    @classmethod
+    @abstractmethod
+    def build_tiny(cls, out_dir: str | os.PathLike, corpus: Sequence[str] | None = None, seed: int = 0,
+                   **sizes: Any) -> str:
+        """Build a tiny random model of this family with an offline tokenizer and save it to `out_dir`."""
+
+    # ------------------------------------------------------------------------------------------ family hooks
+
+    @abstractmethod
+    def _image_block(self, image: Any) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """Token ids standing for one image, and its processed tensors (each with a leading image dim)."""
+
+    def _collate_images(self, feats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not feats:
+            return {}
+        return {k: torch.cat([f[k] for f in feats], 0) for k in feats[0]}
+
+    def _extra_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """The language model's decoder layers (where editors act)."""
+
+    def _forward_model(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        return out.logits, out.hidden_states[-1]
+
+    # ------------------------------------------------------------------------------------------ shared
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    def _tok(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _prompt_parts(self, prompt: str, has_image: bool) -> tuple[str, str]:
+        text = self.template.replace("{}", prompt, 1) if "{}" in self.template else f"{self.template} {prompt}"
+        if IMAGE_MARKER in text:
+            before, after = text.split(IMAGE_MARKER, 1)
+            if not has_image:
+                return "", (before.rstrip() + " " + after.lstrip()).strip()
+            return before, after
+        return "", text
+
+    def _resize(self, image: Any) -> Any:
+        if self.image_size and image is not None:
+            image = image.convert("RGB").resize((self.image_size, self.image_size))
+        return image
+
+    def encode(self, samples: Sequence[Sample], padding_side: str = "right", append_eos: bool = False,
+               with_target: bool = True) -> EncodedBatch:
+        """Tokenise a batch: [image block] + BOS + prompt (+ target [+ EOS]) with answer-aligned targets.
+
+        Args:
+            samples: the rows; rows with and without images may be mixed.
+            padding_side: "right" or "left".
+            append_eos: add EOS after the target (used to train models that stop after an answer).
+            with_target: False encodes the prompt only (for generation).
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        tok = self.tokenizer
+        bos = tok.bos_token_id
+        rows: list[list[int]] = []
+        prompt_lens: list[int] = []
+        feats: list[dict[str, torch.Tensor]] = []
+        for s in samples:
+            has_image = s.image is not None
+            before, after = self._prompt_parts(s.prompt, has_image)
+            img_ids: list[int] = []
+            if has_image:
+                img_ids, f = self._image_block(self._resize(s.image))
+                feats.append(f)
+            before_ids, after_ids = self._tok(before), self._tok(after)
+            budget = self.max_prompt_tokens
+            if len(before_ids) + len(after_ids) > budget:  # truncate text from the left, keep image tokens
+                drop = len(before_ids) + len(after_ids) - budget
+                cut = min(drop, len(before_ids))
+                before_ids = before_ids[cut:]
+                after_ids = after_ids[drop - cut:]
+            ids: list[int] = []
+            if has_image and self.image_before_bos:
+                ids += img_ids
+            if bos is not None:
+                ids.append(bos)
+            ids += before_ids
+            if has_image and not self.image_before_bos:
+                ids += img_ids
+            ids += after_ids
+            prompt_lens.append(len(ids))
+            if with_target:
+                ids = ids + self._tok(" " + s.target if s.target else "")
+                if append_eos:
+                    ids.append(tok.eos_token_id)
+            rows.append(ids)
+        B, L = len(rows), max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        input_ids = torch.full((B, L), pad, dtype=torch.long)
+        attention = torch.zeros((B, L), dtype=torch.long)
+        targets = torch.full((B, L), IGNORE, dtype=torch.long)
+        prompt_mask = torch.zeros((B, L), dtype=torch.bool)
+        last_prompt = torch.zeros(B, dtype=torch.long)
+        for b, (ids, plen) in enumerate(zip(rows, prompt_lens)):
+            off = L - len(ids) if padding_side == "left" else 0
+            t = torch.tensor(ids, dtype=torch.long)
+            input_ids[b, off:off + len(ids)] = t
+            attention[b, off:off + len(ids)] = 1
+            prompt_mask[b, off:off + plen] = True
+            last_prompt[b] = off + plen - 1
+            if len(ids) > plen:  # positions plen-1 .. len-2 predict tokens plen .. len-1
+                targets[b, off + plen - 1:off + len(ids) - 1] = t[plen:]
+        inputs = {"input_ids": input_ids, "attention_mask": attention}
+        inputs.update(self._collate_images(feats))
+        inputs.update(self._extra_inputs(input_ids, attention))
+        has_image = torch.tensor([s.image is not None for s in samples], dtype=torch.bool)
+        return EncodedBatch(inputs, targets, prompt_mask, last_prompt, has_image)
+
+    def forward(self, batch: EncodedBatch) -> ForwardOutput:
+        """One forward pass; gradients flow unless the caller disables them."""
+        batch = batch.to(self.device)
+        inputs = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.inputs.items()}
+        logits, hidden = self._forward_model(inputs)
+        return ForwardOutput(logits=logits, hidden=hidden, batch=batch)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def run(self, samples: Sequence[Sample], **encode_kwargs: Any) -> ForwardOutput:
+        return self.forward(self.encode(samples, **encode_kwargs))
+
+    @torch.no_grad()
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int = 8) -> list[str]:
+        """Greedy decoding from each prompt (no KV cache: answers are short), stopping at EOS."""
+        batch = self.encode(samples, padding_side="left", with_target=False)
+        eos = self.tokenizer.eos_token_id
+        ids, att = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        out: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        for _ in range(max_new_tokens):
+            step = EncodedBatch({**batch.inputs, "input_ids": ids, "attention_mask": att}, batch.targets,
+                                batch.prompt_mask, batch.last_prompt, batch.has_image)
+            step.inputs.update(self._extra_inputs(ids, att))
+            logits = self.forward(step).logits[:, -1].float().cpu()
+            nxt = logits.argmax(-1)
+            for b in range(ids.shape[0]):
+                if not done[b]:
+                    if nxt[b].item() == eos:
+                        done[b] = True
+                    else:
+                        out[b].append(int(nxt[b]))
+            if bool(done.all()):
+                break
+            ids = torch.cat([ids, nxt.unsqueeze(1)], 1)
+            att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
+        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+
+    # ------------------------------------------------------------------------------------------ modules
+
+    def edit_modules(self, kinds: Sequence[str], layers: Sequence[int]) -> dict[str, nn.Module]:
+        """Qualified name -> module for each (layer, kind); names are relative to `self.model`."""
+        layer_list = self.decoder_layers()
+        n = len(layer_list)
+        prefix = _module_name(self.model, layer_list)
+        out: dict[str, nn.Module] = {}
+        for layer in layers:
+            if not -n <= layer < n:
+                raise ValueError(f"method.layers: layer {layer} is out of range for a {n}-layer language model; use 0..{n - 1}")
+            li = layer % n
+            for kind in kinds:
+                if kind not in self.MODULE_KINDS:
+                    raise ValueError(f"method.modules: unknown module kind {kind!r} for {self.family}; known: {', '.join(self.MODULE_KINDS)}")
+                path = self.MODULE_KINDS[kind]
+                module = layer_list[li].get_submodule(path)
+                out[f"{prefix}.{li}.{path}"] = module
+        return out
+
+    def output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module is not part of the model")
+
+
+def check_loadable(name_or_path: str, model_type: str, family: str) -> None:
+    """Fail early with a clear message on a missing directory or a checkpoint of another family."""
+    import json
+
+    if not name_or_path:
+        raise ModelLoadError(f"model.name_or_path: empty for family {family!r}; give a hub name or a local directory")
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
+    if looks_local:
+        cfg_path = os.path.join(name_or_path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ModelLoadError(
+                f"model.name_or_path: {name_or_path!r} has no config.json; point it at a directory written by "
+                "save_pretrained (or a hub name where a hub is reachable)"
+            )
+        try:
+            with open(cfg_path, encoding="utf-8") as fh:
+                found = json.load(fh).get("model_type")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model.name_or_path: {cfg_path!r} is not readable JSON ({exc})") from None
+        if model_type and found != model_type:
+            raise ModelLoadError(
+                f"model.family: {family!r} expects a {model_type!r} checkpoint but {name_or_path!r} holds "
+                f"model_type={found!r}; set model.family to the matching adapter"
+            )

@@ -1,0 +1,60 @@
+"""Shared test fixtures: offline, CPU-only environment; tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FAMILIES = ("llava", "blip2_opt", "instructblip", "minigpt4", "qwen2_vl")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """`tiny_dir(family)` -> path of a tiny random model of that family, built once per session."""
+    from odedit.models import build_tiny
+
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = build_tiny(family, tmp_path_factory.mktemp(f"tiny_{family}"), seed=0)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_dir):
+    """`tiny_adapter(family)` -> a freshly loaded adapter (its own model copy) of a tiny model."""
+    from odedit.models import ADAPTERS
+
+    def get(family: str, **kwargs):
+        return ADAPTERS.get(family).from_pretrained(tiny_dir(family), **kwargs)
+
+    return get
+
+
+def make_image(color=(255, 0, 0), size=64, seed=0):
+    """A small RGB test image: a coloured square on a noisy background."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = color
+    return Image.fromarray(a)
