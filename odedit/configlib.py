@@ -164,7 +164,12 @@ def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue]) -> Any:
         return _MISSING
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value in choices:
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/on/yes as booleans: map back when unambiguous
+            spellings = ("true", "yes", "on") if value else ("false", "no", "off")
+            matches = [c for c in choices if isinstance(c, str) and c.lower() in spellings]
+            if len(matches) == 1:
+                return matches[0]
+        if value in choices and not isinstance(value, bool):
             return value
         problem = one_of(*choices)(value)
         issues.append(ConfigIssue(path, value, problem or "invalid", "use one of the listed values"))
@@ -253,6 +258,11 @@ def _build(cls: type, data: Any, path: str, issues: list[ConfigIssue]) -> Any:
     for name, f in fields.items():
         fpath = _join(path, name)
         if name not in data:
+            if dataclasses.is_dataclass(hints[name]):  # absent section: its defaults, resolved and checked
+                value = _convert(hints[name], {}, fpath, issues)
+                if value is not _MISSING:
+                    kwargs[name] = value
+                continue
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
                 issues.append(ConfigIssue(fpath, None, "missing required key", f.metadata.get("help", "")))
             continue

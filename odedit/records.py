@@ -54,9 +54,9 @@ class EditRecord:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_raw(cls, raw: Mapping[str, Any]) -> "EditRecord":
+    def from_raw(cls, raw: Mapping[str, Any], max_chars: int = DEFAULT_MAX_CHARS) -> "EditRecord":
         """Build from a raw dict that `validate_record` accepted (aliases resolved, empty optionals -> None)."""
-        reasons = validate_record(raw)
+        reasons = validate_record(raw, max_chars)
         if reasons:
             raise ValueError(f"record {raw.get('id', '?')!r} is invalid: " + "; ".join(reasons))
         d = normalize(raw)

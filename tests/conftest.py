@@ -58,3 +58,14 @@ def make_image(color=(255, 0, 0), size=64, seed=0):
     a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
     a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = color
     return Image.fromarray(a)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs, no dashboard) for the whole session; shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -214,10 +214,27 @@ class ModelAdapter(ABC):
         text = self.template.replace("{}", prompt, 1) if "{}" in self.template else f"{self.template} {prompt}"
         if IMAGE_MARKER in text:
             before, after = text.split(IMAGE_MARKER, 1)
-            if not has_image:
-                return "", (before.rstrip() + " " + after.lstrip()).strip()
+            if not has_image:  # drop the marker and the line break or space that follows it
+                return "", before + (after[1:] if after[:1] in ("\n", " ") else after)
             return before, after
         return "", text
+
+    def _target_ids(self, prompt_tail: str, target: str) -> list[int]:
+        """Token ids of `target` as they follow `prompt_tail` in the full text.
+
+        The prompt's last segment is tokenised with and without the target; when the former extends the
+        latter (true for word-level, BPE and sentencepiece tokenizers on a word boundary) the extension is the
+        target, so answers are tokenised as the model sees them in context. The separator is a space unless
+        the template already ends with white space (chat templates end with a newline).
+        """
+        if not target:
+            return []
+        sep = "" if prompt_tail[-1:].isspace() else " "
+        alone = self._tok(prompt_tail)
+        joint = self._tok(prompt_tail + sep + target)
+        if len(joint) > len(alone) and joint[:len(alone)] == alone:
+            return joint[len(alone):]
+        return self._tok(sep + target)
 
     def _resize(self, image: Any) -> Any:
         if self.image_size and image is not None:
@@ -266,7 +283,7 @@ class ModelAdapter(ABC):
             ids += after_ids
             prompt_lens.append(len(ids))
             if with_target:
-                ids = ids + self._tok(" " + s.target if s.target else "")
+                ids = ids + self._target_ids(after if after else before, s.target)
                 if append_eos:
                     ids.append(tok.eos_token_id)
             rows.append(ids)

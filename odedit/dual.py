@@ -1,0 +1,132 @@
+"""The lambda-network and the primal-dual steps of ODEdit (method.md §2.5 Eqs. 11-13, §3.1-3.3).
+
+    G(delta, phi_e) = R_rel + w_loc R_loc + w_gen R_gen + lambda(delta, phi_e) * penalty          (Eq. 11)
+    phi_e <- phi_e - gamma_1 * d_phi G(delta, phi_e)              (primal descent, Eq. 13)
+    delta <- delta + gamma_2 * grad_delta G(delta, phi_e_new)     (dual ascent, Eq. 13)
+
+Order of one iteration (exactly Eq. 13 with one forward pass per iteration): the forward pass at phi_k gives
+the penalty at phi_k; the dual step for delta uses it (this is the delta-update of the previous iteration,
+which needs G at the *new* phi); then lambda is re-evaluated with the new delta and the primal step is taken.
+The first iteration of an edit step has no previous primal step, so it takes no dual step.
+
+[INFERENCE] choices (each a config option, `ODEditConfig`):
+  * lambda = Softplus(Linear(h->1)(ReLU(Linear(d->h)(s(phi_e))))), Xavier init ([TV2] `MLP2LayerParameter`,
+    h=32). Its input s(phi_e) is a summary of the editable parameters (mean, std, RMS and max-abs of each
+    tensor): flattening phi_e as [TV2] does is infeasible for MLLM layers.
+  * steps: the host optimiser for phi_e and plain ascent with `dual_lr` for delta ([TV2] released code), or the
+    adaptive rule gamma_k = c / (k^p ||g||) of [TV2] Theorem 3 (`step_rule: adaptive`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+SUMMARY_STATS = 4
+
+
+def parameter_summary(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """s(phi_e): (4 * len(params),) mean, std, RMS and max |.| of each editable tensor (differentiable)."""
+    feats = []
+    for p in params:
+        x = p.float().reshape(-1)
+        mean = x.mean()
+        # +eps under the roots: LoRA's B starts at exactly 0, where sqrt has an infinite derivative.
+        std = ((x - mean).pow(2).mean() + 1e-12).sqrt()
+        rms = (x.pow(2).mean() + 1e-12).sqrt()
+        feats += [mean, std, rms, x.abs().max()]
+    return torch.stack(feats)
+
+
+class LambdaNet(nn.Module):
+    """lambda(delta, phi_e) = Softplus(MLP(s(phi_e))) >= 0, the learned penalty coefficient (Eqs. 11-12).
+
+    Args:
+        in_dim: size of the parameter summary.
+        hidden: MLP width.
+        init_bias: output bias at initialisation; lambda starts near softplus(init_bias).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 32, init_bias: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        for layer in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        with torch.no_grad():
+            self.fc2.weight.mul_(0.01)  # start close to softplus(init_bias) whatever the summary's scale
+            self.fc2.bias.fill_(init_bias)
+
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(summary.to(self.fc1.weight.dtype)))
+        return nn.functional.softplus(self.fc2(h)).mean()
+
+
+def adaptive_step(k: int, grad_norm: float, p: float, scale: float) -> float:
+    """gamma_k = scale / (k^p ||g||), 0 when ||g|| = 0  ([TV2] Theorem 3; p > 1 makes sum gamma_k ||g|| finite)."""
+    if grad_norm <= 0 or not math.isfinite(grad_norm):
+        return 0.0
+    return scale / (k ** p * grad_norm)
+
+
+class DualState:
+    """The lambda-network, its ascent step and the bookkeeping a primal-dual edit needs.
+
+    The penalty mode decides where lambda comes from: `learned` (the network, ascent on delta),
+    `fixed` (a constant), or `off` (lambda = 0, the penalty is not even computed).
+    """
+
+    def __init__(self, mode: str, n_tensors: int, hidden: int = 32, init_bias: float = 0.0, fixed_lambda: float = 1.0,
+                 dual_lr: float = 1e-3, step_rule: str = "optimizer", adaptive_p: float = 1.1,
+                 adaptive_scale: float = 1.0, device: torch.device | str = "cpu") -> None:
+        self.mode = mode
+        self.fixed_lambda = fixed_lambda
+        self.dual_lr = dual_lr
+        self.step_rule = step_rule
+        self.adaptive_p = adaptive_p
+        self.adaptive_scale = adaptive_scale
+        self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden, init_bias).to(device) if mode == "learned" else None
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "off"
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters()) if self.net is not None else []
+
+    def lam(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """lambda(delta, phi_e): differentiable in phi_e (and delta) for the learned mode."""
+        if self.net is None:
+            ref = params[0]
+            return torch.tensor(self.fixed_lambda if self.mode == "fixed" else 0.0, device=ref.device)
+        return self.net(parameter_summary(params))
+
+    def ascent(self, penalty: float, params: Sequence[torch.Tensor], k: int) -> float:
+        """delta <- delta + gamma_2 * grad_delta G, where grad_delta G = penalty * grad_delta lambda (Eq. 13).
+
+        Only the lambda-network moves; phi_e enters detached. Returns gamma_2 * ||grad||, the step length.
+        """
+        if self.net is None or penalty <= 0:
+            return 0.0
+        lam = self.net(parameter_summary([p.detach() for p in params]))
+        grads = torch.autograd.grad(lam, list(self.net.parameters()))
+        grads = [g * penalty for g in grads]
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        lr = self.dual_lr if self.step_rule == "optimizer" else adaptive_step(k, norm, self.adaptive_p, self.adaptive_scale)
+        with torch.no_grad():
+            for p, g in zip(self.net.parameters(), grads):
+                p.add_(g, alpha=lr)
+        return lr * norm
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "net": self.net.state_dict() if self.net is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise ValueError(f"odedit.penalty: checkpoint has penalty mode {state.get('mode')!r}, config has {self.mode!r}")
+        if self.net is not None:
+            self.net.load_state_dict(state["net"])

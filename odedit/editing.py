@@ -1,0 +1,101 @@
+"""The in-process editing API: a host editor (+ ODEdit or not) applied in single or sequential mode.
+
+    editor = Editor(adapter, cfg)
+    rows = editor.single(cases, evaluate)          # each edit on the original weights, then restored
+    editor.sequential(cases, batch_size=16, on_step=...)   # edits accumulate, batch_size per step
+
+Ray Train workers call exactly this class (with a DeepSpeed stepper and their slice of each step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+from odedit.config import Config
+from odedit.editstep import StepperFactory, StepReport, torch_stepper_factory
+from odedit.envs import EditCase
+from odedit.methods import METHODS
+from odedit.methods.base import EditHandle, EditMethod
+from odedit.models.base import ModelAdapter
+from odedit.objective import Objective, build_objective
+
+
+class Editor:
+    """A host editor and its objective bound to one model.
+
+    Args:
+        adapter: the model to edit (in place).
+        cfg: the whole config (method, odedit, model pooling, data.with_hard_in_training).
+        stepper_factory: how phi_e moves; default a torch optimiser per `cfg.method` / `cfg.odedit`.
+    """
+
+    def __init__(self, adapter: ModelAdapter, cfg: Config, stepper_factory: StepperFactory | None = None) -> None:
+        self.adapter = adapter
+        self.cfg = cfg
+        spec = METHODS.get(cfg.method.name)
+        self.method: EditMethod = spec.method_cls(adapter, cfg.method)
+        self.method.prepare()
+        self.objective: Objective = build_objective(cfg.odedit, self.method, cfg.data.with_hard_in_training,
+                                                    cfg.model.pooling)
+        self.stepper_factory = stepper_factory or torch_stepper_factory(cfg.method, cfg.odedit)
+
+    def edit(self, cases: Sequence[EditCase]) -> tuple[EditHandle, StepReport]:
+        """Apply one step: all `cases` edited jointly. Returns the undo handle and the step report."""
+        from odedit.editstep import run_edit_step
+
+        if type(self.method).apply is EditMethod.apply:
+            return run_edit_step(self.method, self.objective, cases, self.stepper_factory, self.cfg.odedit.lambda_max)
+        return self.method.apply(cases, self.objective, self.stepper_factory)
+
+    def single(self, cases: Sequence[EditCase], evaluate: Callable[[Sequence[EditCase]], list[dict]]
+               ) -> list[dict[str, Any]]:
+        """Single mode: for each case, edit the original weights, evaluate, restore (bit-exact)."""
+        rows: list[dict[str, Any]] = []
+        for case in cases:
+            handle, report = self.edit([case])
+            row = evaluate([case])[0]
+            handle.restore()
+            row.update(step_report_fields(report))
+            rows.append(row)
+        return rows
+
+    def sequential(self, cases: Sequence[EditCase], batch_size: int,
+                   on_step: Callable[[int, Sequence[EditCase], StepReport], None] | None = None
+                   ) -> list[StepReport]:
+        """Sequential mode: steps of `batch_size` edits applied one after another, never undone."""
+        reports = []
+        for step, chunk in enumerate(steps(cases, batch_size)):
+            _, report = self.edit(chunk)
+            reports.append(report)
+            if on_step is not None:
+                on_step(step, chunk, report)
+        return reports
+
+    def state_dict(self) -> dict[str, Any]:
+        """Editable state + objective state (lambda-network), for checkpoints."""
+        return {"method": self.method.state_dict(), "objective": self.objective.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.objective.load_state_dict(state["objective"])
+
+
+def steps(cases: Sequence[EditCase], batch_size: int) -> Iterator[list[EditCase]]:
+    """Cut a stream into consecutive steps of `batch_size` edits (the last may be shorter)."""
+    if batch_size <= 0:
+        raise ValueError(f"stream.batch_size must be > 0, got {batch_size}")
+    for i in range(0, len(cases), batch_size):
+        yield list(cases[i:i + batch_size])
+
+
+def step_report_fields(report: StepReport) -> dict[str, Any]:
+    """The per-edit columns a step report contributes to result rows."""
+    final = report.final
+    return {
+        "failed": report.failed or "",
+        "iterations": report.iterations,
+        "edit_seconds": report.seconds,
+        "final_loss": final.get("loss", final.get("host", float("nan"))),
+        "final_lambda": final.get("lambda", float("nan")),
+        "final_penalty": final.get("penalty", float("nan")),
+    }

@@ -1,0 +1,158 @@
+"""One edit step: the inner optimisation loop every gradient-based host editor runs, with or without ODEdit.
+
+    handle, report = run_edit_step(method, objective, cases, stepper_factory)
+
+Per iteration: one batched forward pass per environment the objective reads (all cases of the step
+together), the objective's loss, one update of phi_e through a `Stepper`. A step whose loss turns NaN/Inf or
+whose lambda runs away is rolled back (`handle.restore()`) and reported as failed; the stream goes on.
+
+Steppers decouple the loop from how parameters move: `TorchStepper` (a torch optimiser, or the adaptive
+rule of method.md §3.3) in process, and a DeepSpeed engine in Ray Train workers (`pipeline.editing`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+
+import torch
+
+from odedit.dual import adaptive_step
+from odedit.envs import EditCase
+
+if TYPE_CHECKING:
+    from odedit.methods.base import EditHandle, EditMethod
+    from odedit.models.base import ForwardOutput, ModelAdapter
+    from odedit.objective import Objective
+
+
+class Stepper(Protocol):
+    """Moves phi_e given a loss: backward plus update."""
+
+    def step(self, loss: torch.Tensor, k: int) -> None: ...
+
+
+StepperFactory = Callable[[Sequence[torch.nn.Parameter]], Stepper]
+
+
+class TorchStepper:
+    """A torch optimiser (SGD or Adam) over phi_e, or the adaptive rule gamma_k = c / (k^p ||g||).
+
+    Args:
+        params: phi_e.
+        optimizer: "sgd" or "adam".
+        lr: step size for the optimiser rule.
+        rule: "optimizer" or "adaptive".
+        adaptive_p, adaptive_scale: parameters of the adaptive rule.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: str = "adam", lr: float = 1e-2,
+                 rule: str = "optimizer", adaptive_p: float = 1.1, adaptive_scale: float = 1.0) -> None:
+        self.params = list(params)
+        self.rule = rule
+        self.p, self.scale = adaptive_p, adaptive_scale
+        opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
+        self.opt = opt_cls(self.params, lr=lr) if rule == "optimizer" else None
+
+    def step(self, loss: torch.Tensor, k: int) -> None:
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
+        if self.opt is not None:
+            for p, g in zip(self.params, grads):
+                p.grad = g
+            self.opt.step()
+            for p in self.params:
+                p.grad = None
+            return
+        norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads))
+        lr = adaptive_step(k, norm, self.p, self.scale)
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                p.add_(g, alpha=-lr)
+
+
+def torch_stepper_factory(method_cfg, odedit_cfg=None) -> StepperFactory:
+    """The in-process stepper for a method config (and the ODEdit step rule when ODEdit is on)."""
+    rule = odedit_cfg.step_rule if odedit_cfg is not None and odedit_cfg.enabled else "optimizer"
+    p = odedit_cfg.adaptive_p if odedit_cfg is not None else 1.1
+    c = odedit_cfg.adaptive_scale if odedit_cfg is not None else 1.0
+    return lambda params: TorchStepper(params, method_cfg.optimizer, method_cfg.lr, rule, p, c)
+
+
+@dataclass
+class StepReport:
+    """What happened in one edit step."""
+
+    iterations: int = 0
+    parts: list[dict[str, float]] = field(default_factory=list)
+    failed: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.parts[-1] if self.parts else {}
+
+
+def forward_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequence[str]
+                 ) -> tuple[dict[str, "ForwardOutput"], dict[str, list[tuple[int, int]]]]:
+    """One batched forward pass per environment over all cases; returns outputs and (case, sample) owners."""
+    outs: dict[str, "ForwardOutput"] = {}
+    owners: dict[str, list[tuple[int, int]]] = {}
+    for env in envs:
+        flat = [(i, j, s) for i, c in enumerate(cases) for j, s in enumerate(c.env(env))]
+        if not flat:
+            continue
+        outs[env] = adapter.run([s for _, _, s in flat])
+        owners[env] = [(i, j) for i, j, _ in flat]
+    return outs, owners
+
+
+def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[EditCase],
+                  stepper_factory: StepperFactory, lambda_max: float = float("inf")
+                  ) -> tuple["EditHandle", StepReport]:
+    """Edit the model for `cases` (a step of one or more edits); see the module docstring."""
+    t0 = time.perf_counter()
+    method.prepare()
+    handle = method.snapshot()
+    report = StepReport()
+    method.begin_step(cases, handle)
+    params = list(method.editable().values())
+    stepper = stepper_factory(params)
+    model = method.adapter.model
+    was_training = model.training
+    model.eval()  # no dropout: edits are deterministic for a seed
+    try:
+        for k in range(1, method.cfg.n_iter + 1):
+            outs, owners = forward_envs(method.adapter, cases, objective.envs)
+            if hasattr(objective, "owners"):
+                objective.owners = owners
+            loss, parts = objective.loss(method, outs, cases, k, params)
+            report.parts.append(parts)
+            report.iterations = k
+            reason = _divergence(loss, parts, lambda_max)
+            if reason:
+                handle.restore()
+                report.failed = f"iteration {k}: {reason}; step rolled back"
+                return handle, report
+            stepper.step(loss, k)
+            method.after_update()
+            if not all(torch.isfinite(p).all() for p in params):
+                handle.restore()
+                report.failed = f"iteration {k}: non-finite parameters after the update; step rolled back"
+                return handle, report
+        method.end_step(cases, handle)
+    finally:
+        model.train(was_training)
+        report.seconds = time.perf_counter() - t0
+    return handle, report
+
+
+def _divergence(loss: torch.Tensor, parts: Mapping[str, float], lambda_max: float) -> str | None:
+    if not bool(torch.isfinite(loss.detach()).all()):
+        return f"loss is {float(loss.detach())}"
+    lam = parts.get("lambda")
+    if lam is not None and (not math.isfinite(lam) or lam > lambda_max):
+        return f"lambda ran away ({lam:.4g} > {lambda_max:.4g})"
+    return None

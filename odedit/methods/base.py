@@ -1,0 +1,143 @@
+"""The host-editor interface: what every editing method provides, and the handle that undoes an edit.
+
+A method names its editable parameters phi_e (`editable`), gives its own loss on a step's environment
+outputs (`host_loss`), and may act around each step (`begin_step`, `after_update`, `end_step`). The shared
+optimisation loop (`odedit.editstep.run_edit_step`) drives it under either objective, host-only or ODEdit, so
+base vs +ODEdit is one config switch and no code path branches on a method name. Methods whose update is not
+an optimisation (MEND's hypernetwork, GRACE's codebook writes) override `apply`.
+
+`snapshot()` returns an `EditHandle` whose `restore()` puts every tensor the method may change back
+bit for bit, and replays the method's own undo callbacks (codebook entries, patch counters).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from odedit.config import MethodConfig
+from odedit.envs import EditCase
+from odedit.risks import reliability_risk
+
+if TYPE_CHECKING:
+    from odedit.models.base import ForwardOutput, ModelAdapter
+
+
+@dataclass
+class EditHandle:
+    """Undo information of one edit step: saved tensor copies and method-specific undo callbacks."""
+
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    restored: bool = False
+
+    def restore(self) -> None:
+        """Undo the edit exactly: tensors are copied back bit for bit, then callbacks run newest first."""
+        with torch.no_grad():
+            for live, copy in self.saved:
+                live.copy_(copy)
+        for fn in reversed(self.undo):
+            fn()
+        self.restored = True
+
+
+class EditMethod(ABC):
+    """Base class of host editors. Subclasses set `config_cls` and implement `editable`.
+
+    Args:
+        adapter: the model adapter (its model is edited in place).
+        cfg: the method's config (a `MethodConfig` subclass).
+    """
+
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    # Environments the host loss reads (ODEdit adds its own on top).
+    host_envs: ClassVar[tuple[str, ...]] = ("in",)
+    default_last_layers: ClassVar[int] = 1
+
+    def __init__(self, adapter: "ModelAdapter", cfg: MethodConfig) -> None:
+        self.adapter = adapter
+        self.cfg = cfg
+        self._prepared = False
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    @property
+    def layers(self) -> list[int]:
+        """The configured layers, or the method's default: the last `default_last_layers` layers."""
+        if self.cfg.layers:
+            return list(self.cfg.layers)
+        n = self.adapter.num_layers
+        return list(range(max(0, n - self.default_last_layers), n))
+
+    def target_modules(self) -> dict[str, nn.Module]:
+        return self.adapter.edit_modules(self.cfg.modules, self.layers)
+
+    def prepare(self) -> None:
+        """Install whatever the method adds to the model, freeze everything else. Idempotent."""
+        if self._prepared:
+            return
+        self.install()
+        for p in self.adapter.model.parameters():
+            p.requires_grad_(False)
+        for p in self.editable().values():
+            p.requires_grad_(True)
+        self._prepared = True
+
+    def install(self) -> None:
+        """Add modules or parameters to the model (LoRA factors, patches, side memories); default none."""
+
+    @abstractmethod
+    def editable(self) -> Mapping[str, nn.Parameter]:
+        """phi_e: the parameters this method updates, by name."""
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def snapshot(self) -> EditHandle:
+        """Undo information for everything the next step may change (default: the editable tensors)."""
+        return EditHandle(saved=[(p.data, p.data.detach().clone()) for p in self.editable().values()])
+
+    def begin_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
+        """Called before the first iteration of a step (e.g. activate patches); register undo on `handle`."""
+
+    def host_loss(self, outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase]) -> torch.Tensor:
+        """The host editor's own loss. Default: R_rel (Eq. 2), the NLL of the targets on IN."""
+        o = outs["in"]
+        return reliability_risk(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size)
+
+    def after_update(self) -> None:
+        """Called after every parameter update (e.g. a norm-constraint projection)."""
+
+    def end_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
+        """Called after the last iteration of a step (e.g. merge, write a codebook entry)."""
+
+    def apply(self, cases: Sequence[EditCase], objective: Any, stepper_factory: Any) -> tuple[EditHandle, Any]:
+        """Edit the model for a step of `cases` under `objective`; returns (handle, StepReport)."""
+        from odedit.editstep import run_edit_step
+
+        return run_edit_step(self, objective, cases, stepper_factory)
+
+    # ------------------------------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's editable state for checkpoints (default: the editable tensors)."""
+        return {name: p.detach().cpu().clone() for name, p in self.editable().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        params = self.editable()
+        missing = set(params) - set(state)
+        unexpected = set(state) - set(params)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match method {self.cfg.name!r}: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}; was it written by another method or model?"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                t = state[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
+                p.copy_(t.to(p.dtype))

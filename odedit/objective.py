@@ -1,0 +1,176 @@
+"""Objectives an edit step minimises: the host editor's own loss, or ODEdit's G (method.md Eq. 11).
+
+    HostObjective   G = host_loss                                   (odedit.enabled: false, the base arm)
+    ODEditObjective G = host_loss + w_loc R_loc + w_gen R_gen + lambda(delta, phi_e) * TV-l1 penalty
+
+For FT and LoRA the host loss *is* R_rel (Eq. 2); editors with their own loss (WISE's margin, T-Patcher's
+patch losses) keep it as the reliability term ([INFERENCE] method.md §2.5: the risks are "integrated into
+these base editing models"). Both objectives see the same forward outputs and return (loss, parts), where
+parts are plain floats for logging.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import torch
+
+from odedit.config import ODEditConfig
+from odedit.dual import DualState
+from odedit.envs import OUT_ENVS, SE_ENVS, EditCase
+from odedit.risks import generality_risk, kernel_bandwidths, locality_risk, reliability_risk, tv_l1_penalty
+
+if TYPE_CHECKING:
+    from odedit.methods.base import EditMethod
+    from odedit.models.base import ForwardOutput
+
+
+class Objective(ABC):
+    """What one iteration of an edit step minimises."""
+
+    envs: tuple[str, ...] = ("in",)
+
+    @abstractmethod
+    def loss(self, method: "EditMethod", outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase], k: int,
+             params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss at inner iteration k (1-based) and its named parts."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+
+class HostObjective(Objective):
+    """The host editor alone."""
+
+    def __init__(self, method: "EditMethod") -> None:
+        self.envs = tuple(method.host_envs)
+
+    def loss(self, method, outs, cases, k, params):
+        host = method.host_loss(outs, cases)
+        return host, {"host": float(host.detach())}
+
+
+def _references(outs: "ForwardOutput", cases: Sequence[EditCase], env: str, owners: Sequence[tuple[int, int]]):
+    refs = [cases[i].references[env][j] for i, j in owners]
+    return torch.cat([r.topk_ids for r in refs]), torch.cat([r.topk_logprobs for r in refs])
+
+
+class ODEditObjective(Objective):
+    """ODEdit's Lagrangian G(delta, phi_e) with the primal-dual bookkeeping (method.md §2-3).
+
+    Args:
+        cfg: the `odedit` config section.
+        method: the host editor (for its loss and its parameter count).
+        owners: filled by the step runner: env -> [(case index, sample index)] in forward order.
+        with_hard: also use OUT-hard in R_loc and the penalty ([EXTENSION], default off).
+    """
+
+    def __init__(self, cfg: ODEditConfig, method: "EditMethod", with_hard: bool = False, pooling: str = "last") -> None:
+        self.cfg = cfg
+        self.pooling = pooling
+        outs = tuple(e for e in OUT_ENVS if e != "out_hard" or with_hard)
+        envs = dict.fromkeys(tuple(method.host_envs) + ("in",) + SE_ENVS + outs)
+        self.envs = tuple(envs)
+        self.out_envs = outs
+        self.penalty_envs = tuple(e for e in cfg.environments if e in self.envs)
+        n_tensors = len(method.editable())
+        device = method.adapter.device
+        self.dual = DualState(cfg.penalty, n_tensors, cfg.lambda_hidden, cfg.lambda_init_bias, cfg.fixed_lambda,
+                              cfg.dual_lr, cfg.step_rule, cfg.adaptive_p, cfg.adaptive_scale, device)
+        self.owners: dict[str, list[tuple[int, int]]] = {}
+        self._sigmas: torch.Tensor | None = None
+
+    # -------------------------------------------------------------------------------------- the risks
+
+    def _loc(self, outs, cases) -> torch.Tensor | None:
+        risks = []
+        for env in self.out_envs:
+            if env not in outs:
+                continue
+            o = outs[env]
+            ids, logp = _references(o, cases, env, self.owners[env])
+            risks.append(locality_risk(o.answer_logits(), ids, logp, o.answer_row(), o.batch.size))
+        return torch.stack(risks).mean() if risks else None
+
+    def _gen(self, outs, k: int) -> torch.Tensor | None:
+        if "in" not in outs:
+            return None
+        z_r = [outs[e].pooled(self.pooling) for e in SE_ENVS if e in outs]
+        if not z_r:
+            return None
+        z_e = outs["in"].pooled(self.pooling)
+        z_r_all = torch.cat(z_r)
+        # [INFERENCE] The bandwidths are fixed for the whole step from its first iteration: a median heuristic
+        # re-estimated every iteration makes MMD^2 invariant to a uniform shrinking of the distances, so
+        # R_gen could never pull rephrases towards the edit prompt.
+        if k == 1 or self._sigmas is None:
+            self._sigmas = kernel_bandwidths(z_e, z_r_all, self.cfg.mmd_kernels, self.cfg.mmd_bandwidth_base,
+                                             self.cfg.mmd_bandwidth_mult)
+        return generality_risk(z_e, z_r_all, self._sigmas)
+
+    def _env_risks(self, outs, cases):
+        """One callable omega -> R_e(omega o phi_e) per penalty environment present in this step."""
+        risks = []
+        for env in self.penalty_envs:
+            if env not in outs:
+                continue
+            o = outs[env]
+            logits, rows, n = o.answer_logits(), o.answer_row(), o.batch.size
+            if env in OUT_ENVS:
+                ids, logp = _references(o, cases, env, self.owners[env])
+                risks.append(lambda w, lg=logits, i=ids, lp=logp, r=rows, n=n: locality_risk(lg, i, lp, r, n, w))
+            else:
+                t = o.answer_targets()
+                risks.append(lambda w, lg=logits, t=t, r=rows, n=n: reliability_risk(lg, t, r, n, w))
+        return risks
+
+    # -------------------------------------------------------------------------------------- G
+
+    def loss(self, method, outs, cases, k, params):
+        cfg = self.cfg
+        host = method.host_loss(outs, cases)
+        total = host
+        parts = {"host": float(host.detach())}
+        r_loc = self._loc(outs, cases)
+        if r_loc is not None:
+            total = total + cfg.w_loc * r_loc
+            parts["r_loc"] = float(r_loc.detach())
+        r_gen = self._gen(outs, k)
+        if r_gen is not None:
+            total = total + cfg.w_gen * r_gen
+            parts["r_gen"] = float(r_gen.detach())
+        if self.dual.active and k > cfg.warmup_iters:
+            omega = torch.tensor(1.0, device=host.device, requires_grad=True)
+            pen = tv_l1_penalty(self._env_risks(outs, cases), omega, cfg.penalty_reduction)
+            if k > 1:  # Eq. 13's dual step, with the penalty at the phi reached by the previous primal step
+                parts["dual_step"] = self.dual.ascent(float(pen.detach()), params, k - 1)
+            lam = self.dual.lam(params)
+            total = total + lam * pen
+            parts["penalty"] = float(pen.detach())
+            parts["lambda"] = float(lam.detach())
+        parts["loss"] = float(total.detach())
+        return total, parts
+
+    def state_dict(self) -> dict:
+        return {"dual": self.dual.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dual.load_state_dict(state["dual"])
+
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        return self.dual.parameters()
+
+
+def build_objective(odedit_cfg: ODEditConfig, method: "EditMethod", with_hard: bool = False,
+                    pooling: str = "last") -> Objective:
+    """ODEdit when `odedit.enabled`, else the host editor alone: the same loop runs either."""
+    if odedit_cfg.enabled:
+        return ODEditObjective(odedit_cfg, method, with_hard, pooling)
+    return HostObjective(method)

@@ -1,0 +1,158 @@
+"""ODEdit's risks as pure tensor functions (method.md §2): no model, config or tracker in sight.
+
+All functions take answer-position logits in the packed form of `ForwardOutput.answer_logits()`:
+`logits` (N, V) for the N answer positions of a batch, `rows` (N,) the batch row of each position, and
+`n_rows` the batch size. Per-sample means are taken first and then averaged over samples, so a long
+target does not outweigh a short one ([INFERENCE]: the paper writes expectations over samples).
+
+Every risk takes a logit scale `omega` (default 1.0): the dummy classifier of IRM (method.md §2.5) through
+which the TV-l1 penalty measures how each environment's risk reacts to the environment ([TV1]/[TV2] code).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-12
+
+
+def _sample_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean over samples of the per-sample mean of `values` (samples without positions are skipped)."""
+    rows = rows.to(values.device)
+    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    counts = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
+    present = counts > 0
+    if not bool(present.any()):
+        return values.sum() * 0.0
+    return (sums[present] / counts[present]).mean()
+
+
+def reliability_risk(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int,
+                     omega: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """R_rel = -log p_{phi_e}(y_e | m_e, x_e)  (method.md Eq. 2).
+
+    Teacher-forced NLL of the target tokens given the edit prompt, averaged per sample then over samples.
+
+    Args:
+        logits: (N, V) answer-position logits of the edited model.
+        targets: (N,) target token ids.
+        rows, n_rows: batch row of each position, batch size.
+        omega: logit scale (1.0 outside the penalty).
+    """
+    nll = F.cross_entropy((logits * omega).float(), targets.to(logits.device), reduction="none")
+    return _sample_mean(nll, rows, n_rows)
+
+
+def locality_risk(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor, rows: torch.Tensor,
+                  n_rows: int, omega: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """R_loc = KL(p_{phi_e}(.|m_t, x_t) || p_phi(.|m_t, x_t))  (method.md Eq. 3), direction edited || original.
+
+    Computed per answer position against pre-edit references computed once (`odedit.envs.Reference`):
+    the K stored tokens plus one tail bucket with the rest of the mass on both sides. With K >= V this is
+    the exact KL; with K < V it is the KL between the coarse-grained distributions ([INFERENCE], a lower
+    bound of the full KL by the data-processing inequality) so references stay small at any vocabulary size.
+
+    Args:
+        logits: (N, V) edited-model logits at the OUT answer positions.
+        ref_ids, ref_logprobs: (N, K) pre-edit top-K token ids and log-probabilities at the same positions.
+        rows, n_rows: batch row of each position, batch size.
+        omega: logit scale of the edited model.
+    """
+    logq = torch.log_softmax((logits * omega).float(), -1)
+    ref_ids = ref_ids.to(logits.device).long()
+    ref_logprobs = ref_logprobs.to(logits.device).float()
+    logq_k = logq.gather(-1, ref_ids)
+    q_k = logq_k.exp()
+    q_tail = (1.0 - q_k.sum(-1)).clamp_min(_EPS)
+    p_tail = (1.0 - ref_logprobs.exp().sum(-1)).clamp_min(_EPS)
+    kl = (q_k * (logq_k - ref_logprobs)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
+    return _sample_mean(kl, rows, n_rows)
+
+
+def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Median heuristic: sigma^2 = median of pairwise squared distances of the pooled sample (no gradient)."""
+    z = torch.cat([x, y], 0).detach().float()
+    d2 = torch.cdist(z, z).pow(2)
+    off = d2[~torch.eye(d2.shape[0], dtype=torch.bool, device=d2.device)]
+    med = off.median() if off.numel() else torch.tensor(1.0, device=z.device)
+    return med.clamp_min(_EPS).sqrt()
+
+
+def kernel_bandwidths(x: torch.Tensor, y: torch.Tensor, n_kernels: int = 5, base: float = 0.0,
+                      mult: float = 2.0) -> torch.Tensor:
+    """The sigma_q of the multi-scale Gaussian kernel ([INFERENCE] method.md §2.4: DAN/MK-MMD practice).
+
+    Bandwidths base * mult^(q - (n-1)/2) for q = 0..n-1, centred on `base` (median heuristic when 0):
+    5 kernels with mult 2 give base x {1/4, 1/2, 1, 2, 4}.
+    """
+    sigma = median_bandwidth(x, y) if base <= 0 else torch.tensor(float(base), device=x.device)
+    exps = torch.arange(n_kernels, dtype=torch.float32, device=x.device) - (n_kernels - 1) / 2
+    return sigma * (mult ** exps)
+
+
+def multi_gaussian_kernel(a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """k(a_i, b_j) = sum_q exp(-||a_i - b_j||^2 / (2 sigma_q^2)); returns (n, m)."""
+    d2 = (a.float().unsqueeze(1) - b.float().unsqueeze(0)).pow(2).sum(-1)
+    return torch.exp(-d2.unsqueeze(-1) / (2 * sigmas.float().pow(2))).sum(-1)
+
+
+def generality_risk(z_edit: torch.Tensor, z_rephrase: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """R_gen = MMD^2(Z_E, Z_R) with a sum of Gaussian kernels  (method.md Eq. 6).
+
+    E[k(z_e, z_e')] + E[k(z_r, z_r')] - 2 E[k(z_e, z_r)] over all pairs (the V-statistic, so one edit and one
+    rephrase give 2 k_max - 2 k(z_e, z_r), as method.md §2.4 notes).
+
+    Args:
+        z_edit: (n, H) last hidden states of the edited model on the edit prompts.
+        z_rephrase: (m, H) the same on their rephrases (text and image).
+        sigmas: (Q,) kernel bandwidths.
+    """
+    if z_edit.shape[0] == 0 or z_rephrase.shape[0] == 0:
+        return (z_edit.sum() + z_rephrase.sum()) * 0.0
+    k_ee = multi_gaussian_kernel(z_edit, z_edit, sigmas).mean()
+    k_rr = multi_gaussian_kernel(z_rephrase, z_rephrase, sigmas).mean()
+    k_er = multi_gaussian_kernel(z_edit, z_rephrase, sigmas).mean()
+    return k_ee + k_rr - 2 * k_er
+
+
+EnvRisk = Callable[[torch.Tensor], torch.Tensor]  # omega -> R_e(omega o phi_e)
+
+
+def omega_gradients(env_risks: Sequence[EnvRisk], omega: torch.Tensor) -> list[torch.Tensor]:
+    """dR_e/domega at `omega` for each environment, kept differentiable (create_graph=True).
+
+    Only the ops between omega and the risk (the scaled logits and the loss) are differentiated twice;
+    gradients then reach the model through an ordinary first-order backward of the penalty, so this stays
+    compatible with DeepSpeed ZeRO's parameter hooks.
+    """
+    grads = []
+    for risk in env_risks:
+        r = risk(omega)
+        (g,) = torch.autograd.grad(r, omega, create_graph=True, allow_unused=True)
+        grads.append(g if g is not None else omega * 0.0)
+    return grads
+
+
+def tv_l1_penalty(env_risks: Sequence[EnvRisk], omega: torch.Tensor | None = None,
+                  reduction: str = "mean") -> torch.Tensor:
+    """TV-l1 invariance penalty (E_omega |grad_omega R_edit(omega o phi_e)|)^2  (method.md Eq. 9, §2.5).
+
+    [INFERENCE] from [TV1]/[TV2]: omega is a dummy scalar logit scale at 1.0; the expectation runs over the
+    training environments (IN, SE-text, SE-image, OUT-text, OUT-mm), each with its own risk; the absolute
+    gradients are averaged (`reduction="mean"`, default) or summed, then squared.
+
+    Args:
+        env_risks: one callable per environment mapping omega to that environment's risk.
+        omega: the dummy scale (a fresh scalar 1.0 with requires_grad when None).
+        reduction: "mean" or "sum" over environments.
+    """
+    if omega is None:
+        omega = torch.tensor(1.0, requires_grad=True)
+    if not env_risks:
+        return omega * 0.0
+    grads = torch.stack([g.reshape(()) for g in omega_gradients(env_risks, omega)])
+    agg = grads.abs().mean() if reduction == "mean" else grads.abs().sum()
+    return agg.pow(2)

@@ -1,0 +1,145 @@
+"""Config loading: defaults, YAML round trip, overrides, polymorphic method sections, all errors at once."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from odedit.config import Config, ConfigError, dump_config, load_config, parse_config, with_overrides
+from odedit.configlib import help_table
+from odedit.methods.ft import FTConfig
+from odedit.methods.lora import LoRAConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert isinstance(cfg.method, FTConfig)
+    with pytest.raises(Exception):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_yaml_round_trip_is_identity(tmp_path):
+    cfg = load_config(None, ["method.name=lora", "method.rank=4", "odedit.environments=[in, se_text]",
+                             "stream.batch_size=16", "search.space={odedit.dual_lr: {type: loguniform, low: 1e-4, high: 1e-2}}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert again == cfg
+    assert isinstance(again.method, LoRAConfig) and again.method.rank == 4
+    assert again.odedit.environments == ("in", "se_text")
+
+
+def test_overrides_parse_yaml_values_and_scientific_notation():
+    cfg = load_config(None, ["odedit.dual_lr=1e-4", "method.layers=[0, 1]", "odedit.enabled=false", "output_dir=x/y"])
+    assert cfg.odedit.dual_lr == pytest.approx(1e-4)
+    assert cfg.method.layers == (0, 1)
+    assert cfg.odedit.enabled is False
+    assert cfg.output_dir == "x/y"
+
+
+def test_three_mistakes_reported_at_once_with_paths_values_and_hints():
+    data = {"stream": {"batch_sise": 4, "mode": "lifelong"}, "odedit": {"dual_lr": -1.0}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    issues = {i.path: i for i in info.value.issues}
+    assert set(issues) == {"stream.batch_sise", "stream.mode", "odedit.dual_lr"}
+    assert "did you mean 'batch_size'" in issues["stream.batch_sise"].hint
+    assert issues["stream.mode"].value == "lifelong" and "sequential" in issues["stream.mode"].problem
+    assert issues["odedit.dual_lr"].problem == "must be > 0"
+    text = str(info.value)
+    assert "3 problem(s)" in text and "stream.batch_sise" in text and "odedit.dual_lr" in text
+
+
+def test_wrong_types_are_reported_per_field():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"stream": {"batch_size": "many"}, "tracking": {"enabled": "yes"}, "method": {"layers": 3}})
+    paths = sorted(i.path for i in info.value.issues)
+    assert paths == ["method.layers", "stream.batch_size", "tracking.enabled"]
+
+
+def test_method_section_is_typed_by_its_name():
+    cfg = load_config(None, ["method.name=lora", "method.rank=2"])
+    assert isinstance(cfg.method, LoRAConfig)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["method.name=ft", "method.rank=2"])  # rank is a LoRA knob
+    assert [i.path for i in info.value.issues] == ["method.rank"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["method.name=lorra"])
+    assert "lora" in info.value.issues[0].problem
+
+
+def test_unknown_model_family_and_bad_override_syntax():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.family=llava2", "stream.batch_size"])
+    paths = [i.path for i in info.value.issues]
+    assert "model.family" in paths and "stream.batch_size" in paths
+
+
+def test_cross_field_check():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["resources.num_workers=2", "resources.zero_stage=0"])
+    assert info.value.issues[0].path == "resources.zero_stage"
+
+
+def test_with_overrides_revalidates():
+    cfg = load_config(None)
+    assert with_overrides(cfg, ["stream.batch_size=8"]).stream.batch_size == 8
+    with pytest.raises(ConfigError):
+        with_overrides(cfg, ["stream.batch_size=0"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_help_table_covers_every_leaf():
+    rows = help_table(Config)
+    keys = {k for k, _, _ in rows}
+    assert {"odedit.dual_lr", "data.demo.num_edits", "method.lr"} <= keys
+    assert all(h for _, _, h in rows), "every config field carries a help text"
+
+
+def test_job_cli_prints_all_problems_and_exits_2(tmp_path, capsys):
+    from jobs.common import parse_job_args
+
+    cfg = tmp_path / "three.yaml"
+    cfg.write_text(yaml.safe_dump({"stream": {"batch_sise": 4}, "odedit": {"dual_lr": -1}}))
+    with pytest.raises(SystemExit) as info:
+        parse_job_args("test", ["--config", str(cfg), "model.family=nope", "data.source=nowhere"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for path in ("stream.batch_sise", "odedit.dual_lr", "model.family", "data.source"):
+        assert path in err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml"))))
+def test_every_shipped_config_loads(path):
+    from pipeline.sources.base import check_source
+
+    cfg = load_config(path, extra_checks=[check_source])
+    with open(path, encoding="utf-8") as fh:
+        head = fh.readline()
+    assert head.startswith("#"), "each shipped config opens with the command that runs it"
+    assert load_config(None, []) != cfg or path.endswith("default.yaml")
+
+
+def test_yaml_off_is_read_as_the_off_choice(tmp_path):
+    path = tmp_path / "off.yaml"
+    path.write_text("odedit:\n  penalty: off\n")
+    assert load_config(path).odedit.penalty == "off"
+    assert load_config(None, ["odedit.penalty=off"]).odedit.penalty == "off"

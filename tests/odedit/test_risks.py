@@ -1,0 +1,137 @@
+"""Each ODEdit risk against a naive reference (method.md Eqs. 2, 3, 6, 9)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from odedit.risks import (
+    generality_risk,
+    kernel_bandwidths,
+    locality_risk,
+    median_bandwidth,
+    multi_gaussian_kernel,
+    reliability_risk,
+    tv_l1_penalty,
+)
+
+
+def test_reliability_is_per_sample_mean_nll():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 7)
+    targets = torch.tensor([1, 2, 3, 4, 5])
+    rows = torch.tensor([0, 0, 0, 1, 1])
+    logp = torch.log_softmax(logits, -1)
+    nll = [-logp[i, targets[i]].item() for i in range(5)]
+    naive = ((nll[0] + nll[1] + nll[2]) / 3 + (nll[3] + nll[4]) / 2) / 2
+    assert reliability_risk(logits, targets, rows, 2).item() == pytest.approx(naive, rel=1e-6)
+
+
+def _full_refs(logits):
+    logp = torch.log_softmax(logits, -1)
+    vals, ids = logp.topk(logits.shape[-1], -1)
+    return ids, vals
+
+
+def test_kl_is_zero_for_identical_logits():
+    logits = torch.randn(4, 9)
+    ids, vals = _full_refs(logits)
+    assert locality_risk(logits, ids, vals, torch.tensor([0, 0, 1, 1]), 2).item() == pytest.approx(0.0, abs=1e-6)
+    ids3, vals3 = ids[:, :3], vals[:, :3]  # with a tail bucket too
+    assert locality_risk(logits, ids3, vals3, torch.tensor([0, 0, 1, 1]), 2).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_direction_edited_to_original_matches_naive():
+    torch.manual_seed(2)
+    pre, post = torch.randn(3, 6), torch.randn(3, 6)
+    ids, vals = _full_refs(pre)
+    q, p = torch.softmax(post, -1), torch.softmax(pre, -1)
+    naive = (q * (q.log() - p.log())).sum(-1).mean().item()
+    got = locality_risk(post, ids, vals, torch.tensor([0, 1, 2]), 3).item()
+    assert got == pytest.approx(naive, rel=1e-5)
+
+
+def test_kl_tail_bucket_is_coarse_grained_kl_and_a_lower_bound():
+    torch.manual_seed(3)
+    pre, post = torch.randn(1, 8), torch.randn(1, 8)
+    logp_pre = torch.log_softmax(pre, -1)
+    vals, ids = logp_pre.topk(3, -1)
+    q, p = torch.softmax(post, -1)[0], logp_pre.exp()[0]
+    keep = ids[0]
+    rest = torch.ones(8, dtype=torch.bool)
+    rest[keep] = False
+    qc = torch.cat([q[keep], q[rest].sum(0, keepdim=True)])
+    pc = torch.cat([p[keep], p[rest].sum(0, keepdim=True)])
+    naive = (qc * (qc.log() - pc.log())).sum().item()
+    got = locality_risk(post, ids, vals, torch.tensor([0]), 1).item()
+    assert got == pytest.approx(naive, rel=1e-5)
+    full = (q * (q.log() - p.log())).sum().item()
+    assert got <= full + 1e-6
+
+
+def test_mmd_matches_explicit_double_loop():
+    torch.manual_seed(4)
+    x, y = torch.randn(3, 5), torch.randn(4, 5) + 0.5
+    sigmas = torch.tensor([0.5, 1.0, 2.0])
+
+    def k(a, b):
+        return sum(math.exp(-((a - b) ** 2).sum().item() / (2 * s ** 2)) for s in sigmas.tolist())
+
+    exx = sum(k(a, b) for a, b in itertools.product(x, x)) / 9
+    eyy = sum(k(a, b) for a, b in itertools.product(y, y)) / 16
+    exy = sum(k(a, b) for a, b in itertools.product(x, y)) / 12
+    assert generality_risk(x, y, sigmas).item() == pytest.approx(exx + eyy - 2 * exy, rel=1e-5)
+
+
+def test_mmd_single_pair_reduces_to_pull_term():
+    x, y = torch.randn(1, 4), torch.randn(1, 4)
+    sigmas = torch.tensor([1.0, 2.0])
+    expected = 2 * 2 - 2 * multi_gaussian_kernel(x, y, sigmas).item()  # 2 k_max - 2 k(z_e, z_r), k_max = Q
+    assert generality_risk(x, y, sigmas).item() == pytest.approx(expected, rel=1e-5)
+    assert generality_risk(x, x.clone(), sigmas).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_median_heuristic_and_bandwidth_ladder():
+    x = torch.tensor([[0.0], [1.0]])
+    y = torch.tensor([[3.0]])
+    # pairwise squared distances among {0, 1, 3}: 1, 9, 4 -> median 4 -> sigma 2
+    assert median_bandwidth(x, y).item() == pytest.approx(2.0)
+    s = kernel_bandwidths(x, y, n_kernels=5, mult=2.0)
+    assert s.tolist() == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0])
+    assert kernel_bandwidths(x, y, 3, base=1.5, mult=3.0).tolist() == pytest.approx([0.5, 1.5, 4.5])
+
+
+def _risks(logits_list):
+    targets = torch.tensor([0, 1])
+    rows = torch.tensor([0, 1])
+    return [lambda w, lg=lg: reliability_risk(lg, targets, rows, 2, w) for lg in logits_list]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_penalty_matches_finite_difference_in_omega(reduction):
+    torch.manual_seed(5)
+    envs = [torch.randn(2, 5), torch.randn(2, 5) * 2]
+    ref_ids, ref_lp = _full_refs(torch.randn(2, 5))
+    loc = torch.randn(2, 5)
+    risks = _risks(envs) + [lambda w: locality_risk(loc, ref_ids, ref_lp, torch.tensor([0, 1]), 2, w)]
+    got = tv_l1_penalty(risks, torch.tensor(1.0, requires_grad=True), reduction).item()
+    h = 1e-3
+    fd = [abs((r(torch.tensor(1 + h)) - r(torch.tensor(1 - h))).item() / (2 * h)) for r in risks]
+    agg = sum(fd) / len(fd) if reduction == "mean" else sum(fd)
+    assert got == pytest.approx(agg ** 2, rel=1e-3)
+
+
+def test_penalty_is_differentiable_in_the_logits_only_through_first_order_graph():
+    logits = torch.randn(2, 5, requires_grad=True)
+    pen = tv_l1_penalty(_risks([logits]))
+    pen.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_penalty_zero_when_risks_do_not_depend_on_omega():
+    const = torch.tensor(3.0)
+    assert tv_l1_penalty([lambda w: const + 0 * w]).item() == 0.0
+    assert tv_l1_penalty([]).item() == 0.0
