@@ -90,6 +90,8 @@ class DualState:
         self.adaptive_p = adaptive_p
         self.adaptive_scale = adaptive_scale
         self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden, init_bias).to(device) if mode == "learned" else None
+        # s(phi_e); ZeRO-3 replaces it with a gathered, gradient-free summary (parameters are partitioned).
+        self.summary_fn = parameter_summary
 
     @property
     def active(self) -> bool:
@@ -103,7 +105,7 @@ class DualState:
         if self.net is None:
             ref = params[0]
             return torch.tensor(self.fixed_lambda if self.mode == "fixed" else 0.0, device=ref.device)
-        return self.net(parameter_summary(params))
+        return self.net(self.summary_fn(params))
 
     def ascent(self, penalty: float, params: Sequence[torch.Tensor], k: int) -> float:
         """delta <- delta + gamma_2 * grad_delta G, where grad_delta G = penalty * grad_delta lambda (Eq. 13).
@@ -112,7 +114,7 @@ class DualState:
         """
         if self.net is None or penalty <= 0:
             return 0.0
-        lam = self.net(parameter_summary([p.detach() for p in params]))
+        lam = self.net(self.summary_fn([p.detach() for p in params]))
         grads = torch.autograd.grad(lam, list(self.net.parameters()))
         grads = [g * penalty for g in grads]
         norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 from odedit.config import Config
-from odedit.editstep import StepperFactory, StepReport, torch_stepper_factory
+from odedit.editstep import DIRECT, ParamAccess, StepperFactory, StepReport, torch_stepper_factory
 from odedit.envs import EditCase
 from odedit.methods import METHODS
 from odedit.methods.base import EditHandle, EditMethod
@@ -38,13 +38,15 @@ class Editor:
         self.objective: Objective = build_objective(cfg.odedit, self.method, cfg.data.with_hard_in_training,
                                                     cfg.model.pooling)
         self.stepper_factory = stepper_factory or torch_stepper_factory(cfg.method, cfg.odedit)
+        self.access: ParamAccess = DIRECT  # replaced by the distributed engine under DeepSpeed ZeRO
 
     def edit(self, cases: Sequence[EditCase]) -> tuple[EditHandle, StepReport]:
         """Apply one step: all `cases` edited jointly. Returns the undo handle and the step report."""
         from odedit.editstep import run_edit_step
 
         if type(self.method).apply is EditMethod.apply:
-            return run_edit_step(self.method, self.objective, cases, self.stepper_factory, self.cfg.odedit.lambda_max)
+            return run_edit_step(self.method, self.objective, cases, self.stepper_factory, self.cfg.odedit.lambda_max,
+                                 self.access)
         return self.method.apply(cases, self.objective, self.stepper_factory)
 
     def single(self, cases: Sequence[EditCase], evaluate: Callable[[Sequence[EditCase]], list[dict]]
@@ -73,10 +75,13 @@ class Editor:
 
     def state_dict(self) -> dict[str, Any]:
         """Editable state + objective state (lambda-network), for checkpoints."""
-        return {"method": self.method.state_dict(), "objective": self.objective.state_dict()}
+        with self.access.modify(list(self.method.editable().values())):
+            method = self.method.state_dict()
+        return {"method": method, "objective": self.objective.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state["method"])
+        with self.access.modify(list(self.method.editable().values())):
+            self.method.load_state_dict(state["method"])
         self.objective.load_state_dict(state["objective"])
 
 

@@ -12,10 +12,11 @@ rule of method.md §3.3) in process, and a DeepSpeed engine in Ray Train workers
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Protocol, Sequence
 
 import torch
 
@@ -35,6 +36,20 @@ class Stepper(Protocol):
 
 
 StepperFactory = Callable[[Sequence[torch.nn.Parameter]], Stepper]
+
+
+class ParamAccess:
+    """How code outside forward/backward reads or writes phi_e. In process: directly.
+
+    Under DeepSpeed ZeRO the engine keeps its own fp32 copy of the parameters (and ZeRO-3 partitions them), so
+    `pipeline.distributed.ZeroAccess` gathers them and refreshes that copy after any direct write.
+    """
+
+    def modify(self, params: Sequence[torch.nn.Parameter]) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+
+DIRECT = ParamAccess()
 
 
 class TorchStepper:
@@ -59,6 +74,10 @@ class TorchStepper:
     def step(self, loss: torch.Tensor, k: int) -> None:
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
+        self._apply(grads, k)
+
+    def _apply(self, grads: Sequence[torch.Tensor], k: int) -> None:
+        """Move phi_e along `grads` by the optimiser or the adaptive rule."""
         if self.opt is not None:
             for p, g in zip(self.params, grads):
                 p.grad = g
@@ -110,15 +129,16 @@ def forward_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Seque
 
 
 def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[EditCase],
-                  stepper_factory: StepperFactory, lambda_max: float = float("inf")
-                  ) -> tuple["EditHandle", StepReport]:
+                  stepper_factory: StepperFactory, lambda_max: float = float("inf"),
+                  access: ParamAccess = DIRECT) -> tuple["EditHandle", StepReport]:
     """Edit the model for `cases` (a step of one or more edits); see the module docstring."""
     t0 = time.perf_counter()
     method.prepare()
-    handle = method.snapshot()
-    report = StepReport()
-    method.begin_step(cases, handle)
     params = list(method.editable().values())
+    report = StepReport()
+    with access.modify(params):
+        handle = method.snapshot()
+        method.begin_step(cases, handle)
     stepper = stepper_factory(params)
     model = method.adapter.model
     was_training = model.training
@@ -132,17 +152,19 @@ def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[
             report.parts.append(parts)
             report.iterations = k
             reason = _divergence(loss, parts, lambda_max)
-            if reason:
-                handle.restore()
+            if reason is None:
+                stepper.step(loss, k)
+                with access.modify(params):
+                    method.after_update()
+                    if not all(bool(torch.isfinite(p).all()) for p in params):
+                        reason = "non-finite parameters after the update"
+            if reason is not None:
+                with access.modify(params):
+                    handle.restore()
                 report.failed = f"iteration {k}: {reason}; step rolled back"
                 return handle, report
-            stepper.step(loss, k)
-            method.after_update()
-            if not all(torch.isfinite(p).all() for p in params):
-                handle.restore()
-                report.failed = f"iteration {k}: non-finite parameters after the update; step rolled back"
-                return handle, report
-        method.end_step(cases, handle)
+        with access.modify(params):
+            method.end_step(cases, handle)
     finally:
         model.train(was_training)
         report.seconds = time.perf_counter() - t0

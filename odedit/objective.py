@@ -12,7 +12,7 @@ parts are plain floats for logging.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 
@@ -85,6 +85,9 @@ class ODEditObjective(Objective):
         self.dual = DualState(cfg.penalty, n_tensors, cfg.lambda_hidden, cfg.lambda_init_bias, cfg.fixed_lambda,
                               cfg.dual_lr, cfg.step_rule, cfg.adaptive_p, cfg.adaptive_scale, device)
         self.owners: dict[str, list[tuple[int, int]]] = {}
+        # Distributed runs average the penalty over workers before the dual step, so every worker's
+        # lambda-network takes the same step (set by pipeline.distributed).
+        self.reduce: Callable[[float], float] = lambda value: value
         self._sigmas: torch.Tensor | None = None
 
     # -------------------------------------------------------------------------------------- the risks
@@ -150,7 +153,7 @@ class ODEditObjective(Objective):
             omega = torch.tensor(1.0, device=host.device, requires_grad=True)
             pen = tv_l1_penalty(self._env_risks(outs, cases), omega, cfg.penalty_reduction)
             if k > 1:  # Eq. 13's dual step, with the penalty at the phi reached by the previous primal step
-                parts["dual_step"] = self.dual.ascent(float(pen.detach()), params, k - 1)
+                parts["dual_step"] = self.dual.ascent(self.reduce(float(pen.detach())), params, k - 1)
             lam = self.dual.lam(params)
             total = total + lam * pen
             parts["penalty"] = float(pen.detach())

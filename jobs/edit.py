@@ -1,0 +1,38 @@
+"""Single-edit experiments: each edit applied to the original weights, scored and undone, spread over workers.
+
+    python -m jobs.edit --config jobs/configs/demo.yaml stream.mode=single [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.edit --config jobs/configs/<model>.yaml
+
+Writes `<output_dir>/summary.json` with the MMEdit metrics of every edit (MMEdit's main-table protocol).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+from jobs.common import parse_job_args, write_json
+from odedit.config import with_overrides
+
+
+def main(cfg: Any) -> dict:
+    from pipeline.experiment import run_experiment
+    from pipeline.report import comparison_table
+
+    if cfg.stream.mode != "single":
+        cfg = with_overrides(cfg, ["stream.mode=single"])
+    out = run_experiment(cfg, {"": []}, name="edit")
+    summary = {"runs": out["results"], "prepare": out["prepare"]}
+    write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    print(comparison_table(out["results"]))
+    return summary
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    main(parse_job_args("Run single-edit experiments (each edit undone).", argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

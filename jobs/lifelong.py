@@ -1,0 +1,40 @@
+"""A lifelong (sequential) edit stream on Ray Train + DeepSpeed, tracked in MLflow.
+
+    python -m jobs.lifelong --config jobs/configs/demo.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.lifelong --config jobs/configs/<model>.yaml
+
+Prepares the data (cached), runs `stream.num_edits` edits in steps of `stream.batch_size`, never undone, with
+immediate metrics per step, retention every `stream.eval_every` edits and full retention at the end, and
+writes `<output_dir>/summary.json`. Re-submitting with the same `stream.run_name` resumes a stopped stream.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+from jobs.common import parse_job_args, write_json
+
+
+def main(cfg: Any) -> dict:
+    from pipeline.experiment import run_experiment
+    from pipeline.report import comparison_table
+
+    if cfg.stream.mode != "sequential":
+        raise SystemExit("error: stream.mode: jobs.lifelong runs sequential streams (got 'single'); "
+                         "use jobs.edit for single edits, or set stream.mode=sequential")
+    out = run_experiment(cfg, {"": []}, name="lifelong")
+    summary = {"runs": out["results"], "prepare": out["prepare"]}
+    write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    print(comparison_table(out["results"]))
+    return summary
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    main(parse_job_args("Run a lifelong (sequential) edit stream.", argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

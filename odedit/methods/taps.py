@@ -1,0 +1,145 @@
+"""Forward taps for the editors that act through hooks inside the language model (T-Patcher, WISE, GRACE).
+
+    tap = ForwardTap.of(adapter)       # one per model, shared by every editor installed on it
+    x = tap.rows(h)                    # a hooked module's (B, L, D) or flattened (B*L, D) tensor, as (B, L, D)
+    tap.valid                          # (B, L) True on real tokens of the current forward (its attention mask)
+
+A module hook sees only its own tensors: it cannot tell padding from tokens, and it does not know which
+environment a forward belongs to. The tap gets both from one forward pre-hook on the language model's base
+module (the parent of `adapter.decoder_layers()`), which every adapter family calls with the keyword
+`attention_mask` (B, L) aligned with `EncodedBatch.targets` (checked for llava, blip2_opt, instructblip, minigpt4
+and qwen2_vl under transformers 5; OPT's FFN sees its input flattened to (B*L, D), hence `rows`).
+
+While an edit step records (`start` ... `stop`), each forward opens one record into which hooks `put` what their
+editor's loss needs. `take(outs)` matches the records of one iteration's forwards to the environments' outputs:
+`run_edit_step` runs exactly one forward per environment, in the order of `outs`; shapes are checked, so a
+mismatch fails loudly instead of pairing the wrong tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from odedit.models.base import ForwardOutput, ModelAdapter
+
+ATTR = "_odedit_forward_tap"
+
+
+def layer_at_depth(n_layers: int, fraction: float) -> int:
+    """The decoder layer at `fraction` of the depth (0 = first, 1 = last), for editors whose papers pick a
+    mid-to-late layer rather than the last one."""
+    return min(n_layers - 1, max(0, round(fraction * (n_layers - 1))))
+
+
+def _base_module(adapter: "ModelAdapter") -> nn.Module:
+    """The module that owns the decoder layers (LlamaModel, OPTDecoder, Qwen2VLTextModel, ...)."""
+    layers = adapter.decoder_layers()
+    for name, module in adapter.model.named_modules():
+        if module is layers:
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            return adapter.model.get_submodule(parent) if parent else adapter.model
+    raise ValueError("the adapter's decoder layers are not part of its model")
+
+
+class ForwardTap:
+    """Per-forward context for editor hooks: the current row mask and, while recording, one record per forward.
+
+    Attributes:
+        valid: (B, L) bool, True on real tokens of the forward in progress (all True without an attention mask).
+        recording: whether forwards open records.
+        records: one dict per recorded forward: "_valid" plus whatever hooks `put`.
+    """
+
+    def __init__(self) -> None:
+        self.valid: torch.Tensor | None = None
+        self.recording = False
+        self.records: list[dict[str, Any]] = []
+        self._handle: Any = None
+
+    @classmethod
+    def of(cls, adapter: "ModelAdapter") -> "ForwardTap":
+        """The tap of `adapter`'s model, installed on first use."""
+        base = _base_module(adapter)
+        tap = getattr(base, ATTR, None)
+        if tap is None:
+            tap = cls()
+            tap._handle = base.register_forward_pre_hook(tap._on_forward, with_kwargs=True)
+            setattr(base, ATTR, tap)
+        return tap
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+        ref = ids if torch.is_tensor(ids) else embeds if torch.is_tensor(embeds) else None
+        if ref is None and args and torch.is_tensor(args[0]):
+            ref = args[0]
+        if ref is None:
+            self.valid = None
+        elif torch.is_tensor(mask) and mask.dim() == 2 and tuple(mask.shape) == tuple(ref.shape[:2]):
+            self.valid = mask.to(ref.device).bool()
+        else:  # no padding mask (or a pre-expanded one): every position is a token
+            self.valid = torch.ones(tuple(ref.shape[:2]), dtype=torch.bool, device=ref.device)
+        if self.recording:
+            self.records.append({"_valid": self.valid})
+
+    # ------------------------------------------------------------------------------------------ shapes
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (B, L, D) or (B*L, D) from inside the current forward, as (B, L, D)."""
+        if self.valid is None:
+            raise RuntimeError("no forward in progress: the language model was called without input_ids/inputs_embeds")
+        b, length = self.valid.shape
+        if x.dim() == 3 and tuple(x.shape[:2]) == (b, length):
+            return x
+        if x.dim() == 2 and x.shape[0] == b * length:
+            return x.reshape(b, length, x.shape[-1])
+        raise RuntimeError(f"hooked tensor of shape {tuple(x.shape)} does not match the forward's (B, L) = {(b, length)}")
+
+    def row_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B,): the mean over each row's real tokens."""
+        m = self.valid.to(values.dtype)
+        return (values * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    # ------------------------------------------------------------------------------------------ records
+
+    def start(self) -> None:
+        self.records = []
+        self.recording = True
+
+    def stop(self) -> None:
+        self.recording = False
+        self.records = []
+
+    def clear(self) -> None:
+        self.records = []
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        if self.recording and self.records:
+            self.records[-1][key] = value
+
+    def take(self, outs: Mapping[str, "ForwardOutput"]) -> dict[str, dict[str, Any]]:
+        """The records of the forwards that produced `outs` (the last len(outs) records, in order), by env."""
+        if len(self.records) < len(outs):
+            raise RuntimeError(f"{len(outs)} environment outputs but only {len(self.records)} recorded forwards; "
+                               "was the edit step's recording started (begin_step)?")
+        recs = self.records[len(self.records) - len(outs):]
+        matched = {}
+        for (env, out), rec in zip(outs.items(), recs):
+            shape = tuple(out.batch.targets.shape)
+            if rec["_valid"] is None or tuple(rec["_valid"].shape) != shape:
+                raise RuntimeError(f"recorded forward for {env!r} has shape "
+                                   f"{None if rec['_valid'] is None else tuple(rec['_valid'].shape)}, its output {shape}")
+            matched[env] = rec
+        return matched
+
+
+def positive_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the positive entries of `x` (0 when none): the hinge reduction of WISE's reference code, which
+    averages only the violated margins."""
+    pos = x > 0
+    if not bool(pos.any()):
+        return x.sum() * 0.0
+    return x[pos].mean()

@@ -1,0 +1,276 @@
+"""The distributed edit engine: an edit stream as a Ray Train `TorchTrainer` with DeepSpeed ZeRO.
+
+    summary = run_stream(cfg, run_name, tracker)        # driver: builds the trainer, shows progress, returns
+
+Each worker loads the model, builds the in-process `Editor` (method + objective), wires DeepSpeed
+(`pipeline.distributed.wire_editor`), resumes from the newest complete checkpoint of the run if there is one,
+and runs `odedit.stream.StreamRunner` over the environment shards: the main pass reads the Ray Data dataset
+given to the trainer (`ray.train.get_dataset_shard("edits")`, every worker sees the whole stream and takes
+its slice of each step), retention and final scoring fetch cases from the shards by index. Rank 0 writes
+checkpoints, progress, results and MLflow records. A killed worker makes Ray Train restart the group
+(`FailureConfig`), which resumes from the last checkpoint; re-submitting a stopped job with the same
+`stream.run_name` does the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from typing import Any
+
+from odedit.config import Config, parse_config
+from odedit.configlib import flatten, to_dict
+from pipeline.checkpoints import RunStore, write_json_atomic
+
+DATASET = "edits"
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def shards_dir(cfg: Config) -> str:
+    return os.path.abspath(cfg.data.shards_dir or os.path.join(cfg.output_dir, "shards"))
+
+
+def storage_dir(cfg: Config) -> str:
+    return os.path.abspath(cfg.stream.storage_path or os.path.join(cfg.output_dir, "storage"))
+
+
+def default_run_name(cfg: Config) -> str:
+    arm = "odedit" if cfg.odedit.enabled else "base"
+    return cfg.stream.run_name or f"{cfg.method.name}-{arm}-{cfg.stream.mode}-b{cfg.stream.batch_size}-s{cfg.seed}"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class _JoinReferences:
+    """Ray Data callable class: adds the pre-edit reference columns to environment rows (one shard file's
+    references are read once per actor)."""
+
+    def __init__(self, shards_dir: str) -> None:
+        self.shards_dir = shards_dir
+        self.cache: dict[str, list[dict]] = {}
+
+    def __call__(self, batch: Any) -> Any:
+        from pipeline.casesource import attach_references
+        from pipeline.schema import REFERENCE_SCHEMA, read_table
+        from pipeline.shards import reference_path
+
+        rows = batch.to_pylist()
+        for path in sorted({r["path"] for r in rows}):
+            file = os.path.basename(path)
+            if file not in self.cache:
+                ref = reference_path(self.shards_dir, file)
+                self.cache[file] = read_table(ref, REFERENCE_SCHEMA).to_pylist() if os.path.isfile(ref) else []
+            attach_references([r for r in rows if r["path"] == path], self.cache[file])
+        for r in rows:
+            r.pop("path", None)
+            for k in ("topk_ids", "topk_logprobs", "n_positions", "k"):
+                r.setdefault(k, None)
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(rows)
+
+
+def build_dataset(cfg: Config, shards: str) -> Any:
+    """The stream's environment rows (with references) as an ordered Ray Data dataset."""
+    import ray.data
+
+    from pipeline.shards import read_manifest
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    files = [os.path.join(shards, s["file"]) for s in read_manifest(shards)["shards"]]
+    # Zero-CPU data tasks: the edit workers may hold every CPU of a small cluster, and reading a few parquet
+    # files must not wait for them (a 2-CPU machine with 2 workers would otherwise deadlock).
+    ds = ray.data.read_parquet(files, include_paths=True, ray_remote_args={"num_cpus": 0})
+    split = cfg.stream.split
+    ds = ds.filter(expr=f"split == '{split}'", num_cpus=0)
+    return ds.map_batches(_JoinReferences, fn_constructor_args=(shards,), batch_format="pyarrow", num_cpus=0,
+                          compute=ray.data.ActorPoolStrategy(size=1))
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The per-worker edit loop (see the module docstring)."""
+    import ray.train
+    import torch
+
+    from odedit.editing import Editor
+    from odedit.models import load_adapter
+    from odedit.stream import StreamHooks, StreamRunner, StreamState
+    from pipeline.casesource import ShardCaseSource
+    from pipeline.distributed import TorchComm, wire_editor
+    from pipeline.tracking import NullTracker, attach_tracker
+
+    cfg = parse_config(config["cfg"])
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows one stream bar
+    comm = TorchComm()
+    store = RunStore(config["run_dir"]).ensure()
+    store.write_pid(comm.rank)
+    torch.manual_seed(cfg.seed)
+    device = f"cuda:{ray.train.get_context().get_local_rank()}" if cfg.resources.use_gpu else "cpu"
+    adapter = load_adapter(dataclasses.replace(cfg.model, device=device), config["model_path"])
+    editor = Editor(adapter, cfg)
+    wire_editor(editor, cfg, comm)
+    lockstep = cfg.resources.zero_stage == 3 and cfg.stream.mode == "sequential"
+
+    state = None
+    latest = store.latest()
+    if latest is not None:
+        editable, objective, stream = store.read_checkpoint(latest)
+        editor.load_state_dict({"method": editable, "objective": objective})
+        state = StreamState.from_dict(stream)
+
+    shard = ray.train.get_dataset_shard(DATASET)
+    rows = (lambda: shard.iter_rows()) if shard is not None else None
+    source = ShardCaseSource(config["shards_dir"], cfg.stream.split, config["num_edits"], config["offset"], rows=rows)
+    tracker = attach_tracker(cfg, config["run_id"], store.run_dir) if comm.rank == 0 else NullTracker()
+
+    def on_checkpoint(st: StreamState) -> None:
+        full = editor.state_dict()  # every rank: ZeRO-3 gathers collectively
+        if comm.rank == 0:
+            store.write_checkpoint(st.next_step, full["method"], full["objective"], st.to_dict())
+        ray.train.report({"edits_done": len(st.ledger), "next_step": st.next_step})
+
+    def on_progress(done: int, total: int) -> None:
+        if comm.rank == 0:
+            store.write_progress(done, total)
+
+    def on_metrics(values: dict[str, float], step: int) -> None:
+        tracker.log_metrics(values, step)
+
+    runner = StreamRunner(editor, cfg, comm, lockstep, StreamHooks(on_checkpoint, on_metrics, on_progress))
+    result = runner.run(source, state)
+    if comm.rank == 0:
+        write_results(store, cfg, result, tracker)
+    ckpt = None
+    if comm.rank == 0:
+        ckpt = ray.train.Checkpoint.from_directory(store.results_dir)
+    ray.train.report({k: v for k, v in result.summary.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_results(store: RunStore, cfg: Config, result: Any, tracker: Any) -> None:
+    """Per-edit rows (parquet), curve, ledger, summary and plots; all logged as MLflow artifacts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.plots import plot_metrics, plot_retention
+
+    d = store.results_dir
+    rows = [{k: v for k, v in r.items()} for r in result.rows]
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(d, "rows.parquet"))
+    write_json_atomic(os.path.join(d, "curve.json"), _clean(result.curve))
+    with open(os.path.join(d, "ledger.jsonl"), "w", encoding="utf-8") as fh:
+        for e in result.ledger:
+            fh.write(json.dumps(e) + "\n")
+    write_json_atomic(os.path.join(d, "summary.json"), _clean(result.summary))
+    plot_retention(result.curve, os.path.join(d, "retention.png"))
+    plot_metrics(result.summary, os.path.join(d, "metrics.png"))
+    tracker.log_metrics({f"final/{k}": v for k, v in result.summary["final"].items()
+                         if isinstance(v, float) and math.isfinite(v)}, result.summary["edits"])
+    for name in ("rows.parquet", "curve.json", "ledger.jsonl", "summary.json", "retention.png", "metrics.png"):
+        tracker.log_artifact(os.path.join(d, name), "results")
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def build_trainer(cfg: Config, run_name: str, loop_config: dict[str, Any], dataset: Any) -> Any:
+    """The `TorchTrainer` of a stream: workers, gloo/NCCL, failure restarts, unsplit dataset."""
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    r = cfg.resources
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}),
+        run_config=RunConfig(name=run_name, storage_path=storage_dir(cfg),
+                             failure_config=FailureConfig(max_failures=r.max_failures)),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        datasets={DATASET: dataset},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    """Refuse a worker group that would leave Ray Data no CPU to read the shards with (it would hang)."""
+    import ray
+
+    r = cfg.resources
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total - r.num_workers * r.cpus_per_worker < 0.5:
+        raise ValueError(
+            f"resources: {r.num_workers} workers x {r.cpus_per_worker} CPU leave {total - r.num_workers * r.cpus_per_worker:g} "
+            f"of the cluster's {total:g} CPUs for Ray Data, which reads the shards for them; set "
+            f"resources.cpus_per_worker={max(0.1, (total - 1) / r.num_workers):g} or add CPUs")
+
+
+def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None = None, num_edits: int | None = None,
+               offset: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Run one edit stream on the Ray cluster this process is connected to; returns its summary."""
+    from tqdm import tqdm
+
+    run_name = run_name or default_run_name(cfg)
+    check_cluster_fits(cfg)
+    shards = shards_dir(cfg)
+    store = RunStore(os.path.join(storage_dir(cfg), run_name)).ensure()
+    tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})
+    loop_config = {"cfg": to_dict(cfg), "run_dir": store.run_dir, "model_path": model_path, "shards_dir": shards,
+                   "run_id": getattr(tracker, "run_id", ""), "num_edits": cfg.stream.num_edits if num_edits is None
+                   else num_edits, "offset": offset}
+    trainer = build_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
+    done = threading.Event()
+
+    def poll() -> None:
+        bar = tqdm(desc=run_name, unit="edit", disable=not progress)
+        while not done.is_set():
+            p = store.read_progress()
+            if p:
+                bar.total = p["total"]
+                bar.n = p["done"]
+                bar.refresh()
+            done.wait(1.0)
+        p = store.read_progress()
+        if p:
+            bar.total, bar.n = p["total"], p["done"]
+        bar.close()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    finally:
+        done.set()
+        thread.join()
+    with open(os.path.join(store.results_dir, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    summary.update(run_name=run_name, run_dir=store.run_dir, wall_seconds=time.perf_counter() - t0,
+                   mlflow_run_id=getattr(tracker, "run_id", ""))
+    return summary

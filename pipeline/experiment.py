@@ -1,0 +1,86 @@
+"""One experiment = prepared data + one or more edit streams ("arms"), tracked as nested MLflow runs.
+
+    results = run_experiment(cfg, {"base": ["odedit.enabled=false"], "odedit": []}, name="demo")
+
+Used by the thin jobs (`jobs/lifelong.py`, `jobs/edit.py`, `jobs/demo.py`): prepares (cached), opens a
+parent run when there are several arms, runs each arm's stream on Ray Train, and returns per-arm summaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import subprocess
+from typing import Any, Mapping, Sequence
+
+from odedit.config import Config, with_overrides
+
+PACKAGES = ("torch", "transformers", "ray", "deepspeed", "mlflow", "pyarrow", "peft")
+
+
+def run_info(cfg: Config) -> dict[str, str]:
+    """Seed, package versions and git commit, logged as params of every run."""
+    info = {"seed": str(cfg.seed)}
+    for pkg in PACKAGES:
+        try:
+            info[f"version.{pkg}"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            info[f"version.{pkg}"] = "absent"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        info["git_commit"] = commit.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = "unknown"
+    return info
+
+
+def prepared(cfg: Config) -> tuple[Config, str, dict[str, Any]]:
+    """Run (or reuse) the preparation; return the config pointing at the resolved model, its path, prepare.json."""
+    from jobs.prepare import main as prepare_main
+
+    prep = prepare_main(cfg)
+    model = prep["model"]
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=model["name_or_path"],
+                                    prompt_template=model.get("prompt_template") or cfg.model.prompt_template)
+    return dataclasses.replace(cfg, model=model_cfg), model["name_or_path"], prep
+
+
+def run_experiment(cfg: Config, arms: Mapping[str, Sequence[str]], name: str, num_edits: int | None = None,
+                   offset: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Prepare, then run every arm (config overrides) as its own stream; returns {arm: summary}."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from jobs.common import prepare_output_dir
+    from pipeline.engine import default_run_name, run_stream
+    from pipeline.tracking import open_tracker
+
+    prepare_output_dir(cfg)
+    started = not ray.is_initialized()
+    if started:
+        ray.init()
+    try:
+        cfg, model_path, prep = prepared(cfg)
+        parent = None
+        if len(arms) > 1:
+            parent = open_tracker(cfg, name, tags={"odedit.kind": "comparison"})
+            parent.log_params({"arms": list(arms), **run_info(cfg)})
+        results: dict[str, Any] = {}
+        for arm, overrides in arms.items():
+            arm_cfg = with_overrides(cfg, list(overrides)) if overrides else cfg
+            run_name = arm_cfg.stream.run_name or (f"{name}-{arm}" if arm else default_run_name(arm_cfg))
+            tracker = open_tracker(arm_cfg, run_name, parent_run_id=getattr(parent, "run_id", None) or None,
+                                   outbox_dir=os.path.join(arm_cfg.output_dir, "runs", run_name))
+            tracker.log_params({**run_info(arm_cfg), "arm": arm or run_name})
+            summary = run_stream(arm_cfg, model_path, tracker, run_name, num_edits, offset, progress)
+            summary["arm"] = arm or run_name
+            tracker.set_terminated("FINISHED")
+            results[arm or run_name] = summary
+        if parent is not None:
+            parent.set_terminated("FINISHED")
+        return {"results": results, "prepare": prep, "parent_run_id": getattr(parent, "run_id", "")}
+    finally:
+        if started:
+            ray.shutdown()

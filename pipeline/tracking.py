@@ -1,0 +1,188 @@
+"""Experiment tracking: a three-method tracker protocol, an MLflow implementation and a null one.
+
+    tracker = open_tracker(cfg, run_name="lora+odedit", parent_run_id=parent)   # driver: creates the run
+    tracker = attach_tracker(cfg, run_id)                                        # a worker: logs into it
+
+Every record also goes to an append-only JSONL outbox in the run's local directory first, so results stay on
+disk when the tracking server is down: the tracker warns once and carries on, and
+`python -m jobs.sync_mlflow <outbox.jsonl>` replays the outbox into MLflow later (issue: MLflow down
+during a run). The sqlite store lives under the output directory by default; clusters set
+`tracking.uri` or `MLFLOW_TRACKING_URI` to their server. The client API (`MlflowClient` with explicit run
+ids) is used throughout, so no global "active run" state leaks between runs, workers or threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any, Mapping, Protocol
+
+log = logging.getLogger(__name__)
+
+OUTBOX = "mlflow_outbox.jsonl"
+
+
+class Tracker(Protocol):
+    run_id: str
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str, subdir: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """Tracking switched off (or a non-zero rank): every call is a no-op."""
+
+    run_id = ""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        return None
+
+    def log_artifact(self, path: str, subdir: str | None = None) -> None:
+        return None
+
+    def set_terminated(self, status: str = "FINISHED") -> None:
+        return None
+
+
+def tracking_uri(cfg: Any) -> str:
+    """`tracking.uri`, else `$MLFLOW_TRACKING_URI`, else sqlite under the output directory."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return "sqlite:///" + os.path.abspath(os.path.join(cfg.output_dir, "mlflow.db"))
+
+
+def _flat_params(params: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in params.items():
+        text = json.dumps(v) if isinstance(v, (list, dict, tuple)) else str(v)
+        out[k] = text[:6000]  # MLflow caps param values
+    return out
+
+
+class MLflowTracker:
+    """Logs into one MLflow run by id, with a local outbox that survives a server outage."""
+
+    def __init__(self, uri: str, run_id: str, outbox_dir: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.run_id = run_id
+        self.client = MlflowClient(uri)
+        os.makedirs(outbox_dir, exist_ok=True)
+        self.outbox = os.path.join(outbox_dir, OUTBOX)
+        self._warned = False
+
+    def _record(self, kind: str, payload: dict) -> None:
+        with open(self.outbox, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"kind": kind, "run_id": self.run_id, "uri": self.uri, "time": time.time(),
+                                 **payload}, default=str) + "\n")
+
+    def _call(self, fn, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # a tracking outage must never kill an edit stream
+            if not self._warned:
+                warnings.warn(f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {exc}); results stay "
+                              f"on disk in {self.outbox}; replay them later with `python -m jobs.sync_mlflow "
+                              f"{self.outbox}`", RuntimeWarning, stacklevel=3)
+                self._warned = True
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = _flat_params(params)
+        self._record("params", {"params": flat})
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._call(self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items()}
+        self._record("metrics", {"metrics": clean, "step": step})
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k.replace("@", "_"), v, ts, step) for k, v in clean.items()]
+        for i in range(0, len(items), 500):
+            self._call(self.client.log_batch, self.run_id, metrics=items[i:i + 500])
+
+    def log_artifact(self, path: str, subdir: str | None = None) -> None:
+        self._record("artifact", {"path": os.path.abspath(path), "subdir": subdir})
+        self._call(self.client.log_artifact, self.run_id, path, subdir)
+
+    def set_terminated(self, status: str = "FINISHED") -> None:
+        self._record("terminate", {"status": status})
+        self._call(self.client.set_terminated, self.run_id, status)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Create the experiment if needed (in the driver, before any worker logs: sqlite schema races)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name)
+
+
+def open_tracker(cfg: Any, run_name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+                 outbox_dir: str | None = None):
+    """Create a run (nested under `parent_run_id` when given) and return its tracker (NullTracker if off)."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    exp_id = ensure_experiment(uri, cfg.tracking.experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = MlflowClient(uri).create_run(exp_id, run_name=run_name, tags=all_tags)
+    return MLflowTracker(uri, run.info.run_id, outbox_dir or cfg.output_dir)
+
+
+def attach_tracker(cfg: Any, run_id: str, outbox_dir: str):
+    """A tracker logging into an existing run (Ray Train rank 0); NullTracker when tracking is off."""
+    if not cfg.tracking.enabled or not run_id:
+        return NullTracker()
+    return MLflowTracker(tracking_uri(cfg), run_id, outbox_dir)
+
+
+def replay_outbox(path: str, uri: str | None = None) -> dict[str, int]:
+    """Send every record of an outbox file to MLflow (to `uri`, or the URI recorded with each entry)."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    counts = {"params": 0, "metrics": 0, "artifact": 0, "terminate": 0}
+    clients: dict[str, Any] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            target = uri or rec["uri"]
+            client = clients.setdefault(target, MlflowClient(target))
+            kind, run_id = rec["kind"], rec["run_id"]
+            if kind == "params":
+                existing = client.get_run(run_id).data.params
+                new = [Param(k, v) for k, v in rec["params"].items() if k not in existing]
+                if new:
+                    client.log_batch(run_id, params=new)
+            elif kind == "metrics":
+                ts = int(rec["time"] * 1000)
+                client.log_batch(run_id, metrics=[Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()])
+            elif kind == "artifact" and os.path.exists(rec["path"]):
+                client.log_artifact(run_id, rec["path"], rec["subdir"])
+            elif kind == "terminate":
+                client.set_terminated(run_id, rec["status"])
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
