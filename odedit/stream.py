@@ -231,7 +231,7 @@ class StreamRunner:
             self._record(state, round_cases, rows, s)
             state.next_step = s + 1
             self._progress(len(state.ledger), n)
-            if every and state.next_step % every == 0 and state.next_step < n_rounds:
+            if every and (state.next_step % every == 0 or state.next_step == n_rounds):
                 self._checkpoint(state)
         for row in state.rows:  # in single mode the immediate metrics are the final ones
             row.update({f"final_{k}": row.get(k, float("nan")) for k in PROTOCOLS if k in row})
@@ -265,7 +265,8 @@ class StreamRunner:
                 self._metrics({f"retention/{k}": v for k, v in point.items()}, state.edits_applied)
                 next_eval = (state.edits_applied // cfg.eval_every + 1) * cfg.eval_every
             self._progress(len(state.ledger), n)
-            if cfg.checkpoint_every and state.next_step % cfg.checkpoint_every == 0 and s + 1 < n_steps:
+            # The last step is checkpointed too: a resubmitted finished stream only re-scores.
+            if cfg.checkpoint_every and (state.next_step % cfg.checkpoint_every == 0 or state.next_step == n_steps):
                 self._checkpoint(state)
         final = self._score_all(source, n, cfg.generation_eval)
         by_id = {r["edit_id"]: r for r in final}

@@ -89,7 +89,7 @@ def build_dataset(cfg: Config, shards: str) -> Any:
     files = [os.path.join(shards, s["file"]) for s in read_manifest(shards)["shards"]]
     # Zero-CPU data tasks: the edit workers may hold every CPU of a small cluster, and reading a few parquet
     # files must not wait for them (a 2-CPU machine with 2 workers would otherwise deadlock).
-    ds = ray.data.read_parquet(files, include_paths=True, ray_remote_args={"num_cpus": 0})
+    ds = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
     split = cfg.stream.split
     ds = ds.filter(expr=f"split == '{split}'", num_cpus=0)
     return ds.map_batches(_JoinReferences, fn_constructor_args=(shards,), batch_format="pyarrow", num_cpus=0,
