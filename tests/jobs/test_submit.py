@@ -1,0 +1,111 @@
+"""`ray job submit` of a tiny lifelong job to a local `ray start --head` with token authentication on.
+
+The head runs with `--block` in its own process group, so stopping it touches no other Ray instance of the
+test session. The client authenticates with the token `ray start` wrote (RAY_AUTH_MODE=token). The job's
+MLflow run must exist with metrics and artifacts afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from pipeline.synthetic import write_evqa_split
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+                             "--num-cpus", "2", "--port", str(port), "--dashboard-port", str(dash),
+                             "--dashboard-host", "127.0.0.1", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start --head exited with {proc.returncode}")
+            time.sleep(1)
+    yield address, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    log.close()
+
+
+def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
+    address, env = head
+    paths = write_evqa_split(str(tmp_path / "world"), n=6, min_side=24, max_side=48, seed=2)
+    out = tmp_path / "out"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = {
+        "model": {"family": "llava", "name_or_path": tiny_dir("llava")},
+        "data": {"source": "mmedit", "path": paths["path"], "image_root": paths["image_root"]},
+        "method": {"name": "ft", "lr": 0.05, "n_iter": 3},
+        "stream": {"mode": "sequential", "batch_size": 2, "eval_every": 2, "checkpoint_every": 1,
+                   "run_name": "submitted", "generation_eval": False},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 2},
+        "tracking": {"uri": uri, "experiment": "submit-test"},
+        "output_dir": str(out),
+    }
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text("# ray job submit --working-dir . -- python -m jobs.lifelong --config job.yaml\n"
+                        + yaml.safe_dump(config))
+    client_env = dict(env, RAY_AUTH_MODE="token")
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
+         "--working-dir", ROOT, "--", "python", "-m", "jobs.lifelong", "--config", str(cfg_path)],
+        env=client_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+
+    summary = json.loads((out / "summary.json").read_text())
+    run = summary["runs"]["submitted"]
+    assert run["edits_applied"] == 6
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("submit-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run["mlflow_run_id"]]
+    data = runs[0].data
+    assert "final/rel" in data.metrics and "immediate/rel" in data.metrics
+    assert data.params["method.name"] == "ft" and data.params["seed"] == "0" and "git_commit" in data.params
+    artifacts = {a.path for a in client.list_artifacts(run["mlflow_run_id"], "results")}
+    assert {"results/summary.json", "results/rows.parquet", "results/retention.png"} <= artifacts
+
+
+def test_unauthenticated_client_is_refused(head):
+    address, env = head
+    client_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    client_env["RAY_AUTH_MODE"] = "disabled"
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "list", "--address", address],
+                          env=client_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "auth" in (proc.stdout + proc.stderr).lower()
