@@ -230,8 +230,14 @@ class Config:
     seed: int = option(0, help="seed of every random choice", check=non_negative)
 
     def _cross_checks(self) -> Iterable[Problem]:
-        if self.resources.zero_stage == 0 and self.resources.num_workers > 1:
-            yield Problem("resources.zero_stage", 0, "several workers need DeepSpeed ZeRO (2 or 3)", "set resources.zero_stage=2")
+        r = self.resources
+        if self.stream.mode == "single" and r.zero_stage == 3:
+            yield Problem("resources.zero_stage", 3, "single mode runs edits on independent model replicas; ZeRO-3 "
+                          "shards one model over all workers", "use stream.mode=sequential, or zero_stage 0 or 2")
+        if self.odedit.enabled and self.odedit.step_rule == "adaptive" and r.zero_stage != 0 \
+                and self.stream.mode == "sequential":
+            yield Problem("odedit.step_rule", "adaptive", "the adaptive step rule needs the whole gradient norm, "
+                          "which DeepSpeed's optimiser hides", "use resources.zero_stage=0 or step_rule=optimizer")
 
 
 ExtraCheck = Callable[[dict], Iterable[ConfigIssue]]  # gets the raw dict, so its issues join the others

@@ -81,10 +81,14 @@ def test_unknown_model_family_and_bad_override_syntax():
     assert "model.family" in paths and "stream.batch_size" in paths
 
 
-def test_cross_field_check():
+def test_cross_field_checks():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["resources.num_workers=2", "resources.zero_stage=0"])
-    assert info.value.issues[0].path == "resources.zero_stage"
+        load_config(None, ["stream.mode=single", "resources.zero_stage=3", "odedit.step_rule=adaptive"])
+    assert [i.path for i in info.value.issues] == ["resources.zero_stage"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["odedit.step_rule=adaptive", "resources.zero_stage=2"])
+    assert [i.path for i in info.value.issues] == ["odedit.step_rule"]
+    assert load_config(None, ["odedit.step_rule=adaptive", "resources.zero_stage=0"]).odedit.step_rule == "adaptive"
 
 
 def test_with_overrides_revalidates():
