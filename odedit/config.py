@@ -128,6 +128,7 @@ class MethodConfig:
     lr: float = option(0.01, help="step size of the host editor's own optimisation", check=positive)
     n_iter: int = option(10, help="optimisation iterations per edit step", check=positive)
     optimizer: Literal["sgd", "adam"] = option("adam", help="optimiser of the editable parameters")
+    cache_prefix: bool = option(True, help="within a step, run the frozen layers below the first edited layer once and replay only the layers above (exact, much faster)")
 
     @classmethod
     def _resolve_class(cls, data: dict) -> type | Problem:

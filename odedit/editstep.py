@@ -114,18 +114,56 @@ class StepReport:
         return self.parts[-1] if self.parts else {}
 
 
-def forward_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequence[str]
-                 ) -> tuple[dict[str, "ForwardOutput"], dict[str, list[tuple[int, int]]]]:
-    """One batched forward pass per environment over all cases; returns outputs and (case, sample) owners."""
-    outs: dict[str, "ForwardOutput"] = {}
+@dataclass
+class EnvBatch:
+    """The samples of every environment of a step, encoded once: environments are row ranges of one batch.
+
+    `runner` (an `odedit.models.prefix.PrefixRunner`) replays only the editable top of the model after the
+    first iteration; None runs the full model every time.
+    """
+
+    batch: Any  # EncodedBatch
+    spans: dict[str, slice]
+    owners: dict[str, list[tuple[int, int]]]
+    runner: Any = None
+
+
+def encode_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequence[str],
+                first_layer: int | None = None) -> EnvBatch | None:
+    """Tokenise and preprocess all environments' samples of a step once (images are the costly part).
+
+    With `first_layer`, forward passes after the first replay the decoder layers from there on only.
+    """
+    samples = []
+    spans: dict[str, slice] = {}
     owners: dict[str, list[tuple[int, int]]] = {}
     for env in envs:
         flat = [(i, j, s) for i, c in enumerate(cases) for j, s in enumerate(c.env(env))]
         if not flat:
             continue
-        outs[env] = adapter.run([s for _, _, s in flat])
+        spans[env] = slice(len(samples), len(samples) + len(flat))
+        samples += [s for _, _, s in flat]
         owners[env] = [(i, j) for i, j, _ in flat]
-    return outs, owners
+    if not samples:
+        return None
+    runner = None
+    if first_layer is not None:
+        from odedit.models.prefix import PrefixRunner
+
+        runner = PrefixRunner(adapter, first_layer)
+    return EnvBatch(adapter.encode(samples), spans, owners, runner)
+
+
+def forward_envs(adapter: "ModelAdapter", encoded: EnvBatch | None) -> dict[str, "ForwardOutput"]:
+    """All environments through ONE forward pass, split back by rows.
+
+    On small models the per-pass overhead dominates and on large ones a bigger batch uses the device better,
+    so ODEdit's extra environments cost far less than one pass each.
+    """
+    if encoded is None:
+        return {}
+    merged = encoded.runner.forward(encoded.batch) if encoded.runner is not None else adapter.forward(encoded.batch)
+    return {env: merged.select(span) for env, span in encoded.spans.items()}
 
 
 def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[EditCase],
@@ -144,10 +182,13 @@ def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[
     was_training = model.training
     model.eval()  # no dropout: edits are deterministic for a seed
     try:
+        # Encoded once per step; the frozen layers below the editor's first layer run once per step too.
+        first = method.first_edited_layer() if method.cfg.cache_prefix else None
+        encoded = encode_envs(method.adapter, cases, objective.envs, first)
+        if hasattr(objective, "owners"):
+            objective.owners = encoded.owners if encoded is not None else {}
         for k in range(1, method.cfg.n_iter + 1):
-            outs, owners = forward_envs(method.adapter, cases, objective.envs)
-            if hasattr(objective, "owners"):
-                objective.owners = owners
+            outs = forward_envs(method.adapter, encoded)
             loss, parts = objective.loss(method, outs, cases, k, params)
             report.parts.append(parts)
             report.iterations = k

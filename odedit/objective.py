@@ -19,7 +19,14 @@ import torch
 from odedit.config import ODEditConfig
 from odedit.dual import DualState
 from odedit.envs import OUT_ENVS, SE_ENVS, EditCase
-from odedit.risks import generality_risk, kernel_bandwidths, locality_risk, reliability_risk, tv_l1_penalty
+from odedit.risks import (
+    generality_risk,
+    kernel_bandwidths,
+    locality_risk,
+    penalty_from_gradients,
+    reliability_risk,
+    risks_and_omega_gradients,
+)
 
 if TYPE_CHECKING:
     from odedit.methods.base import EditMethod
@@ -119,7 +126,7 @@ class ODEditObjective(Objective):
         return generality_risk(z_e, z_r_all, self._sigmas)
 
     def _env_risks(self, outs, cases):
-        """One callable omega -> R_e(omega o phi_e) per penalty environment present in this step."""
+        """(environment, callable omega -> R_e(omega o phi_e)) for each penalty environment of this step."""
         risks = []
         for env in self.penalty_envs:
             if env not in outs:
@@ -128,10 +135,10 @@ class ODEditObjective(Objective):
             logits, rows, n = o.answer_logits(), o.answer_row(), o.batch.size
             if env in OUT_ENVS:
                 ids, logp = _references(o, cases, env, self.owners[env])
-                risks.append(lambda w, lg=logits, i=ids, lp=logp, r=rows, n=n: locality_risk(lg, i, lp, r, n, w))
+                risks.append((env, lambda w, lg=logits, i=ids, lp=logp, r=rows, n=n: locality_risk(lg, i, lp, r, n, w)))
             else:
                 t = o.answer_targets()
-                risks.append(lambda w, lg=logits, t=t, r=rows, n=n: reliability_risk(lg, t, r, n, w))
+                risks.append((env, lambda w, lg=logits, t=t, r=rows, n=n: reliability_risk(lg, t, r, n, w)))
         return risks
 
     # -------------------------------------------------------------------------------------- G
@@ -141,7 +148,20 @@ class ODEditObjective(Objective):
         host = method.host_loss(outs, cases)
         total = host
         parts = {"host": float(host.detach())}
-        r_loc = self._loc(outs, cases)
+        pen = None
+        env_values: dict[str, torch.Tensor] = {}
+        if self.dual.active and k > cfg.warmup_iters:
+            omega = torch.tensor(1.0, device=host.device, requires_grad=True)
+            named = self._env_risks(outs, cases)
+            values, grads = risks_and_omega_gradients([fn for _, fn in named], omega)
+            pen = penalty_from_gradients(grads, cfg.penalty_reduction)
+            env_values = {env: v for (env, _), v in zip(named, values)}
+        # R_loc: the OUT environments' KL, reused from the penalty's risks at omega = 1 when computed there.
+        if all(e in env_values for e in self.out_envs if e in outs):
+            loc = [env_values[e] for e in self.out_envs if e in outs]
+            r_loc = torch.stack(loc).mean() if loc else None
+        else:
+            r_loc = self._loc(outs, cases)
         if r_loc is not None:
             total = total + cfg.w_loc * r_loc
             parts["r_loc"] = float(r_loc.detach())
@@ -149,9 +169,7 @@ class ODEditObjective(Objective):
         if r_gen is not None:
             total = total + cfg.w_gen * r_gen
             parts["r_gen"] = float(r_gen.detach())
-        if self.dual.active and k > cfg.warmup_iters:
-            omega = torch.tensor(1.0, device=host.device, requires_grad=True)
-            pen = tv_l1_penalty(self._env_risks(outs, cases), omega, cfg.penalty_reduction)
+        if pen is not None:
             if k > 1:  # Eq. 13's dual step, with the penalty at the phi reached by the previous primal step
                 parts["dual_step"] = self.dual.ascent(self.reduce(float(pen.detach())), params, k - 1)
             lam = self.dual.lam(params)

@@ -122,18 +122,32 @@ EnvRisk = Callable[[torch.Tensor], torch.Tensor]  # omega -> R_e(omega o phi_e)
 
 
 def omega_gradients(env_risks: Sequence[EnvRisk], omega: torch.Tensor) -> list[torch.Tensor]:
-    """dR_e/domega at `omega` for each environment, kept differentiable (create_graph=True).
+    """dR_e/domega at `omega` for each environment, kept differentiable (create_graph=True)."""
+    return risks_and_omega_gradients(env_risks, omega)[1]
 
-    Only the ops between omega and the risk (the scaled logits and the loss) are differentiated twice;
-    gradients then reach the model through an ordinary first-order backward of the penalty, so this stays
-    compatible with DeepSpeed ZeRO's parameter hooks.
+
+def risks_and_omega_gradients(env_risks: Sequence[EnvRisk], omega: torch.Tensor
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(R_e(omega), dR_e/domega) for each environment; both differentiable.
+
+    Each environment gets its own copy of omega (all at the same value), so one backward pass through the
+    sum of the risks yields every environment's derivative. Only the ops between omega and the risks (the
+    scaled logits and the losses) are differentiated twice; gradients then reach the model through an
+    ordinary first-order backward of the penalty, which keeps this compatible with DeepSpeed ZeRO's hooks.
+    The risk values at omega = 1 are the ordinary risks, so callers reuse them (R_loc) instead of
+    computing them again.
     """
-    grads = []
-    for risk in env_risks:
-        r = risk(omega)
-        (g,) = torch.autograd.grad(r, omega, create_graph=True, allow_unused=True)
-        grads.append(g if g is not None else omega * 0.0)
-    return grads
+    omegas = omega.reshape(1).expand(len(env_risks)).clone()
+    values = [risk(omegas[i]) for i, risk in enumerate(env_risks)]
+    (g,) = torch.autograd.grad(sum(values), omegas, create_graph=True, allow_unused=True)
+    grads = [omega * 0.0 for _ in env_risks] if g is None else list(g.unbind(0))
+    return values, grads
+
+
+def penalty_from_gradients(grads: Sequence[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """(reduce_e |dR_e/domega|)^2 with reduce = mean or sum (the TV-l1 penalty of `tv_l1_penalty`)."""
+    g = torch.stack([x.reshape(()) for x in grads]).abs()
+    return (g.mean() if reduction == "mean" else g.sum()).pow(2)
 
 
 def tv_l1_penalty(env_risks: Sequence[EnvRisk], omega: torch.Tensor | None = None,
@@ -153,6 +167,4 @@ def tv_l1_penalty(env_risks: Sequence[EnvRisk], omega: torch.Tensor | None = Non
         omega = torch.tensor(1.0, requires_grad=True)
     if not env_risks:
         return omega * 0.0
-    grads = torch.stack([g.reshape(()) for g in omega_gradients(env_risks, omega)])
-    agg = grads.abs().mean() if reduction == "mean" else grads.abs().sum()
-    return agg.pow(2)
+    return penalty_from_gradients(omega_gradients(env_risks, omega), reduction)

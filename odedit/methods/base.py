@@ -73,6 +73,12 @@ class EditMethod(ABC):
         n = self.adapter.num_layers
         return list(range(max(0, n - self.default_last_layers), n))
 
+    def first_edited_layer(self) -> int | None:
+        """The lowest decoder layer whose computation this method changes (None: something below the decoder
+        layers, which disables frozen-prefix caching). Default: the lowest configured layer."""
+        n = self.adapter.num_layers
+        return min(layer % n for layer in self.layers)
+
     def target_modules(self) -> dict[str, nn.Module]:
         return self.adapter.edit_modules(self.cfg.modules, self.layers)
 

@@ -11,9 +11,9 @@ module (the parent of `adapter.decoder_layers()`), which every adapter family ca
 and qwen2_vl under transformers 5; OPT's FFN sees its input flattened to (B*L, D), hence `rows`).
 
 While an edit step records (`start` ... `stop`), each forward opens one record into which hooks `put` what their
-editor's loss needs. `take(outs)` matches the records of one iteration's forwards to the environments' outputs:
-`run_edit_step` runs exactly one forward per environment, in the order of `outs`; shapes are checked, so a
-mismatch fails loudly instead of pairing the wrong tensors.
+editor's loss needs. `take(outs)` hands each environment its rows of the iteration's recorded forward(s): the
+environments' outputs are consecutive row ranges of one merged forward (`odedit.editstep.forward_envs`), or of
+one forward each; shapes are checked, so a mismatch fails loudly instead of pairing the wrong tensors.
 """
 
 from __future__ import annotations
@@ -121,18 +121,33 @@ class ForwardTap:
             self.records[-1][key] = value
 
     def take(self, outs: Mapping[str, "ForwardOutput"]) -> dict[str, dict[str, Any]]:
-        """The records of the forwards that produced `outs` (the last len(outs) records, in order), by env."""
-        if len(self.records) < len(outs):
-            raise RuntimeError(f"{len(outs)} environment outputs but only {len(self.records)} recorded forwards; "
-                               "was the edit step's recording started (begin_step)?")
-        recs = self.records[len(self.records) - len(outs):]
-        matched = {}
-        for (env, out), rec in zip(outs.items(), recs):
-            shape = tuple(out.batch.targets.shape)
-            if rec["_valid"] is None or tuple(rec["_valid"].shape) != shape:
-                raise RuntimeError(f"recorded forward for {env!r} has shape "
-                                   f"{None if rec['_valid'] is None else tuple(rec['_valid'].shape)}, its output {shape}")
-            matched[env] = rec
+        """The recorded tensors behind `outs`, by env: each env's rows of the forward(s) that produced them.
+
+        `outs` are consecutive row ranges of the last recorded forwards, in order: one merged forward for all
+        environments (`odedit.editstep.forward_envs`), or one forward per environment. Every recorded tensor
+        is sliced along its first (row) dimension.
+        """
+        need = sum(o.batch.size for o in outs.values())
+        start, have = len(self.records), 0
+        while have < need and start > 0:
+            start -= 1
+            have += 0 if self.records[start]["_valid"] is None else self.records[start]["_valid"].shape[0]
+        if have != need:
+            raise RuntimeError(f"the environment outputs have {need} rows but the last recorded forwards "
+                               f"{have}; was the edit step's recording started (begin_step)?")
+        recs, r, off = self.records[start:], 0, 0
+        matched: dict[str, dict[str, Any]] = {}
+        for env, out in outs.items():
+            n, length = out.batch.targets.shape
+            rec = recs[r]
+            valid = rec["_valid"]
+            if off + n > valid.shape[0] or valid.shape[1] != length:
+                raise RuntimeError(f"environment {env!r} ({n} x {length}) does not line up with the recorded forward "
+                                   f"({tuple(valid.shape)}, from row {off})")
+            matched[env] = {k: v[off:off + n] for k, v in rec.items()}
+            off += n
+            if off == valid.shape[0]:
+                r, off = r + 1, 0
         return matched
 
 

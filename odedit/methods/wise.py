@@ -90,6 +90,7 @@ class WISEConfig(MethodConfig):
     retrieve: bool = option(True, help="WISE-Retrieve: merged memories accumulate and are retrieved by score; false merges everything into one")
     max_memories: int = option(8, help="side memories preallocated in the pool (saved shards and merged memories)", check=positive)
     mask_seed: int = option(0, help="seed of the shards' random subspace masks", check=non_negative)
+    act_pool: Literal["mean", "max"] = option("mean", help="how a row's token scores pool into Delta_act: mean (EasyEdit) or max (EasyEdit's choice for long inputs)")
 
     def _cross_checks(self) -> Iterable[Problem]:
         if tuple(self.modules) != ("ffn_out",):
@@ -132,13 +133,15 @@ class SideMemory(nn.Module):
     memory with the highest score above its threshold x act_ratio, or keeps the main output.
     """
 
-    def __init__(self, weight: torch.Tensor, capacity: int, act_ratio: float, tap: ForwardTap, key: str) -> None:
+    def __init__(self, weight: torch.Tensor, capacity: int, act_ratio: float, act_pool: str, tap: ForwardTap,
+                 key: str) -> None:
         super().__init__()
         self.side = nn.Parameter(weight.detach().clone())
         self.register_buffer("pool", torch.zeros((capacity,) + tuple(weight.shape), dtype=weight.dtype, device=weight.device), persistent=False)
         self.register_buffer("pool_thr", torch.full((capacity,), math.inf, device=weight.device), persistent=False)
         self.capacity = capacity
         self.act_ratio = act_ratio
+        self.act_pool = act_pool
         self.tap = tap
         self.key = key
         self.editing = False
@@ -157,8 +160,10 @@ class SideMemory(nn.Module):
             setattr(self, k, v)
 
     def scores(self, y: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
-        """(B,) Delta_act of each row: mean over real tokens of ||y_t - main_t|| = ||A(x_t)(W' - W)||."""
+        """(B,) Delta_act of each row: mean (or max) over real tokens of ||y_t - main_t|| = ||A(x_t)(W' - W)||."""
         d = self.tap.rows((y - main).float()).norm(dim=-1)
+        if self.act_pool == "max":
+            return torch.where(self.tap.valid, d, torch.zeros_like(d)).amax(1)
         return self.tap.row_mean(d)
 
     def route(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
@@ -212,7 +217,7 @@ class WISE(EditMethod):
         ((name, module),) = self.target_modules().items()
         mem = getattr(module, ATTR, None)
         if mem is None:
-            mem = SideMemory(module.weight, self.cfg.max_memories, self.cfg.act_ratio, self._tap, name)
+            mem = SideMemory(module.weight, self.cfg.max_memories, self.cfg.act_ratio, self.cfg.act_pool, self._tap, name)
             module.add_module(ATTR, mem)
             module.register_forward_hook(mem.route)
         elif mem.capacity != self.cfg.max_memories:

@@ -79,6 +79,13 @@ class ForwardOutput:
     hidden: torch.Tensor  # (B, L, H), last layer
     batch: EncodedBatch
 
+    def select(self, rows: slice) -> "ForwardOutput":
+        """The outputs of a contiguous range of batch rows (one environment of a merged forward pass)."""
+        b = self.batch
+        sub = EncodedBatch({k: v[rows] for k, v in b.inputs.items() if v.shape[:1] == b.targets.shape[:1]},
+                           b.targets[rows], b.prompt_mask[rows], b.last_prompt[rows], b.has_image[rows])
+        return ForwardOutput(self.logits[rows], self.hidden[rows], sub)
+
     def answer_logits(self) -> torch.Tensor:
         """(N, V) logits at all answer positions of the batch, row-major."""
         return self.logits[self.batch.answer_mask]
@@ -368,6 +375,27 @@ class ModelAdapter(ABC):
                 module = layer_list[li].get_submodule(path)
                 out[f"{prefix}.{li}.{path}"] = module
         return out
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """What the model does between its last decoder layer and the LM head (the final norm; OPT also has an
+        optional projection). The result is the "last hidden state" every adapter returns."""
+        stack = self._decoder_stack()
+        norm = getattr(stack, "norm", None)
+        if norm is not None:  # LLaMA, Qwen2, Vicuna
+            return norm(h)
+        final = getattr(stack, "final_layer_norm", None)  # OPT
+        if final is not None:
+            h = final(h)
+        project = getattr(stack, "project_out", None)
+        return project(h) if project is not None else h
+
+    def _decoder_stack(self) -> nn.Module:
+        """The module holding `decoder_layers()` as its `layers` attribute."""
+        layers = self.decoder_layers()
+        for module in self.model.modules():
+            if getattr(module, "layers", None) is layers:
+                return module
+        raise ValueError(f"{self.family}: no module holds the decoder layers as `.layers`; override final_hidden")
 
     def output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()

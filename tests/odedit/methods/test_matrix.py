@@ -22,6 +22,11 @@ from odedit.models import ADAPTERS, Sample
 TUNING = {
     "ft": ["method.lr=0.1", "method.n_iter=30"],
     "lora": ["method.lr=0.1", "method.n_iter=40", "method.rank=4"],
+    # MEND: a hypernetwork meta-trained in process at the first edit on synthetic edits (no hypernet_path),
+    # with the edit terms weighted up so ten meta-steps learn to make edits rather than to avoid them.
+    "mend": ["method.bootstrap_steps=10", "method.bootstrap_edits=8", "method.lr=3e-3", "method.lr_lr=3e-3",
+             "method.edit_lr=5e-3", "method.rank=16", "method.cedit=1", "method.iedit=1", "method.cloc=0.1"],
+    "unike": ["method.lr=0.05"],
 }
 
 
