@@ -202,17 +202,34 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Ray Tune search (jobs/tune.py)."""
+    """Ray Tune search (jobs/tune.py). The space's grammar and keys are checked by `pipeline.search`."""
 
-    space: dict[str, Any] = option(factory=dict, help="dotted config key -> {type: uniform|loguniform|choice|randint, ...}")
+    space: dict[str, Any] = option(factory=dict, help="dotted config key -> {type: uniform|loguniform, low, high} | "
+                                   "{type: randint, low, high} (both inclusive) | {type: choice, values: [...]}")
+    name: str = option("search", help="search name: its directory <output_dir>/search/<name> and MLflow parent run; "
+                       "re-running with the same name restores an interrupted search", check=lambda v: None if v and all(
+                           c.isalnum() or c in "-_." for c in v) else "must be non-empty: letters, digits, - _ .")
     num_samples: int = option(8, help="trials", check=positive)
-    metric: str = option("objective", help="reported metric to optimise")
+    metric: str = option("objective", help="metric to optimise: objective (mean of Rel, Gen, Loc), gen, loc or a "
+                         "metric name such as rel or m_loc_hard")
     mode: Literal["max", "min"] = option("max", help="maximise or minimise the metric")
     searcher: Literal["optuna", "random"] = option("optuna", help="optuna (random if not installed) or random")
+    include_default: bool = option(True, help="the first trial evaluates the config's own values of the space keys "
+                                   "(a baseline on the validation slice)")
+    split: Literal["validation", "test"] = option("validation", help="split the trials edit; test needs "
+                                                  "offset >= stream.num_edits so trials never touch the test stream")
+    offset: int = option(0, help="edits of the split skipped before the trials' slice", check=non_negative)
+    num_edits: int = option(0, help="edits per trial (the validation slice); 0 = all of the split after offset",
+                            check=non_negative)
     grace_edits: int = option(16, help="ASHA grace period in edits applied", check=positive)
+    reduction_factor: float = option(2.0, help="ASHA reduction factor: a rung keeps the best 1/reduction_factor",
+                                     check=lambda v: None if v > 1 else "must be > 1")
     max_concurrent: int = option(1, help="trials at once", check=positive)
-    cpus_per_trial: float = option(1.0, help="CPUs per trial", check=positive)
-    gpus_per_trial: float = option(0.0, help="GPUs per trial", check=non_negative)
+    cpus_per_trial: float = option(0.1, help="CPUs of each trial's own process, which drives the stream's Ray Train "
+                                   "workers (they reserve resources.num_workers x cpus_per_worker on top)",
+                                   check=positive)
+    gpus_per_trial: float = option(0.0, help="GPUs of each trial's own process (its workers take theirs through "
+                                   "resources.use_gpu)", check=non_negative)
 
 
 @dataclass(frozen=True)

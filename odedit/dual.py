@@ -50,12 +50,13 @@ class LambdaNet(nn.Module):
         init_bias: output bias at initialisation; lambda starts near softplus(init_bias).
     """
 
-    def __init__(self, in_dim: int, hidden: int = 32, init_bias: float = 0.0) -> None:
+    def __init__(self, in_dim: int, hidden: int = 32, init_bias: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, 1)
+        g = torch.Generator().manual_seed(seed)  # its own seed: identical on every worker and every run
         for layer in (self.fc1, self.fc2):
-            nn.init.xavier_uniform_(layer.weight)
+            nn.init.xavier_uniform_(layer.weight, generator=g)
             nn.init.zeros_(layer.bias)
         with torch.no_grad():
             self.fc2.weight.mul_(0.01)  # start close to softplus(init_bias) whatever the summary's scale
@@ -82,14 +83,14 @@ class DualState:
 
     def __init__(self, mode: str, n_tensors: int, hidden: int = 32, init_bias: float = 0.0, fixed_lambda: float = 1.0,
                  dual_lr: float = 1e-3, step_rule: str = "optimizer", adaptive_p: float = 1.1,
-                 adaptive_scale: float = 1.0, device: torch.device | str = "cpu") -> None:
+                 adaptive_scale: float = 1.0, device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.mode = mode
         self.fixed_lambda = fixed_lambda
         self.dual_lr = dual_lr
         self.step_rule = step_rule
         self.adaptive_p = adaptive_p
         self.adaptive_scale = adaptive_scale
-        self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden, init_bias).to(device) if mode == "learned" else None
+        self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden, init_bias, seed).to(device) if mode == "learned" else None
         # s(phi_e); ZeRO-3 replaces it with a gathered, gradient-free summary (parameters are partitioned).
         self.summary_fn = parameter_summary
 

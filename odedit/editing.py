@@ -36,18 +36,13 @@ class Editor:
         self.method: EditMethod = spec.method_cls(adapter, cfg.method)
         self.method.prepare()
         self.objective: Objective = build_objective(cfg.odedit, self.method, cfg.data.with_hard_in_training,
-                                                    cfg.model.pooling)
+                                                    cfg.model.pooling, cfg.seed)
         self.stepper_factory = stepper_factory or torch_stepper_factory(cfg.method, cfg.odedit)
         self.access: ParamAccess = DIRECT  # replaced by the distributed engine under DeepSpeed ZeRO
 
     def edit(self, cases: Sequence[EditCase]) -> tuple[EditHandle, StepReport]:
         """Apply one step: all `cases` edited jointly. Returns the undo handle and the step report."""
-        from odedit.editstep import run_edit_step
-
-        if type(self.method).apply is EditMethod.apply:
-            return run_edit_step(self.method, self.objective, cases, self.stepper_factory, self.cfg.odedit.lambda_max,
-                                 self.access)
-        return self.method.apply(cases, self.objective, self.stepper_factory)
+        return self.method.apply(cases, self.objective, self.stepper_factory, self.access, self.cfg.odedit.lambda_max)
 
     def single(self, cases: Sequence[EditCase], evaluate: Callable[[Sequence[EditCase]], list[dict]]
                ) -> list[dict[str, Any]]:

@@ -79,7 +79,8 @@ class ODEditObjective(Objective):
         with_hard: also use OUT-hard in R_loc and the penalty ([EXTENSION], default off).
     """
 
-    def __init__(self, cfg: ODEditConfig, method: "EditMethod", with_hard: bool = False, pooling: str = "last") -> None:
+    def __init__(self, cfg: ODEditConfig, method: "EditMethod", with_hard: bool = False, pooling: str = "last",
+                 seed: int = 0) -> None:
         self.cfg = cfg
         self.pooling = pooling
         outs = tuple(e for e in OUT_ENVS if e != "out_hard" or with_hard)
@@ -90,7 +91,7 @@ class ODEditObjective(Objective):
         n_tensors = len(method.editable())
         device = method.adapter.device
         self.dual = DualState(cfg.penalty, n_tensors, cfg.lambda_hidden, cfg.lambda_init_bias, cfg.fixed_lambda,
-                              cfg.dual_lr, cfg.step_rule, cfg.adaptive_p, cfg.adaptive_scale, device)
+                              cfg.dual_lr, cfg.step_rule, cfg.adaptive_p, cfg.adaptive_scale, device, seed)
         self.owners: dict[str, list[tuple[int, int]]] = {}
         # Distributed runs average the penalty over workers before the dual step, so every worker's
         # lambda-network takes the same step (set by pipeline.distributed).
@@ -190,8 +191,8 @@ class ODEditObjective(Objective):
 
 
 def build_objective(odedit_cfg: ODEditConfig, method: "EditMethod", with_hard: bool = False,
-                    pooling: str = "last") -> Objective:
+                    pooling: str = "last", seed: int = 0) -> Objective:
     """ODEdit when `odedit.enabled`, else the host editor alone: the same loop runs either."""
     if odedit_cfg.enabled:
-        return ODEditObjective(odedit_cfg, method, with_hard, pooling)
+        return ODEditObjective(odedit_cfg, method, with_hard, pooling, seed)
     return HostObjective(method)

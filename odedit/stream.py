@@ -244,6 +244,7 @@ class StreamRunner:
         random.Random(self.cfg.seed).shuffle(order)  # the fixed retention sample: a seeded permutation
         next_eval = (state.edits_applied // cfg.eval_every + 1) * cfg.eval_every if cfg.eval_every else None
         step_iter = _chunks(source.iter_from(state.next_step * cfg.batch_size), cfg.batch_size)
+        t_prev = time.perf_counter()
         for s, step_cases in zip(range(state.next_step, n_steps), step_iter):
             handle, report = self.editor.edit(self._mine(step_cases))
             if self.comm.any(report.failed is not None) and report.failed is None:
@@ -251,8 +252,10 @@ class StreamRunner:
                 report.failed = "rolled back because another worker's step diverged"
             rows = self._evaluate(step_cases, cfg.generation_eval)
             fields = step_report_fields(report)
+            now = time.perf_counter()  # step wall time: reading its cases, editing and scoring them
             for r in rows:
-                r.update(fields, step=s)
+                r.update(fields, step=s, step_wall=now - t_prev)
+            t_prev = now
             self._record(state, step_cases, rows, s)
             state.next_step = s + 1
             self._metrics({**{f"immediate/{k}": v for k, v in _means(rows).items()},

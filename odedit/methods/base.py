@@ -120,11 +120,16 @@ class EditMethod(ABC):
     def end_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
         """Called after the last iteration of a step (e.g. merge, write a codebook entry)."""
 
-    def apply(self, cases: Sequence[EditCase], objective: Any, stepper_factory: Any) -> tuple[EditHandle, Any]:
-        """Edit the model for a step of `cases` under `objective`; returns (handle, StepReport)."""
-        from odedit.editstep import run_edit_step
+    def apply(self, cases: Sequence[EditCase], objective: Any, stepper_factory: Any, access: Any = None,
+              lambda_max: float = float("inf")) -> tuple[EditHandle, Any]:
+        """Edit the model for a step of `cases` under `objective`; returns (handle, StepReport).
 
-        return run_edit_step(self, objective, cases, stepper_factory)
+        `access` (an `odedit.editstep.ParamAccess`) must wrap every direct read or write of phi_e outside
+        forward/backward (DeepSpeed ZeRO keeps its own copy of the parameters).
+        """
+        from odedit.editstep import DIRECT, run_edit_step
+
+        return run_edit_step(self, objective, cases, stepper_factory, lambda_max, access or DIRECT)
 
     # ------------------------------------------------------------------------------------------ persistence
 

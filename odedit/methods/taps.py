@@ -10,6 +10,10 @@ module (the parent of `adapter.decoder_layers()`), which every adapter family ca
 `attention_mask` (B, L) aligned with `EncodedBatch.targets` (checked for llava, blip2_opt, instructblip, minigpt4
 and qwen2_vl under transformers 5; OPT's FFN sees its input flattened to (B*L, D), hence `rows`).
 
+A forward may also skip the base module: `odedit.models.prefix.PrefixRunner` replays only the decoder layers
+above the first edited one, on the batch of its preceding full forward. A pre-hook on every decoder layer
+notices the layer sequence restarting and treats it as a new forward of that same batch (same mask).
+
 While an edit step records (`start` ... `stop`), each forward opens one record into which hooks `put` what their
 editor's loss needs. `take(outs)` hands each environment its rows of the iteration's recorded forward(s): the
 environments' outputs are consecutive row ranges of one merged forward (`odedit.editstep.forward_envs`), or of
@@ -58,7 +62,8 @@ class ForwardTap:
         self.valid: torch.Tensor | None = None
         self.recording = False
         self.records: list[dict[str, Any]] = []
-        self._handle: Any = None
+        self._pos = -1  # index of the last decoder layer entered in the current forward
+        self._handles: list[Any] = []
 
     @classmethod
     def of(cls, adapter: "ModelAdapter") -> "ForwardTap":
@@ -67,9 +72,15 @@ class ForwardTap:
         tap = getattr(base, ATTR, None)
         if tap is None:
             tap = cls()
-            tap._handle = base.register_forward_pre_hook(tap._on_forward, with_kwargs=True)
+            tap._handles.append(base.register_forward_pre_hook(tap._on_forward, with_kwargs=True))
+            for i, layer in enumerate(adapter.decoder_layers()):
+                tap._handles.append(layer.register_forward_pre_hook(tap._on_layer(i), with_kwargs=True))
             setattr(base, ATTR, tap)
         return tap
+
+    def _open(self) -> None:
+        if self.recording:
+            self.records.append({"_valid": self.valid})
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
@@ -82,8 +93,20 @@ class ForwardTap:
             self.valid = mask.to(ref.device).bool()
         else:  # no padding mask (or a pre-expanded one): every position is a token
             self.valid = torch.ones(tuple(ref.shape[:2]), dtype=torch.bool, device=ref.device)
-        if self.recording:
-            self.records.append({"_valid": self.valid})
+        self._pos = -1
+        self._open()
+
+    def _on_layer(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if index <= self._pos:  # the layers restart without the base module: a prefix replay
+                h = args[0] if args else kwargs.get("hidden_states")
+                if self.valid is None or (torch.is_tensor(h) and tuple(h.shape[:2]) != tuple(self.valid.shape)):
+                    raise RuntimeError("a decoder-layer replay does not match the last full forward's batch; "
+                                       "editor hooks cannot tell its padding")
+                self._open()
+            self._pos = index
+
+        return hook
 
     # ------------------------------------------------------------------------------------------ shapes
 

@@ -13,8 +13,10 @@ MLP blocks z <- z + U relu(s_m * (V z + b) + o_m) with a scale s_m and shift o_m
 U starts at zero, so g starts as the identity (MEND §3.2: identity initialisation). Matrices of the same
 shape share one network (EasyEdit `shared: True`).
 
-At edit time (`apply`) one forward/backward pass of R_rel on the step's IN samples yields the factors, g
-transforms them and the update is written into the weights; `restore()` puts the weights back bit for bit.
+At edit time (`apply`) one forward pass (all environments of the step merged, as `odedit.editstep` encodes
+them) and the backward pass of R_rel on the IN rows yield the factors, g transforms them and the update is
+written into the weights; a replay of the edited top layers then scores the objective after the edit.
+`restore()` puts the weights back bit for bit.
 phi_e (`editable`) is the set of edited weights; the hypernetwork is editor state, trained by
 `odedit.methods.mend.train` (in process, or as the Ray Train job `jobs.train_editor`) and saved with
 safetensors (`save_hypernet` / `load_hypernet`, which rejects a network trained for other modules or shapes).

@@ -122,25 +122,31 @@ class MEND(EditMethod):
 
     # ------------------------------------------------------------------------------------------ the edit
 
-    def _factors(self, cases: Sequence[EditCase], objective: Any, k: int, params: Sequence[torch.Tensor]
-                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-        """One forward pass of the objective's environments with factor capture; the objective's parts at
-        phi_e, and the (u, delta) of R_rel on IN."""
+    def _encode(self, cases: Sequence[EditCase], envs: Sequence[str]) -> Any:
+        """All environments of the step encoded once (frozen-prefix replay from the first edited layer)."""
+        from odedit.editstep import encode_envs
+
+        first = self.first_edited_layer() if self.cfg.cache_prefix else None
+        encoded = encode_envs(self.adapter, cases, envs, first)
+        if encoded is None or "in" not in encoded.spans:
+            raise MENDError("a MEND edit needs IN samples")
+        return encoded
+
+    def _factors(self, encoded: Any, cases: Sequence[EditCase]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], Any]:
+        """One forward pass of all environments with factor capture, then the backward pass of R_rel on IN:
+        (u, delta) per edited module (rows of other environments get no gradient and are dropped) and the
+        forward outputs."""
         from odedit.editstep import forward_envs
 
-        capture = FactorCapture(self.target_modules())
+        modules = self.target_modules()
+        capture = FactorCapture(modules)
         try:
-            outs, owners = forward_envs(self.adapter, cases, objective.envs)
+            outs = forward_envs(self.adapter, encoded)
         finally:
             capture.remove()
-        if "in" not in outs:
-            raise MENDError("a MEND edit needs IN samples")
-        if hasattr(objective, "owners"):
-            objective.owners = owners
-        _, parts = objective.loss(self, outs, cases, k, params)
         rel = super().host_loss(outs, cases)
-        torch.autograd.grad(rel, list(params))  # the backward pass through every edited module fills delta
-        return capture.factors(), parts
+        torch.autograd.grad(rel, [m.weight for m in modules.values()])  # fills delta at every edited module
+        return capture.factors(), outs
 
     def _write_update(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         modules = self.target_modules()
@@ -150,35 +156,44 @@ class MEND(EditMethod):
                 w = modules[name].weight
                 w.sub_((self.hypernet.step_size(name) * (d_t.T @ u_t)).to(w.dtype))
 
-    def apply(self, cases: Sequence[EditCase], objective: Any, stepper_factory: Any) -> tuple[EditHandle, Any]:
+    def apply(self, cases: Sequence[EditCase], objective: Any, stepper_factory: Any, access: Any = None,
+              lambda_max: float = float("inf")) -> tuple[EditHandle, Any]:
         """One MEND edit of `cases` (jointly): factors of R_rel on IN, hypernetwork, weight update."""
-        from odedit.editstep import StepReport, forward_envs
+        from odedit.editstep import DIRECT, StepReport, forward_envs
 
+        access = access or DIRECT
         t0 = time.perf_counter()
         self.prepare()
         self._ensure_trained(objective)
-        handle = self.snapshot()
-        report = StepReport()
         params = list(self.editable().values())
+        with access.modify(params):
+            handle = self.snapshot()
+        report = StepReport()
         model = self.adapter.model
         was_training = model.training
         model.eval()
         try:
-            factors, parts = self._factors(cases, objective, 1, params)
+            encoded = self._encode(cases, objective.envs)
+            if hasattr(objective, "owners"):
+                objective.owners = encoded.owners
+            factors, outs = self._factors(encoded, cases)
+            _, parts = objective.loss(self, outs, cases, 1, params)  # G at phi_e before the edit
             report.parts.append(parts)
-            self._write_update(factors)
+            with access.modify(params):
+                self._write_update(factors)
+                finite = all(bool(torch.isfinite(p).all()) for p in params)
             report.iterations = 1
-            if not all(torch.isfinite(p).all() for p in params):
-                handle.restore()
+            if not finite:
+                with access.modify(params):
+                    handle.restore()
                 report.failed = "non-finite weights after the MEND update; step rolled back"
                 return handle, report
-            outs, owners = forward_envs(self.adapter, cases, objective.envs)
-            if hasattr(objective, "owners"):
-                objective.owners = owners
+            outs = forward_envs(self.adapter, encoded)
             loss, parts = objective.loss(self, outs, cases, 2, params)  # G at the new phi_e (+ Eq. 13 dual step)
             report.parts.append(parts)
             if not bool(torch.isfinite(loss.detach()).all()):
-                handle.restore()
+                with access.modify(params):
+                    handle.restore()
                 report.failed = f"post-edit loss is {float(loss.detach())}; step rolled back"
         finally:
             model.train(was_training)
@@ -209,30 +224,21 @@ class MEND(EditMethod):
 
         self.prepare()
         envs = tuple(dict.fromkeys(TRAIN_ENVS + tuple(objective.envs)))
-        with torch.no_grad():
-            pre, _ = forward_envs(self.adapter, cases, [e for e in LOC_ENVS if e in envs])
-            pre_logp = {e: torch.log_softmax(o.answer_logits().float(), -1) for e, o in pre.items()}
-        capture = FactorCapture(self.target_modules())
-        try:
-            outs_in, _ = forward_envs(self.adapter, cases, ["in"])
-        finally:
-            capture.remove()
-        if "in" not in outs_in:
-            raise MENDError("meta-training edits need IN samples")
-        rel = super().host_loss(outs_in, cases)
-        torch.autograd.grad(rel, [m.weight for m in self.target_modules().values()])
-        factors = capture.factors()
+        encoded = self._encode(cases, envs)
+        factors, outs = self._factors(encoded, cases)  # the same pass gives the pre-edit OUT distributions
+        pre_logp = {e: torch.log_softmax(o.answer_logits().detach().float(), -1)
+                    for e, o in outs.items() if e in LOC_ENVS}
         transformed = self.hypernet.transform(factors, update_stats=True, reduce_sum=reduce_sum)
         modules = self.target_modules()
         deltas = {n: (self.hypernet.step_size(n), u_t, d_t) for n, (u_t, d_t) in transformed.items()}
         edited = [modules[n].weight - (deltas[n][0] * (deltas[n][2].T @ deltas[n][1])).to(modules[n].weight.dtype)
                   for n in modules]
+        if hasattr(objective, "owners"):
+            objective.owners = encoded.owners
         self._meta_pre = pre_logp
         try:
             with low_rank_edit(modules, deltas):
-                outs, owners = forward_envs(self.adapter, cases, envs)
-            if hasattr(objective, "owners"):
-                objective.owners = owners
+                outs = forward_envs(self.adapter, encoded)
             loss, parts = objective.loss(self, outs, cases, k, edited)
         finally:
             self._meta_pre = None

@@ -122,10 +122,10 @@ class MetaTrainer:
 
     @torch.no_grad()
     def _edit_loss(self, cases: Sequence[EditCase]) -> float:
-        from odedit.editstep import forward_envs
+        from odedit.editstep import encode_envs, forward_envs
         from odedit.risks import reliability_risk
 
-        outs, _ = forward_envs(self.method.adapter, cases, ("in", "se_text", "se_image"))
+        outs = forward_envs(self.method.adapter, encode_envs(self.method.adapter, cases, ("in", "se_text", "se_image")))
         vals = [reliability_risk(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size) for o in outs.values()]
         return float(torch.stack(vals).mean())
 

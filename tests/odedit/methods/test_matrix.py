@@ -27,6 +27,16 @@ TUNING = {
     "mend": ["method.bootstrap_steps=10", "method.bootstrap_edits=8", "method.lr=3e-3", "method.lr_lr=3e-3",
              "method.edit_lr=5e-3", "method.rank=16", "method.cedit=1", "method.iedit=1", "method.cloc=0.1"],
     "unike": ["method.lr=0.05"],
+    # T-Patcher: the tiny models' last-token FFN inputs are near-collinear across prompts, so the memory loss is
+    # weakened and the edit's activation margin raised, or the patch switches itself off on the edit too.
+    "tpatcher": ["method.lr=0.1", "method.n_iter=12", "method.memory_weight=0.1", "method.act_margin=2.0"],
+    # WISE: activations are ~1e-2 here, so the routing margins are scaled down and the whole side memory trained.
+    "wise": ["method.optimizer=adam", "method.lr=0.1", "method.n_iter=30", "method.act_margin=[0.0,0.1,0.05]",
+             "method.mask_ratio=1.0"],
+    # GRACE: at layer 0's attention output a radius of 0.06 covers the rephrases but no OUT prompt in every
+    # family; small SGD steps survive R_gen's first-iteration pull (Adam's state would freeze on it).
+    "grace": ["method.modules=[attn_out]", "method.layers=[0]", "method.eps=0.06", "method.optimizer=sgd",
+              "method.lr=0.05", "method.n_iter=50"],
 }
 
 

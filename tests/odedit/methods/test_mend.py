@@ -62,7 +62,7 @@ def test_low_rank_block_learns_from_zero_init():
 
 
 def test_factors_reproduce_the_weight_gradient(tiny_adapter):
-    from odedit.editstep import forward_envs
+    from odedit.editstep import encode_envs, forward_envs
     from odedit.risks import reliability_risk
 
     adapter = tiny_adapter("llava")
@@ -70,14 +70,14 @@ def test_factors_reproduce_the_weight_gradient(tiny_adapter):
     modules = method.target_modules()
     capture = FactorCapture(modules)
     try:
-        outs, _ = forward_envs(adapter, [_case(0), _case(1, "green")], ["in", "out_text"])
+        outs = forward_envs(adapter, encode_envs(adapter, [_case(0), _case(1, "green")], ["in", "out_text"]))
     finally:
         capture.remove()
     o = outs["in"]
     loss = reliability_risk(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size)
     weights = [m.weight for m in modules.values()]
     grads = torch.autograd.grad(loss, weights)
-    factors = capture.factors()  # the OUT forward got no gradient and is left out
+    factors = capture.factors()  # the OUT rows of the merged batch got no gradient and are left out
     for (name, (u, d)), g in zip(factors.items(), grads):
         assert torch.allclose(d.T @ u, g, atol=1e-6), name
 

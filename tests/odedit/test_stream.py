@@ -1,0 +1,153 @@
+"""Edit streams in process: modes, retention curve, ledger, resume, determinism, divergence rollback."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import make_image
+from odedit.config import load_config
+from odedit.editing import Editor
+from odedit.envs import EditCase, attach_references
+from odedit.models import Sample
+from odedit.stream import APPLIED, FAILED, StreamHooks, StreamRunner, StreamState
+
+QUESTIONS = [("what color is the shape ?", "what is the color of the shape ?"),
+             ("does the image contain a triangle ?", "is there a triangle in the image ?"),
+             ("is there a circle ?", "does the image contain a circle ?")]
+ANSWERS = ["blue", "green", "red", "yellow", "gray", "black"]
+
+
+def _cases(n: int) -> list[EditCase]:
+    out = []
+    for i in range(n):
+        q, r = QUESTIONS[i % 3]
+        img = make_image((200, 30 + 20 * i, 30), seed=i)
+        out.append(EditCase(f"e{i}", {
+            "in": [Sample(q, ANSWERS[i % 6], img)],
+            "se_text": [Sample(r, ANSWERS[i % 6], img)],
+            "se_image": [Sample(q, ANSWERS[i % 6], make_image((200, 30 + 20 * i, 30), seed=100 + i))],
+            "out_text": [Sample("which city is the capital of france ?", "paris")],
+            "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=200 + i))],
+        }))
+    return out
+
+
+def _cfg(*overrides):
+    return load_config(None, ["method.lr=0.05", "method.n_iter=4", "stream.generation_eval=false", *overrides])
+
+
+@pytest.fixture
+def setup(tiny_adapter):
+    adapter = tiny_adapter("llava")
+    cases = _cases(6)
+    attach_references(adapter, cases, k=16)
+    return adapter, cases
+
+
+def test_sequential_stream_curve_ledger_and_summary(setup):
+    adapter, cases = setup
+    cfg = _cfg("stream.batch_size=2", "stream.eval_every=2", "stream.retention_sample=3")
+    metrics = []
+    result = StreamRunner(Editor(adapter, cfg), cfg, hooks=StreamHooks(on_metrics=lambda m, s: metrics.append((s, m)))
+                          ).run(cases)
+    assert [e["edit_id"] for e in result.ledger] == [c.edit_id for c in cases]
+    assert [e["step"] for e in result.ledger] == [0, 0, 1, 1, 2, 2]
+    assert all(e["status"] == APPLIED for e in result.ledger)
+    assert [p["edits"] for p in result.curve] == [2, 4, 6]
+    assert [p["n"] for p in result.curve] == [2, 3, 6]  # the sample never exceeds retention_sample, final is all
+    assert result.summary["edits_applied"] == 6 and result.summary["mode"] == "sequential"
+    for row in result.rows:
+        assert {"rel", "final_rel", "pre_rel", "t_loc", "final_t_loc", "step_wall"} <= set(row)
+        assert row["pre_t_loc"] == 1.0
+    steps = [s for s, m in metrics if any(k.startswith("immediate/") for k in m)]
+    assert steps == [2, 4, 6], "immediate metrics are logged with step = edits applied"
+    assert any(k.startswith("retention/") for _, m in metrics for k in m)
+
+
+def test_single_mode_leaves_the_model_unchanged(setup):
+    adapter, cases = setup
+    cfg = _cfg("stream.mode=single", "method.name=lora")
+    editor = Editor(adapter, cfg)
+    installed = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    result = StreamRunner(editor, cfg).run(cases[:3])
+    after = adapter.model.state_dict()
+    assert all(torch.equal(installed[k], after[k]) for k in installed)
+    assert [r["final_rel"] == r["rel"] for r in result.rows] == [True] * 3
+
+
+def test_same_seed_same_results(setup, tiny_adapter):
+    adapter, cases = setup
+    cfg = _cfg("stream.batch_size=3", "stream.eval_every=3")
+    a = StreamRunner(Editor(adapter, cfg), cfg).run(cases)
+    other = tiny_adapter("llava")
+    cases_b = copy.deepcopy(cases)
+    b = StreamRunner(Editor(other, cfg), cfg).run(cases_b)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("step_wall", "edit_seconds")} for r in rows]
+    assert _same(strip(a.rows), strip(b.rows))
+    assert _same(a.curve, b.curve)
+
+
+def test_resume_from_mid_stream_state_matches_uninterrupted(setup, tiny_adapter):
+    adapter, cases = setup
+    cfg = _cfg("stream.batch_size=2", "stream.checkpoint_every=1", "stream.eval_every=0")
+    saved = {}
+
+    def on_checkpoint(state: StreamState):
+        if state.next_step == 1:
+            saved["state"] = StreamState.from_dict(copy.deepcopy(state.to_dict()))
+            saved["editor"] = copy.deepcopy(editor.state_dict())
+
+    editor = Editor(adapter, cfg)
+    full = StreamRunner(editor, cfg, hooks=StreamHooks(on_checkpoint=on_checkpoint)).run(cases)
+
+    fresh = tiny_adapter("llava")
+    resumed_editor = Editor(fresh, cfg)
+    resumed_editor.load_state_dict(saved["editor"])
+    resumed = StreamRunner(resumed_editor, cfg).run(cases, saved["state"])
+    assert [e["edit_id"] for e in resumed.ledger] == [c.edit_id for c in cases], "each edit exactly once"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("step_wall", "edit_seconds")} for r in rows]
+    assert _same(strip(full.rows), strip(resumed.rows))
+
+
+def _nan_after_first_iteration(method):
+    """Make the host loss NaN from the second iteration on (a diverging edit)."""
+    original = method.host_loss
+    calls = {"n": 0}
+
+    def host_loss(outs, cases):
+        calls["n"] += 1
+        loss = original(outs, cases)
+        return loss * float("nan") if calls["n"] % method.cfg.n_iter == 2 else loss
+
+    method.host_loss = host_loss
+
+
+@pytest.mark.parametrize("kind", ["nan", "lambda"])
+def test_diverging_step_is_rolled_back_and_the_stream_goes_on(setup, kind):
+    adapter, cases = setup
+    cfg = _cfg("stream.batch_size=2", *(["odedit.lambda_max=0.5"] if kind == "lambda" else []))
+    editor = Editor(adapter, cfg)
+    if kind == "nan":
+        _nan_after_first_iteration(editor.method)
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    result = StreamRunner(editor, cfg).run(cases[:4])
+    reason = {"nan": "loss is nan", "lambda": "lambda ran away"}[kind]
+    assert [e["status"] for e in result.ledger] == [FAILED] * 4
+    assert all("rolled back" in e["reason"] and reason in e["reason"] for e in result.ledger)
+    after = adapter.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "failed steps leave no trace"
+    assert result.summary["edits_failed"] == 4 and result.summary["edits_applied"] == 0
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == b
