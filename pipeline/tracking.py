@@ -71,60 +71,92 @@ def _flat_params(params: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-class MLflowTracker:
-    """Logs into one MLflow run by id, with a local outbox that survives a server outage."""
+# Bound how long one tracking call may block when the server is down (MLflow's defaults retry for minutes);
+# users can still set these variables themselves.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
-    def __init__(self, uri: str, run_id: str, outbox_dir: str) -> None:
+
+def _bound_http_retries() -> None:
+    for key, value in HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+OFFLINE_PREFIX = "offline-"
+RETRY_AFTER_S = 60.0  # after a failure, the server is not asked again for this long (records go to the outbox)
+
+
+class MLflowTracker:
+    """Logs into one MLflow run by id, with a local outbox that survives a server outage.
+
+    Every record is appended to the outbox first. When the server fails, the tracker warns once, stops asking
+    it for `RETRY_AFTER_S` seconds (so a stream never stalls on connection retries) and tries again later.
+    A run id starting with `offline-` means the server was down when the run was created: everything stays in
+    the outbox, and `jobs.sync_mlflow` creates the run when it replays.
+    """
+
+    def __init__(self, uri: str, run_id: str, outbox_dir: str, experiment: str = "", run_name: str = "",
+                 tags: Mapping[str, str] | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        _bound_http_retries()
         self.uri = uri
         self.run_id = run_id
         self.client = MlflowClient(uri)
         os.makedirs(outbox_dir, exist_ok=True)
         self.outbox = os.path.join(outbox_dir, OUTBOX)
         self._warned = False
+        self._down_until = float("inf") if run_id.startswith(OFFLINE_PREFIX) else 0.0
+        if run_id.startswith(OFFLINE_PREFIX):
+            self._record("create", {"experiment": experiment, "run_name": run_name, "tags": dict(tags or {})})
 
-    def _record(self, kind: str, payload: dict) -> None:
+    def _record(self, kind: str, payload: dict, sent: bool = False) -> None:
         with open(self.outbox, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"kind": kind, "run_id": self.run_id, "uri": self.uri, "time": time.time(),
-                                 **payload}, default=str) + "\n")
+                                 "sent": sent, **payload}, default=str) + "\n")
 
-    def _call(self, fn, *args: Any, **kwargs: Any) -> None:
+    def _call(self, fn, *args: Any, **kwargs: Any) -> bool:
+        """Call the server unless it is known to be down; True when the call went through."""
+        if time.monotonic() < self._down_until:
+            return False
         try:
             fn(*args, **kwargs)
+            return True
         except Exception as exc:  # a tracking outage must never kill an edit stream
+            self._down_until = time.monotonic() + RETRY_AFTER_S
             if not self._warned:
                 warnings.warn(f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {exc}); results stay "
                               f"on disk in {self.outbox}; replay them later with `python -m jobs.sync_mlflow "
                               f"{self.outbox}`", RuntimeWarning, stacklevel=3)
                 self._warned = True
+            return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        flat = _flat_params(params)
-        self._record("params", {"params": flat})
         from mlflow.entities import Param
 
+        flat = _flat_params(params)
         items = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), 100):
-            self._call(self.client.log_batch, self.run_id, params=items[i:i + 100])
+        sent = all([self._call(self.client.log_batch, self.run_id, params=items[i:i + 100])
+                    for i in range(0, len(items), 100)])
+        self._record("params", {"params": flat}, sent)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items()}
-        self._record("metrics", {"metrics": clean, "step": step})
         from mlflow.entities import Metric
 
+        clean = {k: float(v) for k, v in metrics.items()}
         ts = int(time.time() * 1000)
-        items = [Metric(k.replace("@", "_"), v, ts, step) for k, v in clean.items()]
-        for i in range(0, len(items), 500):
-            self._call(self.client.log_batch, self.run_id, metrics=items[i:i + 500])
+        items = [Metric(k, v, ts, step) for k, v in clean.items()]
+        sent = all([self._call(self.client.log_batch, self.run_id, metrics=items[i:i + 500])
+                    for i in range(0, len(items), 500)])
+        self._record("metrics", {"metrics": clean, "step": step, "ts": ts}, sent)
 
     def log_artifact(self, path: str, subdir: str | None = None) -> None:
-        self._record("artifact", {"path": os.path.abspath(path), "subdir": subdir})
-        self._call(self.client.log_artifact, self.run_id, path, subdir)
+        sent = self._call(self.client.log_artifact, self.run_id, path, subdir)
+        self._record("artifact", {"path": os.path.abspath(path), "subdir": subdir}, sent)
 
     def set_terminated(self, status: str = "FINISHED") -> None:
-        self._record("terminate", {"status": status})
-        self._call(self.client.set_terminated, self.run_id, status)
+        sent = self._call(self.client.set_terminated, self.run_id, status)
+        self._record("terminate", {"status": status}, sent)
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -143,13 +175,22 @@ def open_tracker(cfg: Any, run_name: str, parent_run_id: str | None = None, tags
         return NullTracker()
     from mlflow.tracking import MlflowClient
 
+    _bound_http_retries()
     uri = tracking_uri(cfg)
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = MlflowClient(uri).create_run(exp_id, run_name=run_name, tags=all_tags)
-    return MLflowTracker(uri, run.info.run_id, outbox_dir or cfg.output_dir)
+    try:
+        exp_id = ensure_experiment(uri, cfg.tracking.experiment)
+        run_id = MlflowClient(uri).create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+    except Exception as exc:  # the server is down: run offline into the outbox, sync later
+        import uuid
+
+        run_id = f"{OFFLINE_PREFIX}{uuid.uuid4().hex}"
+        warnings.warn(f"MLflow at {uri} is unreachable ({type(exc).__name__}: {exc}); run {run_name!r} is "
+                      f"recorded offline in {os.path.join(outbox_dir or cfg.output_dir, OUTBOX)}; replay it "
+                      "with `python -m jobs.sync_mlflow <that file>`", RuntimeWarning, stacklevel=2)
+    return MLflowTracker(uri, run_id, outbox_dir or cfg.output_dir, cfg.tracking.experiment, run_name, all_tags)
 
 
 def attach_tracker(cfg: Any, run_id: str, outbox_dir: str):
@@ -160,29 +201,58 @@ def attach_tracker(cfg: Any, run_id: str, outbox_dir: str):
 
 
 def replay_outbox(path: str, uri: str | None = None) -> dict[str, int]:
-    """Send every record of an outbox file to MLflow (to `uri`, or the URI recorded with each entry)."""
-    from mlflow.entities import Metric, Param
+    """Send every record of an outbox file to MLflow (to `uri`, or the URI recorded with each entry).
+
+    Offline runs (created while the server was down) are created first. Progress (new run ids, lines
+    replayed) is kept in `<outbox>.synced.json`, so a second replay sends only what was appended since.
+    """
     from mlflow.tracking import MlflowClient
 
-    counts = {"params": 0, "metrics": 0, "artifact": 0, "terminate": 0}
+    counts = {"params": 0, "metrics": 0, "artifact": 0, "terminate": 0, "create": 0}
     clients: dict[str, Any] = {}
+    mapping_path = f"{path}.synced.json"
+    done = {"runs": {}, "lines": 0}
+    if os.path.isfile(mapping_path):
+        with open(mapping_path, encoding="utf-8") as fh:
+            done = json.load(fh)
+    mapping: dict[str, str] = done["runs"]
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            target = uri or rec["uri"]
-            client = clients.setdefault(target, MlflowClient(target))
-            kind, run_id = rec["kind"], rec["run_id"]
-            if kind == "params":
-                existing = client.get_run(run_id).data.params
-                new = [Param(k, v) for k, v in rec["params"].items() if k not in existing]
-                if new:
-                    client.log_batch(run_id, params=new)
-            elif kind == "metrics":
-                ts = int(rec["time"] * 1000)
-                client.log_batch(run_id, metrics=[Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()])
-            elif kind == "artifact" and os.path.exists(rec["path"]):
-                client.log_artifact(run_id, rec["path"], rec["subdir"])
-            elif kind == "terminate":
-                client.set_terminated(run_id, rec["status"])
+        lines = fh.readlines()
+    for number, line in enumerate(lines):
+        if number < done["lines"]:
+            continue
+        rec = json.loads(line)
+        target = uri or rec["uri"]
+        client = clients.setdefault(target, MlflowClient(target))
+        kind = rec["kind"]
+        if kind == "create":
+            if rec["run_id"] not in mapping:
+                exp_id = ensure_experiment(target, rec["experiment"] or "odedit")
+                mapping[rec["run_id"]] = client.create_run(exp_id, run_name=rec["run_name"],
+                                                           tags=rec["tags"]).info.run_id
+            counts["create"] += 1
+        elif not rec.get("sent"):  # records that went through when they were logged are not sent again
+            _replay_record(client, mapping.get(rec["run_id"], rec["run_id"]), rec)
             counts[kind] = counts.get(kind, 0) + 1
+        done["lines"] = number + 1
+        with open(mapping_path, "w", encoding="utf-8") as fh:
+            json.dump(done, fh)
     return counts
+
+
+def _replay_record(client: Any, run_id: str, rec: dict) -> None:
+    from mlflow.entities import Metric, Param
+
+    kind = rec["kind"]
+    if kind == "params":
+        existing = client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in rec["params"].items() if k not in existing]
+        if new:
+            client.log_batch(run_id, params=new)
+    elif kind == "metrics":
+        ts = rec.get("ts", int(rec["time"] * 1000))
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()])
+    elif kind == "artifact" and os.path.exists(rec["path"]):
+        client.log_artifact(run_id, rec["path"], rec["subdir"])
+    elif kind == "terminate":
+        client.set_terminated(run_id, rec["status"])
