@@ -62,10 +62,11 @@ def make_image(color=(255, 0, 0), size=64, seed=0):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray (2 CPUs, no dashboard) for the whole session; shut down at the end."""
+    """One local Ray (2 CPUs, no dashboard) for the whole session, never a cluster another process started
+    (`address="local"`); shut down at the end."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

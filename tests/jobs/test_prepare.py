@@ -1,0 +1,85 @@
+"""jobs.prepare end to end on an MMEdit-format split with a tiny LLaVA: shards, quarantine, references,
+prepare.json; a re-run reuses; another output directory gets byte-identical shards."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from jobs.prepare import cli, main
+from odedit.config import load_config
+from odedit.registry import RegistryError
+from pipeline.synthetic import write_evqa_split
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepare")
+    paths = write_evqa_split(str(root / "world"), n=8, min_side=24, max_side=80, seed=3)
+    with open(paths["path"]) as fh:
+        records = json.load(fh)
+    records[2]["alt"] = ""                                  # quarantined: empty target
+    records[5]["image"] = "val2014/missing.png"             # quarantined: missing image
+    with open(paths["path"], "w") as fh:
+        json.dump(records, fh)
+    return root, paths
+
+
+def overrides(paths, model_dir, out_dir):
+    return ["data.source=mmedit", f"data.path={paths['path']}", f"data.image_root={paths['image_root']}",
+            "data.rows_per_shard=12", "model.family=llava", f"model.name_or_path={model_dir}",
+            f"output_dir={out_dir}", "seed=0"]
+
+
+def test_prepare_main_end_to_end_then_reuse_then_determinism(world, tiny_dir, ray_local):
+    root, paths = world
+    model_dir = tiny_dir("llava")
+    cfg = load_config(None, overrides(paths, model_dir, root / "run_a"))
+    summary = main(cfg)
+    on_disk = json.loads((root / "run_a" / "prepare.json").read_text())
+    assert json.loads(json.dumps(summary)) == on_disk
+    assert (on_disk["records"], on_disk["kept"], on_disk["quarantined"]) == (8, 6, 2)
+    assert on_disk["quarantine_by_reason"] == {"empty_text": 1, "image_missing": 1}
+    assert on_disk["shards"]["rows_by_env"] == {"in": 6, "out_mm": 6, "out_text": 6, "se_image": 6, "se_text": 6}
+    assert on_disk["shards"]["count"] >= 3 and on_disk["shards"]["reused"] is False
+    assert on_disk["references"]["rows_by_env"] == {"out_mm": 6, "out_text": 6}
+    assert on_disk["references"]["k"] == 64 and on_disk["references"]["reused"] is False
+    assert on_disk["model"] == {"family": "llava", "name_or_path": model_dir, "demo": False, "prompt_template": ""}
+    assert os.path.isfile(on_disk["paths"]["manifest"]) and os.path.isfile(on_disk["paths"]["quarantine"])
+    assert (root / "run_a" / "config.yaml").is_file()
+
+    # same config and inputs: everything is reused
+    again = main(cfg)
+    assert again["shards"]["reused"] is True and again["references"]["reused"] is True
+
+    # another output directory, same seed and inputs: identical shard bytes and manifest counts
+    other = main(load_config(None, overrides(paths, model_dir, root / "run_b")))
+    assert other["shards"]["reused"] is False
+    for key in ("records", "kept", "quarantined", "quarantine_by_reason"):
+        assert other[key] == summary[key]
+    man_a = json.loads(open(summary["paths"]["manifest"]).read())
+    man_b = json.loads(open(other["paths"]["manifest"]).read())
+    assert man_a == man_b
+    for shard in man_a["shards"]:
+        a = open(os.path.join(summary["paths"]["shards_dir"], shard["file"]), "rb").read()
+        b = open(os.path.join(other["paths"]["shards_dir"], shard["file"]), "rb").read()
+        assert a == b
+
+
+def test_prepare_cli_reads_a_yaml_and_overrides(world, tiny_dir, ray_local, capsys):
+    root, paths = world
+    yaml_path = root / "prepare.yaml"
+    ov = overrides(paths, tiny_dir("llava"), root / "run_a")  # run_a exists: shards and references reused
+    yaml_path.write_text("data:\n  source: mmedit\n")
+    assert cli(["--config", str(yaml_path), *ov[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "kept 6, quarantined 2" in out and "(reused)" in out and "prepare.json" in out
+
+
+def test_an_unknown_source_names_the_registered_ones(world, tiny_dir, ray_local):
+    root, paths = world
+    cfg = load_config(None, overrides(paths, tiny_dir("llava"), root / "run_c") + ["data.source=mmedt"])
+    with pytest.raises(RegistryError, match="'mmedit'"):
+        main(cfg)
