@@ -14,12 +14,15 @@ pre-edit `Reference` of each sample, computed once with the unedited model (`com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-
-from odedit.models.base import ModelAdapter, Sample
 from odedit.records import EditRecord
+from odedit.sample import Sample
+
+if TYPE_CHECKING:  # torch and the adapters are imported where references are computed, not by data workers
+    import torch
+
+    from odedit.models.base import ModelAdapter
 
 ENVIRONMENTS = ("in", "se_text", "se_image", "out_text", "out_mm", "out_hard")
 OUT_ENVS = ("out_text", "out_mm", "out_hard")
@@ -39,8 +42,8 @@ class Reference:
     coarse-grained distributions, a lower bound of the full KL that keeps stored references small).
     """
 
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
+    topk_ids: "torch.Tensor"
+    topk_logprobs: "torch.Tensor"
 
     @property
     def k(self) -> int:
@@ -82,10 +85,18 @@ def case_from_record(record: EditRecord, load_image: Callable[[str | None, str],
     return EditCase(record.id, s)
 
 
-@torch.no_grad()
-def compute_references(adapter: ModelAdapter, samples: Sequence[Sample], k: int = 64,
+def compute_references(adapter: "ModelAdapter", samples: Sequence[Sample], k: int = 64,
                        batch_size: int = 32) -> list[Reference]:
     """Pre-edit top-K references of `samples` (run this with the unedited model)."""
+    import torch
+
+    with torch.no_grad():
+        return _references(adapter, samples, k, batch_size)
+
+
+def _references(adapter: "ModelAdapter", samples: Sequence[Sample], k: int, batch_size: int) -> list[Reference]:
+    import torch
+
     refs: list[Reference] = []
     for i in range(0, len(samples), batch_size):
         out = adapter.run(list(samples[i:i + batch_size]))
@@ -99,7 +110,7 @@ def compute_references(adapter: ModelAdapter, samples: Sequence[Sample], k: int 
     return refs
 
 
-def attach_references(adapter: ModelAdapter, cases: Sequence[EditCase], k: int = 64,
+def attach_references(adapter: "ModelAdapter", cases: Sequence[EditCase], k: int = 64,
                       envs: Sequence[str] = OUT_ENVS) -> None:
     """Compute and attach pre-edit references for the OUT environments of `cases` (in place)."""
     for env in envs:

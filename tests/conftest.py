@@ -15,7 +15,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.pa
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-FAMILIES = ("llava", "blip2_opt", "instructblip", "minigpt4", "qwen2_vl")
+from testdata import FAMILIES, make_image  # noqa: E402,F401  (shared by test modules)
 
 
 @pytest.fixture(autouse=True)
@@ -47,17 +47,6 @@ def tiny_adapter(tiny_dir):
         return ADAPTERS.get(family).from_pretrained(tiny_dir(family), **kwargs)
 
     return get
-
-
-def make_image(color=(255, 0, 0), size=64, seed=0):
-    """A small RGB test image: a coloured square on a noisy background."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = color
-    return Image.fromarray(a)
 
 
 @pytest.fixture(scope="session")

@@ -22,17 +22,10 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
+from odedit.sample import Sample  # noqa: F401  (re-exported: adapters encode Samples)
+
 IGNORE = -100
 IMAGE_MARKER = "<image>"  # where a template puts the image; rows without an image drop it
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One prompt: an optional image, the question/caption prompt, and the answer scored or trained on."""
-
-    prompt: str
-    target: str = ""
-    image: Any = None  # PIL.Image.Image or None
 
 
 @dataclass

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_image
+from testdata import make_image
 from jobs.train_editor import HYPERNET_FILE, SUMMARY_FILE, main, split_train_val, training_cases
 from odedit.config import load_config
 from odedit.envs import EditCase

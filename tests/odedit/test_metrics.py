@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_image
+from testdata import make_image
 from odedit.envs import EditCase, attach_references
 from odedit.evaluation import evaluate_cases, summarize
 from odedit.metrics import (

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_image
+from testdata import make_image
 from odedit.config import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_image
+from testdata import make_image
 from odedit.config import load_config
 from odedit.configlib import from_dict, to_dict
 from odedit.editing import Editor

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_image
+from testdata import make_image
 from odedit.config import load_config
 from odedit.envs import EditCase, attach_references
 from odedit.methods import METHODS

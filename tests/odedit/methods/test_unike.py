@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_image
+from testdata import make_image
 from odedit.config import ConfigError, load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase

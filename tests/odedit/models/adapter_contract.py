@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from odedit.models import ADAPTERS, ModelAdapter, Sample
-from conftest import make_image
+from testdata import make_image
 
 
 def mixed_rows() -> list[Sample]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, make_image
+from testdata import FAMILIES, make_image
 from odedit.models import Sample
 from odedit.models.prefix import PrefixRunner
 

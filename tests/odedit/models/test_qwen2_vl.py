@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from odedit.models import ADAPTERS, ModelLoadError, Sample
-from conftest import make_image
+from testdata import make_image
 
 FAMILY = "qwen2_vl"
 
