@@ -123,7 +123,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     adapter = load_adapter(dataclasses.replace(cfg.model, device=device), config["model_path"])
     editor = Editor(adapter, cfg)
     wire_editor(editor, cfg, comm)
-    lockstep = cfg.resources.zero_stage == 3 and cfg.stream.mode == "sequential"
+    # Every worker runs every step in full under ZeRO-3 (collective forward passes) and for editors whose
+    # update is not a pure average of per-edit gradients (patches, codebooks, memories, MEND's writes).
+    lockstep = cfg.stream.mode == "sequential" and (cfg.resources.zero_stage == 3 or not editor.method.sliceable)
 
     state = None
     latest = store.latest()
@@ -147,8 +149,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if comm.rank == 0:
             store.write_progress(done, total)
 
+    metrics_path = config.get("metrics_path") or ""
+
     def on_metrics(values: dict[str, float], step: int) -> None:
         tracker.log_metrics(values, step)
+        if metrics_path and comm.rank == 0:  # a line per call, read while the stream runs (pipeline.search)
+            with open(metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "values": values}) + "\n")
 
     runner = StreamRunner(editor, cfg, comm, lockstep, StreamHooks(on_checkpoint, on_metrics, on_progress))
     result = runner.run(source, state)
@@ -232,8 +239,14 @@ def check_cluster_fits(cfg: Config) -> None:
 
 
 def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None = None, num_edits: int | None = None,
-               offset: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run one edit stream on the Ray cluster this process is connected to; returns its summary."""
+               offset: int = 0, progress: bool = True, metrics_path: str | None = None) -> dict[str, Any]:
+    """Run one edit stream on the Ray cluster this process is connected to; returns its summary.
+
+    `metrics_path`, when given, is a JSON-lines file to which rank 0 appends every metrics record of the
+    stream (`{"step": edits applied, "values": {...}}`) as it is emitted, so another process can follow the
+    stream while it runs (a Ray Tune trial reports its retention metrics from it); a worker group restarted
+    from a checkpoint appends the records after that checkpoint again.
+    """
     from tqdm import tqdm
 
     run_name = run_name or default_run_name(cfg)
@@ -243,7 +256,7 @@ def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None 
     tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})
     loop_config = {"cfg": to_dict(cfg), "run_dir": store.run_dir, "model_path": model_path, "shards_dir": shards,
                    "run_id": getattr(tracker, "run_id", ""), "num_edits": cfg.stream.num_edits if num_edits is None
-                   else num_edits, "offset": offset}
+                   else num_edits, "offset": offset, "metrics_path": metrics_path or ""}
     trainer = build_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
     done = threading.Event()
 

@@ -59,3 +59,33 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- reliability log
+# Fault-injection and bad-input tests record what they observed; at the end of the session the records are
+# written to outputs/reliability/outcomes.json, from which `python -m jobs.reliability_report` renders
+# docs/reliability.md (the table is generated from a real test run, never written by hand).
+
+_OUTCOMES: list[dict] = []
+
+
+@pytest.fixture
+def record_outcome(request):
+    """`record_outcome(kind, case, outcome, detail="")`: log an observed outcome of a fault or bad input."""
+
+    def record(kind: str, case: str, outcome: str, detail: str = "") -> None:
+        _OUTCOMES.append({"kind": kind, "case": case, "outcome": outcome, "detail": detail[:300],
+                          "test": request.node.nodeid})
+
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _OUTCOMES:
+        return
+    import json
+
+    out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "outputs", "reliability")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "outcomes.json"), "w", encoding="utf-8") as fh:
+        json.dump({"exitstatus": int(exitstatus), "outcomes": _OUTCOMES}, fh, indent=1)

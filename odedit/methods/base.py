@@ -57,6 +57,10 @@ class EditMethod(ABC):
     # Environments the host loss reads (ODEdit adds its own on top).
     host_envs: ClassVar[tuple[str, ...]] = ("in",)
     default_last_layers: ClassVar[int] = 1
+    # True when a step's edits may be split between data-parallel workers: the update depends on the
+    # edits only through averaged gradients. Editors that write per-edit state (patches, codebook
+    # entries, memories) or weights computed from local gradients run every step in full on every worker.
+    sliceable: ClassVar[bool] = False
 
     def __init__(self, adapter: "ModelAdapter", cfg: MethodConfig) -> None:
         self.adapter = adapter

@@ -29,6 +29,8 @@ class FTConfig(MethodConfig):
 class FT(EditMethod):
     """Fine-tuning of selected language-model modules."""
 
+    sliceable = True  # the update depends on the step's edits only through averaged gradients
+
     config_cls = FTConfig
 
     def __init__(self, adapter, cfg: FTConfig) -> None:

@@ -22,7 +22,10 @@ Design (each point a reconstruction choice):
     position is replaced: later answer tokens see the edit through attention in later layers, so multi-token
     targets need a layer below the top.
   * [INFERENCE] Entries are written in `begin_step`, before the value is trained (GRACE adds the key at its
-    first iteration); undo callbacks on the step's handle remove them bit-exactly.
+    first iteration); undo callbacks on the step's handle remove them bit-exactly. A step that fills the
+    codebook midway is undone before `CodebookFull` is raised.
+  * [INFERENCE] Only the step's chosen entries train: every other value is projected back after each update
+    (GRACE optimises the chosen key's value alone).
   * [INFERENCE] Labels are compared as target strings (EasyEdit compares label token ids).
   * [INFERENCE] Value initialisation "warm" (the module's current output at that position, so training
     starts from the unedited prediction) by default; "cold" draws uniform [0, 1) values as GRACE's default.
@@ -121,6 +124,7 @@ class GRACE(EditMethod):
         super().__init__(adapter, cfg)
         self._book: Codebook | None = None
         self._name = ""
+        self._module: nn.Module | None = None
         self._start: torch.Tensor | None = None
         self._train_rows: torch.Tensor | None = None
 
@@ -142,7 +146,7 @@ class GRACE(EditMethod):
             module.register_forward_hook(book.lookup)
         elif book.capacity != self.cfg.capacity:
             raise ValueError(f"{name} already carries a codebook of {book.capacity} entries; method.capacity is {self.cfg.capacity}")
-        self._book, self._name = book, name
+        self._book, self._name, self._module = book, name, module
 
     def editable(self) -> Mapping[str, nn.Parameter]:
         self.install()
@@ -185,8 +189,12 @@ class GRACE(EditMethod):
 
         handle.undo.append(undo)
         rows = torch.zeros(book.capacity, dtype=torch.bool, device=book.values.device)
-        for key, out, sample in zip(keys, outs, samples):
-            rows[self._write(key, out, sample.target)] = True
+        try:
+            for key, out, sample in zip(keys, outs, samples):
+                rows[self._write(key, out, sample.target)] = True
+        except CodebookFull:
+            handle.restore()  # entries written before the codebook filled up go again
+            raise
         self._train_rows = rows
         self._start = book.values.detach().clone()
 

@@ -29,6 +29,8 @@ class LoRAConfig(MethodConfig):
 class LoRA(EditMethod):
     """Low-rank adaptation of selected language-model modules."""
 
+    sliceable = True  # the update depends on the step's edits only through averaged gradients
+
     config_cls = LoRAConfig
     ADAPTER_NAME = "odedit"
 

@@ -28,7 +28,10 @@ Design (each point a reconstruction choice):
     patch starts with pre-activation 1 on q (reference `use_init_weight`); v = 0 (the reference draws v at random
     and amplifies it), so the patched model starts as the unpatched one.
   * [INFERENCE] The exp terms are averaged over all terms (the reference's default takes the top 5 / top 1000
-    terms, the same thing whenever there are fewer).
+    terms, the same thing whenever there are fewer); L_a and L_m are then averaged over the step's new patches
+    and the patched layers.
+  * [INFERENCE] Exactly one neuron per edit, whatever the target's length (the harness's
+    `max_add_neuron_num` caps the neurons T-Patcher may add for one edit; the paper's title is the rule here).
   * [INFERENCE] Defaults: Adam with lr 1e-2 (reference code), 10 iterations (harness max_epochs_tp, method.md
     §5.4); a = 1, m = 10, margins 0 / 3 / -3 (reference code, zsRE settings). The harness's SGD with lr 6e-3 was
     tried and diverges: the gradient of the exp terms scales with the loss, so plain SGD steps blow the key up

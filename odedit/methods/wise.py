@@ -28,7 +28,9 @@ inference picks the one with the highest score above its threshold; without it a
 Design (each point a reconstruction choice):
   * [INFERENCE] Delta_act is the paper's ||A(x)(W' - W)||, without the activation function EasyEdit applies to
     the layer outputs, averaged over each row's real tokens (padding excluded through the attention mask);
-    routing is decided per row of a batch (EasyEdit decides once for a whole batch).
+    `act_pool: max` takes the largest token score instead, as EasyEdit does at inference on inputs longer than
+    100 tokens (every MLLM prompt with an image). Routing is decided per row of a batch (EasyEdit decides once
+    for a whole batch), by the raw highest score among the memories above their thresholds (EasyEdit).
   * [INFERENCE] The unrelated inputs of the margin loss are the step's OUT samples (out_text, out_mm);
     EasyEdit uses one random locality prompt per edit.
   * [INFERENCE] epsilon is measured with the final weights after the step (one extra forward of the edits);
@@ -37,7 +39,11 @@ Design (each point a reconstruction choice):
     retrievable until merged, also without `retrieve` (EasyEdit's non-retrieve WISE hides them until merge).
   * [INFERENCE] The subspace mask is applied by projecting the side memory after each update (entries outside
     the mask back to W), which equals masking the gradient for any optimiser, stateful ones included.
-  * [INFERENCE] TIES uses equal weights and scale 1 (the disjoint mean of agreeing, non-trimmed entries).
+  * [INFERENCE] TIES uses equal weights and scale 1 (the disjoint mean of agreeing, non-trimmed entries);
+    without `retrieve` the previous merged memory joins the new shards as one more TIES input (EasyEdit weighs
+    it 0.6 against 0.4 for the shards).
+  * [INFERENCE] A step that would save a shard into a full pool is refused in `begin_step`, before anything
+    changes (`MemoryPoolFull`).
   * [INFERENCE] Default layer: 85% of the depth (EasyEdit edits layer 23 of Qwen2-VL-7B's 28, 27 of
     LLaMA-2-7B's 32); defaults lr 1.0 SGD, 10 iterations, mask_ratio 0.2, act_margin [5, 20, 10], act_ratio 0.4,
     save_freq 500, merge_freq 1000, retrieve on (EasyEdit Qwen2-VL hparams, reference.md §1.2).
@@ -246,6 +252,9 @@ class WISE(EditMethod):
 
     def begin_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
         mem = self._mem
+        if mem.work_edits + len(cases) >= self.cfg.save_freq and mem.n_pool >= mem.capacity:
+            raise MemoryPoolFull(f"WISE memory pool of {self._name} is full ({mem.capacity} memories) and this step "
+                                 "would save a shard; raise method.max_memories or merge more often (method.merge_freq)")
         mem.editing = True
         handle.undo.append(lambda: setattr(mem, "editing", False))
         self._tap.start()
@@ -305,9 +314,7 @@ class WISE(EditMethod):
 
     def _save_shard(self) -> None:
         mem = self._mem
-        if mem.n_pool >= mem.capacity:
-            raise MemoryPoolFull(f"WISE memory pool of {self._name} is full ({mem.capacity} memories); raise "
-                                 "method.max_memories or merge more often (method.merge_freq)")
+        assert mem.n_pool < mem.capacity, "begin_step checks that a shard to save has a free slot"
         with torch.no_grad():
             mem.pool[mem.n_pool] = mem.side
             mem.pool_thr[mem.n_pool] = mem.work_thr
