@@ -127,7 +127,7 @@ def _nan_after_first_iteration(method):
 
 
 @pytest.mark.parametrize("kind", ["nan", "lambda"])
-def test_diverging_step_is_rolled_back_and_the_stream_goes_on(setup, kind):
+def test_diverging_step_is_rolled_back_and_the_stream_goes_on(setup, kind, record_outcome):
     adapter, cases = setup
     cfg = _cfg("stream.batch_size=2", *(["odedit.lambda_max=0.5"] if kind == "lambda" else []))
     editor = Editor(adapter, cfg)
@@ -141,6 +141,9 @@ def test_diverging_step_is_rolled_back_and_the_stream_goes_on(setup, kind):
     after = adapter.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "failed steps leave no trace"
     assert result.summary["edits_failed"] == 4 and result.summary["edits_applied"] == 0
+    record_outcome("fault", {"nan": "edit step whose loss turns NaN", "lambda": "runaway lambda (over lambda_max)"}[kind],
+                   "step rolled back bit-exactly, edits marked failed with the reason, stream goes on",
+                   result.ledger[0]["reason"])
 
 
 def _same(a, b) -> bool:

@@ -89,7 +89,7 @@ def test_two_workers_match_one_worker(prepared, one_worker, stage):
     assert [e["edit_id"] for e in _ledger(cfg1, "w1")] == [e["edit_id"] for e in _ledger(cfg2, f"w2z{stage}")]
 
 
-def test_killed_worker_resumes_with_same_ledger_and_metrics(prepared):
+def test_killed_worker_resumes_with_same_ledger_and_metrics(prepared, record_outcome):
     overrides = ("resources.num_workers=2", "resources.zero_stage=2", "odedit.enabled=true")
     cfg_ref, ref = _run(prepared, "uninterrupted", *overrides)
 
@@ -130,6 +130,9 @@ def test_killed_worker_resumes_with_same_ledger_and_metrics(prepared):
         assert (a is None and b is None) or abs(a - b) <= METRIC_TOL, (m, a, b)
     wa, wb = _final_weights(cfg_ref, "uninterrupted"), _final_weights(cfg_k, name)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "the resumed model is bit-identical"
+    record_outcome("fault", "Ray Train worker killed (SIGKILL) mid-stream",
+                   "group restarted from the last checkpoint; ledger, metrics and weights equal an uninterrupted run",
+                   f"killed after {killed['at']} of 16 edits; 0 edits lost, 0 applied twice")
 
 
 def test_resubmitted_finished_stream_resumes_at_its_end(prepared, one_worker):
