@@ -215,6 +215,9 @@ def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue]) -> Any:
         return _MISSING
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                issues.append(ConfigIssue(path, value, "must be a finite number", "write a number such as 0.5"))
+                return _MISSING
             return float(value)
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string: accept it as the number it means
             try:

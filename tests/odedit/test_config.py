@@ -147,3 +147,10 @@ def test_yaml_off_is_read_as_the_off_choice(tmp_path):
     path.write_text("odedit:\n  penalty: off\n")
     assert load_config(path).odedit.penalty == "off"
     assert load_config(None, ["odedit.penalty=off"]).odedit.penalty == "off"
+
+
+def test_non_finite_numbers_are_refused():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["odedit.w_loc=.inf", "method.lr=.nan"])
+    assert {i.path for i in info.value.issues} == {"odedit.w_loc", "method.lr"}
+    assert all("finite" in i.problem for i in info.value.issues)
