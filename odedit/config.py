@@ -135,6 +135,8 @@ class MethodConfig:
         from odedit.methods import METHODS
 
         name = data.get("name", "ft")
+        if not isinstance(name, str):
+            return Problem("name", name, "must be a string naming an editor", f"one of {', '.join(METHODS.names())}")
         if name not in METHODS:
             return Problem("name", name, METHODS.unknown_message(name), "pick a registered editor")
         return METHODS.get(name).config_cls
