@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from odedit.config import Config, parse_config
+from odedit.config import Config, dump_config, parse_config
 from odedit.configlib import flatten, to_dict
 from pipeline.checkpoints import RunStore, write_json_atomic
 
@@ -254,6 +254,10 @@ def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None 
     shards = shards_dir(cfg)
     store = RunStore(os.path.join(storage_dir(cfg), run_name)).ensure()
     tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})
+    config_path = os.path.join(store.run_dir, "config.yaml")  # the resolved config, as an artifact
+    with open(config_path, "w", encoding="utf-8") as fh:
+        fh.write(dump_config(cfg))
+    tracker.log_artifact(config_path)
     loop_config = {"cfg": to_dict(cfg), "run_dir": store.run_dir, "model_path": model_path, "shards_dir": shards,
                    "run_id": getattr(tracker, "run_id", ""), "num_edits": cfg.stream.num_edits if num_edits is None
                    else num_edits, "offset": offset, "metrics_path": metrics_path or ""}

@@ -98,7 +98,9 @@ def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
     assert "final/rel" in data.metrics and "immediate/rel" in data.metrics
     assert data.params["method.name"] == "ft" and data.params["seed"] == "0" and "git_commit" in data.params
     artifacts = {a.path for a in client.list_artifacts(run["mlflow_run_id"], "results")}
-    assert {"results/summary.json", "results/rows.parquet", "results/retention.png"} <= artifacts
+    assert {"results/summary.json", "results/rows.parquet", "results/retention.png", "results/metrics.png",
+            "results/curve.json", "results/ledger.jsonl"} <= artifacts
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run["mlflow_run_id"])}
 
 
 def test_unauthenticated_client_is_refused(head):
