@@ -77,10 +77,14 @@ def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
     cfg_path.write_text("# ray job submit --working-dir . -- python -m jobs.lifelong --config job.yaml\n"
                         + yaml.safe_dump(config))
     client_env = dict(env, RAY_AUTH_MODE="token")
-    proc = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
-         "--working-dir", ROOT, "--", "python", "-m", "jobs.lifelong", "--config", str(cfg_path)],
-        env=client_env, capture_output=True, text=True, timeout=900)
+    for _ in range(10):  # a freshly started head may not have its job agent up yet (HTTP 500 "No available agent")
+        proc = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
+             "--working-dir", ROOT, "--", "python", "-m", "jobs.lifelong", "--config", str(cfg_path)],
+            env=client_env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in proc.stderr:
+            break
+        time.sleep(10)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout + proc.stderr
 
