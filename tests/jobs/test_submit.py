@@ -35,12 +35,19 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     port, dash = _free_port(), _free_port()
+    # Every agent port is pinned to a free one: with defaults (52365 etc.) the head's dashboard agent cannot
+    # bind while another Ray instance of the test session holds them, and job submission then fails with
+    # "No available agent".
+    agent_ports = []
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                 "--metrics-export-port", "--ray-client-server-port"):
+        agent_ports += [flag, str(_free_port())]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
                              "--num-cpus", "2", "--port", str(port), "--dashboard-port", str(dash),
-                             "--dashboard-host", "127.0.0.1", "--disable-usage-stats"],
+                             "--dashboard-host", "127.0.0.1", "--disable-usage-stats", *agent_ports],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
