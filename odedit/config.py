@@ -80,6 +80,7 @@ class DemoWorldConfig:
 
     num_edits: int = option(400, help="edit records drawn from the easy-vqa test images", check=positive)
     num_validation_edits: int = option(64, help="extra edit records for hyperparameter search, disjoint from the test stream", check=non_negative)
+    num_train_edits: int = option(0, help="edit records of split 'train' on images of their own, for meta-training editors (MEND: jobs.train_editor)", check=non_negative)
     hard_per_edit: int = option(4, help="OUT-hard rows per edit: the edit's question on other images sharing its old answer", check=non_negative)
     train_minutes: float = option(7.0, help="training budget of the demo model on CPU, tower pre-training included (design.md §7: 8 min on 2 cores gave 99.95%)", check=positive)
     pretrain_minutes: float = option(1.0, help="part of train_minutes spent pre-training the vision tower with the auxiliary shape/colour head (design.md §7: 60 s)", check=non_negative)
@@ -173,6 +174,9 @@ class StreamConfig:
     mode: Literal["single", "sequential"] = option("sequential", help="single: each edit undone; sequential: edits accumulate (lifelong)")
     batch_size: int = option(1, help="edits per step", check=positive)
     num_edits: int = option(0, help="edits in the stream; 0 = all records of the split", check=non_negative)
+    sequence_length: int = option(0, help="sequential mode: the pre-edit model is restored after every this many "
+                                  "edits, each sequence scored at its end (the paper's T); 0 = one lifelong "
+                                  "sequence", check=non_negative)
     split: Literal["test", "validation"] = option("test", help="which slice of the records to edit")
     eval_every: int = option(0, help="retention evaluation every this many edits; 0 = only at the end", check=non_negative)
     retention_sample: int = option(64, help="earlier edits re-evaluated at each retention evaluation", check=positive)
@@ -251,6 +255,14 @@ class Config:
 
     def _cross_checks(self) -> Iterable[Problem]:
         r = self.resources
+        st = self.stream
+        if st.sequence_length and st.mode != "sequential":
+            yield Problem("stream.sequence_length", st.sequence_length, "sequences only exist in sequential mode",
+                          "set stream.mode=sequential, or stream.sequence_length=0")
+        if st.sequence_length % st.batch_size:
+            yield Problem("stream.sequence_length", st.sequence_length,
+                          f"must be a multiple of stream.batch_size ({st.batch_size}) so no step straddles two "
+                          "sequences", f"use {max(st.batch_size, st.sequence_length // st.batch_size * st.batch_size)}")
         if self.stream.mode == "single" and r.zero_stage == 3:
             yield Problem("resources.zero_stage", 3, "single mode runs edits on independent model replicas; ZeRO-3 "
                           "shards one model over all workers", "use stream.mode=sequential, or zero_stage 0 or 2")

@@ -39,6 +39,10 @@ class Editor:
                                                     cfg.model.pooling, cfg.seed)
         self.stepper_factory = stepper_factory or torch_stepper_factory(cfg.method, cfg.odedit)
         self.access: ParamAccess = DIRECT  # replaced by the distributed engine under DeepSpeed ZeRO
+        # Streams of sequences of T edits (stream.sequence_length) go back to this state after each sequence.
+        # Taken here, before the engine wires DeepSpeed or loads a checkpoint, so it is the pre-edit state.
+        seq = cfg.stream.mode == "sequential" and cfg.stream.sequence_length > 0
+        self._origin: dict[str, Any] | None = _detached(self.state_dict()) if seq else None
 
     def edit(self, cases: Sequence[EditCase]) -> tuple[EditHandle, StepReport]:
         """Apply one step: all `cases` edited jointly. Returns the undo handle and the step report."""
@@ -78,6 +82,23 @@ class Editor:
         with self.access.modify(list(self.method.editable().values())):
             self.method.load_state_dict(state["method"])
         self.objective.load_state_dict(state["objective"])
+
+    def reset(self) -> None:
+        """Back to the pre-edit model and a fresh objective state (the end of a sequence of T edits)."""
+        if self._origin is None:
+            raise RuntimeError("Editor.reset needs stream.mode=sequential with stream.sequence_length > 0")
+        self.load_state_dict(self._origin)
+
+
+def _detached(state: Any) -> Any:
+    """A deep copy of a state dict's tensors (so later in-place edits do not reach it)."""
+    if isinstance(state, dict):
+        return {k: _detached(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_detached(v) for v in state]
+    if hasattr(state, "detach"):
+        return state.detach().clone()
+    return state
 
 
 def steps(cases: Sequence[EditCase], batch_size: int) -> Iterator[list[EditCase]]:

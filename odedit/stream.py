@@ -11,6 +11,10 @@
   (final retention, the end-of-stream protocol of EasyEdit before PR #687). With several workers each takes a
   slice of every step and DeepSpeed averages their gradients; in `lockstep` mode (ZeRO-3, where every forward
   pass is collective) all workers process the whole step together.
+* `sequential` with `sequence_length` T > 0 (the paper's "sequential editing, T = 5/10" protocol): the stream
+  is cut into sequences of T edits; at the end of each, its T edits are scored on the model holding exactly
+  them (their final metrics) and the editor goes back to the pre-edit state (`Editor.reset`). No retention
+  curve: a sequence's end is its only evaluation.
 
 Exactly once: the `StreamState` (next step, ledger of edit ids with their status, result rows, curve) is
 what checkpoints save; a resumed stream starts at `next_step`, so an edit whose step was not checkpointed is
@@ -242,7 +246,8 @@ class StreamRunner:
         n_steps = (n + cfg.batch_size - 1) // cfg.batch_size
         order = list(range(n))
         random.Random(self.cfg.seed).shuffle(order)  # the fixed retention sample: a seeded permutation
-        next_eval = (state.edits_applied // cfg.eval_every + 1) * cfg.eval_every if cfg.eval_every else None
+        every = cfg.eval_every if not cfg.sequence_length else 0  # sequences are scored at their ends instead
+        next_eval = (state.edits_applied // every + 1) * every if every else None
         step_iter = _chunks(source.iter_from(state.next_step * cfg.batch_size), cfg.batch_size)
         t_prev = time.perf_counter()
         for s, step_cases in zip(range(state.next_step, n_steps), step_iter):
@@ -260,25 +265,45 @@ class StreamRunner:
             state.next_step = s + 1
             self._metrics({**{f"immediate/{k}": v for k, v in _means(rows).items()},
                            **{f"edit/{k}": v for k, v in report.final.items()}}, state.edits_applied)
-            if next_eval is not None and state.edits_applied >= next_eval and s + 1 < n_steps:
+            if cfg.sequence_length and (len(state.ledger) % cfg.sequence_length == 0 or s + 1 == n_steps):
+                self._end_sequence(source, state)
+            elif next_eval is not None and state.edits_applied >= next_eval and s + 1 < n_steps:
                 applied = {e["edit_id"] for e in state.ledger if e["status"] == APPLIED}
                 sample_idx = sorted([i for i in order if ids[i] in applied][:cfg.retention_sample])
                 point = _means(self._evaluate(source.fetch(sample_idx), False))
                 state.curve.append({"edits": state.edits_applied, "n": len(sample_idx), **point})
                 self._metrics({f"retention/{k}": v for k, v in point.items()}, state.edits_applied)
-                next_eval = (state.edits_applied // cfg.eval_every + 1) * cfg.eval_every
+                next_eval = (state.edits_applied // every + 1) * every
             self._progress(len(state.ledger), n)
             # The last step is checkpointed too: a resubmitted finished stream only re-scores.
             if cfg.checkpoint_every and (state.next_step % cfg.checkpoint_every == 0 or state.next_step == n_steps):
                 self._checkpoint(state)
-        final = self._score_all(source, n, cfg.generation_eval)
-        by_id = {r["edit_id"]: r for r in final}
-        for row in state.rows:
-            f = by_id.get(row["edit_id"], {})
-            row.update({f"final_{k}": v for k, v in f.items() if k != "edit_id"})
+        if cfg.sequence_length:
+            final = [{"edit_id": r["edit_id"], **{k[len("final_"):]: v for k, v in r.items() if k.startswith("final_")}}
+                     for r in state.rows]
+        else:
+            final = self._score_all(source, n, cfg.generation_eval)
+            self._set_final(state, final)
         point = _means(final)
         state.curve.append({"edits": state.edits_applied, "n": len(final), **point})
         self._metrics({f"retention/{k}": v for k, v in point.items()}, state.edits_applied)
+
+    def _set_final(self, state: StreamState, final: Sequence[dict[str, Any]]) -> None:
+        by_id = {r["edit_id"]: r for r in final}
+        for row in state.rows:
+            if row["edit_id"] in by_id:
+                row.update({f"final_{k}": v for k, v in by_id[row["edit_id"]].items() if k != "edit_id"})
+
+    def _end_sequence(self, source: CaseSource, state: StreamState) -> None:
+        """Score the sequence just completed on the model holding it, then go back to the pre-edit model."""
+        T = self.cfg.stream.sequence_length
+        done = len(state.ledger)
+        start = (done - 1) // T * T
+        final = self._evaluate(source.fetch(range(start, done)), self.cfg.stream.generation_eval)
+        self._set_final(state, final)
+        point = _means(final)
+        self._metrics({f"sequence/{k}": v for k, v in point.items()}, state.edits_applied)
+        self.editor.reset()
 
     def _record(self, state: StreamState, step_cases: Sequence[EditCase], rows: list[dict[str, Any]], s: int) -> None:
         by_id = {r["edit_id"]: r for r in rows}

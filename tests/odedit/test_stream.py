@@ -154,3 +154,61 @@ def _same(a, b) -> bool:
     if isinstance(a, float) and math.isnan(a):
         return isinstance(b, float) and math.isnan(b)
     return a == b
+
+
+# ---------------------------------------------------------------------------------- sequences of T edits
+
+_STRIP = ("step_wall", "edit_seconds", "step")
+
+
+@pytest.mark.parametrize("method", ["ft", "grace"])
+def test_sequences_of_t_edits_each_start_from_the_pre_edit_model(setup, tiny_adapter, method):
+    """T=2: every sequence scores as a fresh 2-edit stream would, and the stream ends on the pre-edit model."""
+    adapter, cases = setup
+    cfg = _cfg(f"method.name={method}", "stream.sequence_length=2", "stream.checkpoint_every=0")
+    installed = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    metrics = []
+    result = StreamRunner(Editor(adapter, cfg), cfg, hooks=StreamHooks(on_metrics=lambda m, s: metrics.append((s, m)))
+                          ).run(cases)
+    after = adapter.model.state_dict()
+    assert all(torch.equal(installed[k], after[k]) for k in installed)
+    assert [s for s, m in metrics if any(k.startswith("sequence/") for k in m)] == [2, 4, 6]
+    assert not any(k.startswith("retention/") for s, m in metrics[:-1] for k in m), "no mid-stream retention"
+
+    plain = _cfg(f"method.name={method}", "stream.checkpoint_every=0")
+    for start in (2, 4):
+        alone = StreamRunner(Editor(tiny_adapter("llava"), plain), plain).run(copy.deepcopy(cases[start:start + 2]))
+        final = lambda rows: [{k: v for k, v in r.items() if k.startswith("final_")} for r in rows]
+        assert _same(final(result.rows[start:start + 2]), final(alone.rows))
+    assert result.summary["rel"] == pytest.approx(sum(r["final_rel"] for r in result.rows) / len(cases))
+
+
+def test_resume_inside_a_sequence_matches_uninterrupted(setup, tiny_adapter):
+    adapter, cases = setup
+    cfg = _cfg("stream.sequence_length=4", "stream.batch_size=2", "stream.checkpoint_every=1")
+    saved = {}
+
+    def on_checkpoint(state: StreamState):
+        if state.next_step == 1:  # half-way through the first sequence
+            saved["state"] = StreamState.from_dict(copy.deepcopy(state.to_dict()))
+            saved["editor"] = copy.deepcopy(editor.state_dict())
+
+    editor = Editor(adapter, cfg)
+    full = StreamRunner(editor, cfg, hooks=StreamHooks(on_checkpoint=on_checkpoint)).run(cases)
+    resumed_editor = Editor(tiny_adapter("llava"), cfg)  # the engine's order: editor first, then the checkpoint
+    resumed_editor.load_state_dict(saved["editor"])
+    resumed = StreamRunner(resumed_editor, cfg).run(cases, saved["state"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in _STRIP} for r in rows]
+    assert _same(strip(full.rows), strip(resumed.rows))
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["stream.sequence_length=3", "stream.batch_size=2"], "multiple of stream.batch_size"),
+    (["stream.sequence_length=2", "stream.mode=single"], "only exist in sequential mode"),
+])
+def test_sequence_length_is_checked_against_the_stream(overrides, problem):
+    from odedit.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match="stream.sequence_length") as err:
+        load_config(None, overrides)
+    assert problem in str(err.value)
