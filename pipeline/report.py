@@ -32,3 +32,18 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]], markdown: bool = 
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
+
+
+def results_markdown(cells: list[Mapping[str, Any]]) -> str:
+    """One Markdown table per setting of the results matrix: editor x arm rows, metrics x100, run ids."""
+    head = ["editor", "arm"] + [LABELS[m] for m in HEADLINE] + ["edits", "failed", "wall s", "MLflow run id"]
+    parts = []
+    for setting in dict.fromkeys(c["setting"] for c in cells):
+        lines = [f"### {setting}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in (c for c in cells if c["setting"] == setting):
+            wall = c.get("wall_seconds")
+            lines.append("| " + " | ".join([c["editor"], c["arm"]] + [_fmt(c.get(m)) for m in HEADLINE] + [
+                str(c.get("edits_applied", "")), str(c.get("edits_failed", "")),
+                f"{wall:.0f}" if isinstance(wall, (int, float)) else "n/a", f"`{c.get('mlflow_run_id') or ''}`"]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

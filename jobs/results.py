@@ -1,0 +1,160 @@
+"""The results table: every host editor x {base, +ODEdit} x stream settings, each cell an MLflow run.
+
+    python -m jobs.results --config jobs/configs/results.yaml [--matrix jobs/configs/results_matrix.yaml]
+                           [--only seq10/ --only single/ft] [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.results --config jobs/configs/results.yaml
+
+The base config (`--config`) fixes the model, the data (prepared once: shards and references are shared by
+every cell), resources and tracking; the matrix file (`pipeline.matrix`) gives each editor's `method` block and
+each setting's stream overrides. Every cell's config is validated before anything runs.
+
+Each cell is one edit stream through the engine (Ray Train + DeepSpeed), an MLflow run nested under the
+job's parent run. A finished cell's summary is kept in `<output_dir>/cells/<setting>/<editor>/<arm>.json`;
+running the job again skips finished cells and resumes an interrupted one from its checkpoint. Editors with
+trained components (MEND) are meta-trained first with `jobs.train_editor` on the world's `train` edits,
+once per arm (the +ODEdit arm trains with the ODEdit terms), into `<output_dir>/editors/<editor>-<arm>/`.
+
+Writes `<output_dir>/results.json` and `<output_dir>/results.md` (one table per setting, with run ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from jobs.common import prepare_output_dir, write_json
+from pipeline.matrix import Cell, MatrixError, cells, load_matrix
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MATRIX = os.path.join(ROOT, "jobs", "configs", "results_matrix.yaml")
+KEEP = ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "m_loc_hard", "edits", "edits_applied", "edits_failed",
+        "wall_seconds", "mlflow_run_id", "immediate", "pre", "mode", "batch_size", "run_dir")
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="base config YAML (model, data, resources, tracking)")
+    parser.add_argument("--matrix", default=DEFAULT_MATRIX, help="editors / settings / arms YAML")
+    parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
+                        help="run only cells whose setting/editor/arm starts with PREFIX (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
+    return parser.parse_args(argv)
+
+
+def plan(argv: Sequence[str] | None = None) -> tuple[Any, list[Cell], Any]:
+    """(base config, cells, args); every problem of the base config, the matrix and each cell, or exit 2."""
+    from odedit.config import ConfigError, load_config
+    from odedit.configlib import to_dict
+    from pipeline.sources.base import check_source
+
+    args = parse_args(argv)
+    try:
+        base = load_config(args.config, args.overrides, extra_checks=[check_source])
+        spec = load_matrix(args.matrix)
+        todo = cells(to_dict(base), spec, [check_source], args.only)
+    except (ConfigError, MatrixError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not todo:
+        print(f"error: --only {args.only} matches no cell of {args.matrix}", file=sys.stderr)
+        raise SystemExit(2)
+    return base, todo, args
+
+
+def _cell_path(out: str, cell: Cell) -> str:
+    return os.path.join(out, "cells", cell.setting, cell.editor, f"{cell.arm}.json")
+
+
+def _trained_editor(cell: Cell, model_cfg: Any, shards: str, out: str) -> str:
+    """Meta-train the cell's editor (once per editor and arm) and return its hypernetwork path."""
+    from jobs import train_editor
+
+    target = os.path.join(out, "editors", f"{cell.editor}-{cell.arm}")
+    path = os.path.join(target, train_editor.HYPERNET_FILE)
+    if os.path.isfile(path):
+        return path
+    data = dataclasses.replace(cell.config.data, shards_dir=shards)
+    cfg = dataclasses.replace(cell.config, model=model_cfg, data=data, output_dir=target)
+    t0 = time.perf_counter()
+    summary = train_editor.main(cfg)
+    print(f"trained {cell.editor} ({cell.arm}) in {time.perf_counter() - t0:.0f} s: {summary['metrics']}")
+    return summary["hypernet_path"]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    base, todo, args = plan(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from odedit.config import with_overrides
+    from pipeline.engine import run_stream, shards_dir
+    from pipeline.experiment import prepared, run_info
+    from pipeline.report import results_markdown
+    from pipeline.tracking import open_tracker
+
+    out = prepare_output_dir(base)
+    started = not ray.is_initialized()
+    if started:
+        ray.init()
+    try:
+        base, model_path, prep = prepared(base)
+        shards = shards_dir(base)
+        parent = open_tracker(base, "results", tags={"odedit.kind": "results"})
+        parent.log_params({"cells": len(todo), "matrix": os.path.relpath(args.matrix, ROOT), **run_info(base)})
+        for i, cell in enumerate(todo, 1):
+            path = _cell_path(out, cell)
+            if os.path.isfile(path):
+                print(f"[{i}/{len(todo)}] {cell.key}: done earlier, kept")
+                continue
+            cfg = dataclasses.replace(cell.config, model=base.model, output_dir=out,
+                                      data=dataclasses.replace(cell.config.data, shards_dir=shards))
+            if hasattr(cfg.method, "hypernet_path") and not cfg.method.hypernet_path:
+                cfg = with_overrides(cfg, [f"method.hypernet_path={_trained_editor(cell, base.model, shards, out)}"])
+            print(f"[{i}/{len(todo)}] {cell.key}")
+            tracker = open_tracker(cfg, cell.run_name, parent_run_id=getattr(parent, "run_id", None) or None,
+                                   tags={"odedit.setting": cell.setting, "odedit.editor": cell.editor,
+                                         "odedit.arm": cell.arm},
+                                   outbox_dir=os.path.join(out, "runs", cell.run_name))
+            tracker.log_params({**run_info(cfg), "cell": cell.key})
+            summary = run_stream(cfg, model_path, tracker, cell.run_name)
+            tracker.set_terminated("FINISHED")
+            write_json(path, {"setting": cell.setting, "editor": cell.editor, "arm": cell.arm,
+                              **{k: summary.get(k) for k in KEEP}})
+        parent.set_terminated("FINISHED")
+    finally:
+        if started:
+            ray.shutdown()
+    results = collect(out)
+    write_json(os.path.join(out, "results.json"), {"parent_run_id": getattr(parent, "run_id", ""),
+                                                   "model": prep["model"], "cells": results})
+    md = results_markdown(results)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(md + "\n")
+    print(md)
+    return {"cells": results, "parent_run_id": getattr(parent, "run_id", "")}
+
+
+def collect(out: str) -> list[dict[str, Any]]:
+    """Every finished cell's summary under `<out>/cells`, sorted by setting, editor, arm."""
+    rows = []
+    root = os.path.join(out, "cells")
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".json"):
+                with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
+                    rows.append(json.load(fh))
+    return sorted(rows, key=lambda r: (r["setting"], r["editor"], r["arm"]))
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,71 @@
+"""jobs.results end to end on a tiny LLaVA: 2 editors x 2 arms x 1 setting through the engine, nested MLflow runs,
+the Markdown table with their run ids, finished cells kept on a re-run, bad matrices refused up front."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from jobs.results import main, plan
+from pipeline.synthetic import write_evqa_split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("results")
+    paths = write_evqa_split(str(root / "world"), n=4, min_side=24, max_side=48, seed=5)
+    base = {
+        "model": {"family": "llava", "name_or_path": tiny_dir("llava")},
+        "data": {"source": "mmedit", "path": paths["path"], "image_root": paths["image_root"]},
+        "stream": {"num_edits": 4, "generation_eval": False},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 2},
+        "tracking": {"experiment": "results-test"},
+        "output_dir": str(root / "out"),
+    }
+    matrix = {
+        "editors": {"ft": {"method": {"name": "ft", "lr": 0.05, "n_iter": 3}},
+                    "grace": {"method": {"name": "grace", "n_iter": 3, "capacity": 8}}},
+        "settings": {"seq2": ["stream.sequence_length=2", "stream.batch_size=1"]},
+    }
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    (root / "matrix.yaml").write_text(yaml.safe_dump(matrix))
+    return root
+
+
+def test_every_cell_runs_once_and_the_table_links_mlflow_runs(job, ray_local):
+    from mlflow.tracking import MlflowClient
+
+    argv = ["--config", str(job / "base.yaml"), "--matrix", str(job / "matrix.yaml")]
+    out = main(argv)
+    cells = out["cells"]
+    assert [(c["editor"], c["arm"]) for c in cells] == [("ft", "base"), ("ft", "odedit"), ("grace", "base"),
+                                                        ("grace", "odedit")]
+    assert all(c["edits_applied"] == 4 and c["setting"] == "seq2" for c in cells)
+    client = MlflowClient(f"sqlite:///{job / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("results-test").experiment_id])
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == out["parent_run_id"]}
+    assert sorted(children) == sorted(c["mlflow_run_id"] for c in cells)
+    assert all("final/rel" in r.data.metrics for r in children.values())
+    md = (job / "out" / "results.md").read_text()
+    assert md.startswith("### seq2") and all(f"`{c['mlflow_run_id']}`" in md for c in cells)
+
+    again = main(argv)  # finished cells are kept, not re-run
+    assert [c["mlflow_run_id"] for c in again["cells"]] == [c["mlflow_run_id"] for c in cells]
+    assert json.loads((job / "out" / "results.json").read_text())["cells"] == again["cells"]
+
+
+def test_bad_cells_and_filters_exit_2_before_anything_runs(job, tmp_path, capsys):
+    bad = yaml.safe_load((job / "matrix.yaml").read_text())
+    bad["editors"]["ft"]["method"]["n_iterr"] = 2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(SystemExit) as exit_:
+        plan(["--config", str(job / "base.yaml"), "--matrix", str(tmp_path / "bad.yaml")])
+    assert exit_.value.code == 2
+    assert "seq2/ft/base: method.n_iterr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plan(["--config", str(job / "base.yaml"), "--matrix", str(job / "matrix.yaml"), "--only", "nothing/"])
+    assert "matches no cell" in capsys.readouterr().err
