@@ -5,7 +5,8 @@
 
 A matrix file has three sections:
 
-    editors:   {name: {method: {...}}}        each editor's whole `method` block (it replaces the base's)
+    editors:   {name: {method: {...}, overrides: [...]}}   each editor's whole `method` block (it replaces the
+                                          base's) and optional overrides of other sections for that editor
     settings:  {name: [key=value, ...]}       stream overrides, e.g. single edits or sequences of T edits
     arms:      {name: [key=value, ...]}       default {base: [odedit.enabled=false], odedit: [odedit.enabled=true]}
 
@@ -79,10 +80,14 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
         problems.append(f"editors: expected a non-empty mapping name -> {{method: {{...}}}}, got {raw_editors!r}")
     else:
         for name, body in raw_editors.items():
-            if not isinstance(body, dict) or set(body) != {"method"} or not isinstance(body["method"], dict):
-                problems.append(f"editors.{name}: expected exactly {{method: {{name: ..., ...}}}}, got {body!r}")
+            if not isinstance(body, dict) or not isinstance(body.get("method"), dict) \
+                    or set(body) - {"method", "overrides"}:
+                problems.append(f"editors.{name}: expected {{method: {{name: ..., ...}}, overrides: [key=value, ...]}} "
+                                f"(overrides optional), got {body!r}")
             else:
-                editors[str(name)] = copy.deepcopy(body)
+                editors[str(name)] = {"method": copy.deepcopy(body["method"]),
+                                      "overrides": _overrides(body.get("overrides", []), f"editors.{name}.overrides",
+                                                              problems)}
     settings: dict[str, list[str]] = {}
     raw_settings = data.get("settings")
     if not isinstance(raw_settings, dict) or not raw_settings:
@@ -130,7 +135,7 @@ def cells(base: Mapping[str, Any], spec: MatrixSpec, extra_checks: Iterable = ()
                 data = copy.deepcopy(dict(base))
                 data["method"] = copy.deepcopy(body["method"])
                 try:
-                    cfg = parse_config(data, [*s_over, *a_over], source=key, extra_checks=checks)
+                    cfg = parse_config(data, [*body["overrides"], *s_over, *a_over], source=key, extra_checks=checks)
                 except ConfigError as err:
                     problems += [f"{key}: {issue}" for issue in err.issues]
                     continue

@@ -10,7 +10,8 @@ from pipeline.matrix import MatrixError, cells, load_matrix, parse_matrix
 from pipeline.report import results_markdown
 
 MATRIX = {
-    "editors": {"ft": {"method": {"name": "ft", "lr": 0.01}}, "grace": {"method": {"name": "grace", "eps": 2.0}}},
+    "editors": {"ft": {"method": {"name": "ft", "lr": 0.01}},
+                "grace": {"method": {"name": "grace", "eps": 2.0}, "overrides": ["odedit.penalty=fixed"]}},
     "settings": {"single": ["stream.mode=single"], "seq2": ["stream.sequence_length=2"]},
 }
 
@@ -21,6 +22,8 @@ def test_cells_cross_every_setting_editor_and_arm_in_order():
     assert len(got) == 8
     grace = next(c for c in got if c.key == "seq2/grace/odedit")
     assert grace.config.method.eps == 2.0 and grace.config.odedit.enabled and grace.config.stream.sequence_length == 2
+    assert grace.config.odedit.penalty == "fixed"
+    assert next(c for c in got if c.key == "seq2/ft/odedit").config.odedit.penalty != "fixed"
     assert grace.run_name == "results-seq2-grace-odedit"
 
 
@@ -42,7 +45,7 @@ def test_every_bad_cell_is_reported_with_its_key_before_anything_runs():
 
 @pytest.mark.parametrize("data, where", [
     ({"editors": {}, "settings": {"a": []}}, "editors: expected a non-empty mapping"),
-    ({"editors": {"ft": {"name": "ft"}}, "settings": {"a": []}}, "editors.ft: expected exactly {method:"),
+    ({"editors": {"ft": {"name": "ft"}}, "settings": {"a": []}}, "editors.ft: expected {method:"),
     ({"editors": {"ft": {"method": {}}}, "settings": {"a": "stream.mode=single"}}, "settings.a: expected a list"),
     ({"editors": {"ft": {"method": {}}}, "settings": {"a": []}, "extra": 1}, "extra: unknown section"),
     ({"editors": {"ft": {"method": {}}}, "settings": {"a": []}, "arms": {"x": ["odedit.enabled"]}}, "arms.x:"),
