@@ -40,6 +40,7 @@ def main(cfg: Any) -> dict:
     """Run the whole preparation for `cfg`; return (and write) the prepare.json summary."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+    from pipeline.raycluster import init_ray
 
     from pipeline.references import build_references
     from pipeline.shards import MANIFEST, REFERENCES_DIR, build_shards
@@ -48,7 +49,7 @@ def main(cfg: Any) -> dict:
     out_dir = prepare_output_dir(cfg)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init()  # joins the cluster under `ray job submit`; starts a local one otherwise
+        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
     try:
         # ---- records -> shards + quarantine
         source = SOURCES.get(cfg.data.source)(cfg)

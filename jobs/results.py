@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base, todo, args = plan(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+    from pipeline.raycluster import init_ray
 
     from odedit.config import with_overrides
     from pipeline.engine import run_stream, shards_dir
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = prepare_output_dir(base)
     started = not ray.is_initialized()
     if started:
-        ray.init()
+        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
     try:
         base, model_path, prep = prepared(base)
         shards = shards_dir(base)

@@ -160,6 +160,7 @@ def main(cfg: Any, cases_fn: Callable[[Any], Sequence[Any]] = training_cases) ->
     """Meta-train `cfg.method` on `cases_fn(cfg)`; write the hypernetwork and the summary; return the summary."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+    from pipeline.raycluster import init_ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -186,7 +187,7 @@ def main(cfg: Any, cases_fn: Callable[[Any], Sequence[Any]] = training_cases) ->
     run_cfg = dataclasses.replace(cfg, model=model_cfg)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init()  # joins the cluster under `ray job submit`; starts a local one otherwise
+        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
     r = cfg.resources
     try:
         trainer = TorchTrainer(

@@ -31,6 +31,7 @@ def main(cfg: Config) -> dict:
     """Run (or restore) the search of `cfg`; returns the summary also written to `summary.json`."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+    from pipeline.raycluster import init_ray
 
     from pipeline.experiment import prepared, run_info
     from pipeline.search import Search, validate_search
@@ -39,7 +40,7 @@ def main(cfg: Config) -> dict:
     validate_search(cfg)  # a bad space fails here, before anything is prepared or run
     started = not ray.is_initialized()
     if started:
-        ray.init()  # joins the cluster under `ray job submit`; starts a local one otherwise
+        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
     try:
         # ---- data and model once, then the trials
         run_cfg, model_path, prep = prepared(cfg)

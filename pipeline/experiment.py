@@ -52,6 +52,7 @@ def run_experiment(cfg: Config, arms: Mapping[str, Sequence[str]], name: str, nu
     """Prepare, then run every arm (config overrides) as its own stream; returns {arm: summary}."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+    from pipeline.raycluster import init_ray
 
     from jobs.common import prepare_output_dir
     from pipeline.engine import default_run_name, run_stream
@@ -60,7 +61,7 @@ def run_experiment(cfg: Config, arms: Mapping[str, Sequence[str]], name: str, nu
     prepare_output_dir(cfg)
     started = not ray.is_initialized()
     if started:
-        ray.init()
+        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
     try:
         cfg, model_path, prep = prepared(cfg)
         parent = None

@@ -62,6 +62,11 @@ def head(tmp_path_factory):
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
+    # A head stopped without `ray stop` leaves Ray's session file behind; drop it when it is ours.
+    from pipeline.raycluster import SESSION_FILE, recorded_cluster
+
+    if (recorded_cluster() or "").endswith(f":{port}"):
+        os.remove(SESSION_FILE)
     log.close()
 
 
