@@ -156,3 +156,18 @@ class EditMethod(ABC):
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
                 p.copy_(t.to(p.dtype))
+
+
+def attach_side_module(module: nn.Module, name: str, attr: str, build: Callable[[], nn.Module], hook: str,
+                       capacity: int, knob: str) -> nn.Module:
+    """The editor's side module `attr` on `module` (GRACE's codebook, WISE's memory): built and hooked into the
+    module's forward on first use, found again afterwards; one built with another capacity is refused."""
+    side = getattr(module, attr, None)
+    if side is None:
+        side = build()
+        module.add_module(attr, side)
+        module.register_forward_hook(getattr(side, hook))
+    elif side.capacity != capacity:
+        raise ValueError(f"{name} already carries a {attr} of capacity {side.capacity}; method.{knob} is {capacity} "
+                         "(load the model again, or use the same capacity)")
+    return side

@@ -49,7 +49,7 @@ from torch import nn
 from odedit.config import MethodConfig
 from odedit.configlib import Problem, non_negative, option, positive
 from odedit.envs import EditCase
-from odedit.methods.base import EditHandle, EditMethod
+from odedit.methods.base import EditHandle, EditMethod, attach_side_module
 from odedit.methods.registry import register_method
 from odedit.methods.taps import ForwardTap, layer_at_depth
 
@@ -139,13 +139,9 @@ class GRACE(EditMethod):
             return
         self._tap = ForwardTap.of(self.adapter)
         ((name, module),) = self.target_modules().items()
-        book = getattr(module, ATTR, None)
-        if book is None:
-            book = Codebook(module.weight.shape[1], module.weight.shape[0], self.cfg.capacity, module.weight, self._tap)
-            module.add_module(ATTR, book)
-            module.register_forward_hook(book.lookup)
-        elif book.capacity != self.cfg.capacity:
-            raise ValueError(f"{name} already carries a codebook of {book.capacity} entries; method.capacity is {self.cfg.capacity}")
+        book = attach_side_module(
+            module, name, ATTR, lambda: Codebook(module.weight.shape[1], module.weight.shape[0], self.cfg.capacity,
+                                                 module.weight, self._tap), "lookup", self.cfg.capacity, "capacity")
         self._book, self._name, self._module = book, name, module
 
     def editable(self) -> Mapping[str, nn.Parameter]:

@@ -66,7 +66,7 @@ from torch import nn
 from odedit.config import MethodConfig
 from odedit.configlib import Problem, each, in_range, non_negative, option, positive
 from odedit.envs import OUT_ENVS, EditCase
-from odedit.methods.base import EditHandle, EditMethod
+from odedit.methods.base import EditHandle, EditMethod, attach_side_module
 from odedit.methods.registry import register_method
 from odedit.methods.taps import ForwardTap, layer_at_depth, positive_mean
 from odedit.risks import reliability_risk
@@ -221,13 +221,10 @@ class WISE(EditMethod):
             return
         self._tap = ForwardTap.of(self.adapter)
         ((name, module),) = self.target_modules().items()
-        mem = getattr(module, ATTR, None)
-        if mem is None:
-            mem = SideMemory(module.weight, self.cfg.max_memories, self.cfg.act_ratio, self.cfg.act_pool, self._tap, name)
-            module.add_module(ATTR, mem)
-            module.register_forward_hook(mem.route)
-        elif mem.capacity != self.cfg.max_memories:
-            raise ValueError(f"{name} already carries {mem.capacity} side memories; method.max_memories is {self.cfg.max_memories}")
+        mem = attach_side_module(
+            module, name, ATTR, lambda: SideMemory(module.weight, self.cfg.max_memories, self.cfg.act_ratio,
+                                                   self.cfg.act_pool, self._tap, name),
+            "route", self.cfg.max_memories, "max_memories")
         self._mem, self._name, self._module = mem, name, module
 
     def editable(self) -> Mapping[str, nn.Parameter]:

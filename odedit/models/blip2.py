@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from odedit.models.base import ModelAdapter
-from odedit.models.placeholders import embed_with_images
+from odedit.models.placeholders import QueryTokenImages, embed_with_images
 from odedit.models.registry import ADAPTERS
 from odedit.models.tokenizer import DEFAULT_CORPUS, build_word_tokenizer
 
@@ -37,7 +37,7 @@ def tiny_query_tokens_(model: torch.nn.Module, seed: int) -> None:
 
 
 @ADAPTERS.decorator("blip2_opt")
-class Blip2OptAdapter(ModelAdapter):
+class Blip2OptAdapter(QueryTokenImages, ModelAdapter):
     family = "blip2_opt"
     model_type = "blip-2"
     default_template = "Question: {} Short answer:"
@@ -55,14 +55,6 @@ class Blip2OptAdapter(ModelAdapter):
                 "e.g. 50265 for Salesforce/blip2-opt-2.7b): add the token and set the id"
             )
         return int(token_id)
-
-    @property
-    def num_query_tokens(self) -> int:
-        return int(self.model.config.num_query_tokens)
-
-    def _image_block(self, image: Any) -> tuple[list[int], dict[str, torch.Tensor]]:
-        pixels = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
-        return [self.image_token_id] * self.num_query_tokens, {"pixel_values": pixels}
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.model.language_model.model.decoder.layers

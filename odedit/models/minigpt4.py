@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from odedit.models.base import IMAGE_MARKER, ModelAdapter
+from odedit.models.placeholders import QueryTokenImages
 from odedit.models.registry import ADAPTERS
 from odedit.models.tokenizer import DEFAULT_CORPUS, build_word_tokenizer
 
@@ -30,7 +31,7 @@ def _minigpt4_class():
 
 
 @ADAPTERS.decorator("minigpt4")
-class MiniGPT4Adapter(ModelAdapter):
+class MiniGPT4Adapter(QueryTokenImages, ModelAdapter):
     family = "minigpt4"
     model_type = "minigpt4"
     default_template = "###Human: <Img><image></Img> {} ###Assistant:"
@@ -39,14 +40,6 @@ class MiniGPT4Adapter(ModelAdapter):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_index)
-
-    @property
-    def num_query_tokens(self) -> int:
-        return int(self.model.config.num_query_tokens)
-
-    def _image_block(self, image: Any) -> tuple[list[int], dict[str, torch.Tensor]]:
-        pixels = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
-        return [self.image_token_id] * self.num_query_tokens, {"pixel_values": pixels}
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.model.language_model.model.layers

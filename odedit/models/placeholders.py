@@ -8,8 +8,25 @@ batch (`features` then holds the image rows only, in batch order). Pure torch: n
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+
+class QueryTokenImages:
+    """Adapter mixin of the Q-Former families: an image is `num_query_tokens` placeholders plus its pixels.
+
+    Needs `self.model.config.num_query_tokens`, `self.image_processor` and an `image_token_id` property.
+    """
+
+    @property
+    def num_query_tokens(self) -> int:
+        return int(self.model.config.num_query_tokens)  # type: ignore[attr-defined]
+
+    def _image_block(self, image: Any) -> tuple[list[int], dict[str, torch.Tensor]]:
+        pixels = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]  # type: ignore[attr-defined]
+        return [self.image_token_id] * self.num_query_tokens, {"pixel_values": pixels}  # type: ignore[attr-defined]
 
 
 def embed_with_images(embed_tokens: nn.Module, input_ids: torch.Tensor, image_token_id: int,

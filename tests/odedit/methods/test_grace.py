@@ -151,3 +151,11 @@ def test_sequential_edits_keep_earlier_ones_and_state_round_trips(tiny_adapter, 
         assert torch.equal(fresh.run(probe).logits, adapter.run(probe).logits)
     with pytest.raises(ValueError, match="labels for"):
         restored.method.load_state_dict({**editor.method.state_dict(), "labels": []})
+
+
+def test_a_second_grace_of_another_capacity_on_the_same_model_is_refused(tiny_adapter):
+    adapter = tiny_adapter("llava")
+    Editor(adapter, _cfg("method.capacity=8")).method.codebook  # installs the codebook
+    assert Editor(adapter, _cfg("method.capacity=8")).method.codebook.capacity == 8  # found again, reused
+    with pytest.raises(ValueError, match=r"capacity 8; method.capacity is 16"):
+        Editor(adapter, _cfg("method.capacity=16")).method.codebook
