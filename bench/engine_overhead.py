@@ -5,8 +5,9 @@
 The same stream (same shards, model, editor, config and seed) runs twice: in this process through
 `odedit.stream.StreamRunner` with a torch optimiser, and as a Ray Train `TorchTrainer` with one worker and
 DeepSpeed ZeRO-2 (gloo), reading its edits from the Ray Data dataset, writing progress and checkpoints.
-Each step's wall time (reading its cases, editing, scoring them) is recorded by the stream itself; the first
-two steps are start-up and are dropped.
+Each step's wall time (reading its cases, editing, scoring them, and the checkpoint written after the step
+before) is recorded by the stream itself; both loops checkpoint every 2 steps to a `RunStore`; the first two
+steps are start-up and are dropped.
 
 Figure: `step_time_ratio_raytrain_inprocess` (target <= 1.3) = median step time in the Ray Train worker /
 median step time in process. Both use one torch thread (Ray Train gives a 1-CPU worker one thread). Model:
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     from odedit.config import load_config
     from odedit.editing import Editor
     from odedit.models import build_tiny, load_adapter
-    from odedit.stream import StreamRunner
+    from odedit.stream import StreamHooks, StreamRunner
+    from pipeline.checkpoints import RunStore
     from pipeline.casesource import ShardCaseSource
     from pipeline.engine import run_stream, shards_dir, storage_dir
     from pipeline.experiment import prepared
@@ -68,8 +71,18 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(cfg.seed)
         adapter = load_adapter(cfg.model, model_path)
         source = ShardCaseSource(shards_dir(cfg), "test", n)
-        local = StreamRunner(Editor(adapter, cfg), cfg).run(source)
+        # The in-process loop checkpoints like the engine does (same RunStore, same cadence), so the ratio is
+        # what Ray Train, DeepSpeed and Ray Data add, not the cost of checkpointing itself.
+        editor = Editor(adapter, cfg)
+        store = RunStore(os.path.join(base, f"inproc-{os.getpid()}")).ensure()
+
+        def on_checkpoint(st) -> None:
+            full = editor.state_dict()
+            store.write_checkpoint(st.next_step, full["method"], full["objective"], st.to_dict())
+
+        local = StreamRunner(editor, cfg, hooks=StreamHooks(on_checkpoint=on_checkpoint)).run(source)
         in_proc = [r["step_wall"] for r in local.rows if r["edit_id"] in _firsts(local.rows)]
+        shutil.rmtree(store.run_dir, ignore_errors=True)
 
         # ---- Ray Train + DeepSpeed (a fresh run directory each time)
         name = f"bench-{os.getpid()}"
