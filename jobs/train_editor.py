@@ -206,7 +206,7 @@ def main(cfg: Any, cases_fn: Callable[[Any], Sequence[Any]] = training_cases) ->
             ray.shutdown()
     if result.checkpoint is None or result.metrics is None:
         raise RuntimeError(f"the training run reported no checkpoint (error: {result.error!r})")
-    hypernet_path = os.path.join(out_dir, HYPERNET_FILE)
+    hypernet_path = os.path.abspath(os.path.join(out_dir, HYPERNET_FILE))
     with result.checkpoint.as_directory() as d:
         shutil.copyfile(os.path.join(d, HYPERNET_FILE), hypernet_path)
     summary = {"method": cfg.method.name, "odedit": cfg.odedit.enabled, "model": {"family": model_cfg.family,

@@ -238,6 +238,14 @@ def check_cluster_fits(cfg: Config) -> None:
             f"resources.cpus_per_worker={max(0.1, (total - 1) / r.num_workers):g} or add CPUs")
 
 
+def absolute_method_paths(cfg: Config) -> Config:
+    """The config with every non-empty `method.*_path` file (e.g. MEND's hypernetwork) made absolute."""
+    changes = {f.name: os.path.abspath(getattr(cfg.method, f.name)) for f in dataclasses.fields(cfg.method)
+               if f.name.endswith("_path") and isinstance(getattr(cfg.method, f.name), str)
+               and getattr(cfg.method, f.name) and not os.path.isabs(getattr(cfg.method, f.name))}
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, **changes)) if changes else cfg
+
+
 def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None = None, num_edits: int | None = None,
                offset: int = 0, progress: bool = True, metrics_path: str | None = None) -> dict[str, Any]:
     """Run one edit stream on the Ray cluster this process is connected to; returns its summary.
@@ -251,6 +259,7 @@ def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None 
 
     run_name = run_name or default_run_name(cfg)
     check_cluster_fits(cfg)
+    cfg = absolute_method_paths(cfg)  # workers run in another directory: relative files would not resolve
     shards = shards_dir(cfg)
     store = RunStore(os.path.join(storage_dir(cfg), run_name)).ensure()
     tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})

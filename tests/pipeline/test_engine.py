@@ -142,3 +142,17 @@ def test_resubmitted_finished_stream_resumes_at_its_end(prepared, one_worker):
     assert again["edits_applied"] == 16
     for m in ("rel", "t_gen", "m_gen"):
         assert abs(again[m] - s1[m]) <= METRIC_TOL
+
+
+
+def test_relative_method_files_become_absolute_and_others_stay():
+    """Ray Train workers do not run in the driver's directory: method files reach them absolute."""
+    from pipeline.engine import absolute_method_paths
+
+    cfg = load_config(None, ["method.name=mend", "method.hypernet_path=outputs/x/hypernet.safetensors"])
+    out = absolute_method_paths(cfg)
+    assert out.method.hypernet_path == os.path.abspath("outputs/x/hypernet.safetensors")
+    assert out.method.lr == cfg.method.lr
+    assert absolute_method_paths(load_config(None, ["method.name=mend"])).method.hypernet_path == ""
+    ft = load_config(None)
+    assert absolute_method_paths(ft) is ft
