@@ -12,7 +12,8 @@ Each cell is one edit stream through the engine (Ray Train + DeepSpeed), an MLfl
 job's parent run. A finished cell's summary is kept in `<output_dir>/cells/<setting>/<editor>/<arm>.json`;
 running the job again skips finished cells and resumes an interrupted one from its checkpoint. Editors with
 trained components (MEND) are meta-trained first with `jobs.train_editor` on the world's `train` edits,
-once per arm (the +ODEdit arm trains with the ODEdit terms), into `<output_dir>/editors/<editor>-<arm>/`.
+once per arm (the +ODEdit arm trains with the ODEdit terms), into `<output_dir>/editors/<editor>-<arm>-<key>/`
+(the key hashes the method, ODEdit and data settings, the model and the seed).
 
 Writes `<output_dir>/results.json` and `<output_dir>/results.md` (one table per setting, with run ids).
 """
@@ -74,7 +75,13 @@ def _trained_editor(cell: Cell, model_cfg: Any, shards: str, out: str) -> str:
     """Meta-train the cell's editor (once per editor and arm) and return its hypernetwork path."""
     from jobs import train_editor
 
-    target = os.path.join(out, "editors", f"{cell.editor}-{cell.arm}")
+    from odedit.configlib import to_dict
+    from pipeline.cache import content_key
+
+    # Keyed by everything the trained editor depends on, so a changed recipe trains again.
+    key = content_key({k: to_dict(getattr(cell.config, k)) for k in ("method", "odedit", "data")}
+                      | {"model": model_cfg.name_or_path, "seed": cell.config.seed})
+    target = os.path.join(out, "editors", f"{cell.editor}-{cell.arm}-{key}")
     path = os.path.join(target, train_editor.HYPERNET_FILE)
     if os.path.isfile(path):
         return path
