@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m jobs.results --config jobs/configs/results.yaml
 
 The base config (`--config`) fixes the model, the data (prepared once: shards and references are shared by
-every cell), resources and tracking; the matrix file (`pipeline.matrix`) gives each editor's `method` block and
+every cell), resources and tracking; the matrix file (`pipeline.results_matrix`) gives each editor's `method` block and
 each setting's stream overrides. Every cell's config is validated before anything runs.
 
 Each cell is one edit stream through the engine (Ray Train + DeepSpeed), an MLflow run nested under the
@@ -29,7 +29,7 @@ import time
 from typing import Any, Sequence
 
 from jobs.common import prepare_output_dir, write_json
-from pipeline.matrix import Cell, MatrixError, cells, load_matrix
+from pipeline.results_matrix import Cell, MatrixError, cells, load_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MATRIX = os.path.join(ROOT, "jobs", "configs", "results_matrix.yaml")

@@ -6,7 +6,7 @@ import pytest
 
 from odedit.configlib import to_dict
 from odedit.config import load_config
-from pipeline.matrix import MatrixError, cells, load_matrix, parse_matrix
+from pipeline.results_matrix import MatrixError, cells, load_matrix, parse_matrix
 from pipeline.report import results_markdown
 
 MATRIX = {
