@@ -238,12 +238,27 @@ def check_cluster_fits(cfg: Config) -> None:
             f"resources.cpus_per_worker={max(0.1, (total - 1) / r.num_workers):g} or add CPUs")
 
 
-def absolute_method_paths(cfg: Config) -> Config:
-    """The config with every non-empty `method.*_path` file (e.g. MEND's hypernetwork) made absolute."""
-    changes = {f.name: os.path.abspath(getattr(cfg.method, f.name)) for f in dataclasses.fields(cfg.method)
-               if f.name.endswith("_path") and isinstance(getattr(cfg.method, f.name), str)
-               and getattr(cfg.method, f.name) and not os.path.isabs(getattr(cfg.method, f.name))}
-    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, **changes)) if changes else cfg
+def for_workers(cfg: Config) -> Config:
+    """The config as the driver means it, for processes that run elsewhere.
+
+    Ray Train workers do not run in the driver's directory, so every relative location is resolved here:
+    `output_dir`, `data.shards_dir`, `stream.storage_path`, every non-empty `method.*_path` file (e.g. MEND's
+    hypernetwork), and the MLflow URI (`tracking.uri`, else `$MLFLOW_TRACKING_URI`, else the sqlite file under
+    the output directory), which the workers would otherwise resolve against their own directory and log into
+    a database nobody reads.
+    """
+    from pipeline.tracking import tracking_uri
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if path and not os.path.isabs(path) else path
+
+    method = {f.name: absolute(getattr(cfg.method, f.name)) for f in dataclasses.fields(cfg.method)
+              if f.name.endswith("_path") and isinstance(getattr(cfg.method, f.name), str)}
+    tracking = dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)) if cfg.tracking.enabled else cfg.tracking
+    return dataclasses.replace(
+        cfg, output_dir=absolute(cfg.output_dir), method=dataclasses.replace(cfg.method, **method),
+        data=dataclasses.replace(cfg.data, shards_dir=absolute(cfg.data.shards_dir)),
+        stream=dataclasses.replace(cfg.stream, storage_path=absolute(cfg.stream.storage_path)), tracking=tracking)
 
 
 def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None = None, num_edits: int | None = None,
@@ -259,7 +274,7 @@ def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None 
 
     run_name = run_name or default_run_name(cfg)
     check_cluster_fits(cfg)
-    cfg = absolute_method_paths(cfg)  # workers run in another directory: relative files would not resolve
+    cfg = for_workers(cfg)  # workers run in another directory: relative locations would not resolve there
     shards = shards_dir(cfg)
     store = RunStore(os.path.join(storage_dir(cfg), run_name)).ensure()
     tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})

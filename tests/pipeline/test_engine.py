@@ -145,14 +145,19 @@ def test_resubmitted_finished_stream_resumes_at_its_end(prepared, one_worker):
 
 
 
-def test_relative_method_files_become_absolute_and_others_stay():
-    """Ray Train workers do not run in the driver's directory: method files reach them absolute."""
-    from pipeline.engine import absolute_method_paths
+def test_workers_get_every_location_absolute(monkeypatch):
+    """Ray Train workers do not run in the driver's directory: relative locations reach them resolved."""
+    from pipeline.engine import for_workers
 
-    cfg = load_config(None, ["method.name=mend", "method.hypernet_path=outputs/x/hypernet.safetensors"])
-    out = absolute_method_paths(cfg)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, ["method.name=mend", "method.hypernet_path=outputs/x/hypernet.safetensors",
+                             "output_dir=outputs/rel", "data.shards_dir=outputs/rel/shards"])
+    out = for_workers(cfg)
     assert out.method.hypernet_path == os.path.abspath("outputs/x/hypernet.safetensors")
+    assert out.output_dir == os.path.abspath("outputs/rel")
+    assert out.data.shards_dir == os.path.abspath("outputs/rel/shards") and out.stream.storage_path == ""
+    assert out.tracking.uri == "sqlite:///" + os.path.abspath("outputs/rel/mlflow.db")
     assert out.method.lr == cfg.method.lr
-    assert absolute_method_paths(load_config(None, ["method.name=mend"])).method.hypernet_path == ""
-    ft = load_config(None)
-    assert absolute_method_paths(ft) is ft
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
+    assert for_workers(cfg).tracking.uri == "http://head:5000"
+    assert for_workers(load_config(None, ["tracking.enabled=false"])).tracking.uri == ""
