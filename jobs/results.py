@@ -1,6 +1,6 @@
 """The results table: every host editor x {base, +ODEdit} x stream settings, each cell an MLflow run.
 
-    python -m jobs.results --config jobs/configs/results.yaml [--matrix jobs/configs/results_matrix.yaml]
+    python -m jobs.results --config jobs/configs/results.yaml [--matrix jobs/matrices/results.yaml]
                            [--only seq10/ --only single/ft] [key=value ...]
     ray job submit --working-dir . -- python -m jobs.results --config jobs/configs/results.yaml
 
@@ -32,7 +32,7 @@ from jobs.common import prepare_output_dir, write_json
 from pipeline.results_matrix import Cell, MatrixError, cells, load_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MATRIX = os.path.join(ROOT, "jobs", "configs", "results_matrix.yaml")
+DEFAULT_MATRIX = os.path.join(ROOT, "jobs", "matrices", "results.yaml")
 KEEP = ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "m_loc_hard", "edits", "edits_applied", "edits_failed",
         "wall_seconds", "mlflow_run_id", "immediate", "pre", "mode", "batch_size", "run_dir")
 

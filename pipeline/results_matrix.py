@@ -1,6 +1,6 @@
 """The results matrix: host editors x {base, +ODEdit} x stream settings, as validated configs.
 
-    spec = load_matrix("jobs/configs/results_matrix.yaml")        # MatrixError lists every problem
+    spec = load_matrix("jobs/matrices/results.yaml")        # MatrixError lists every problem
     for cell in cells(base_dict, spec): cell.config, cell.key      # one edit stream each
 
 A matrix file has three sections:
@@ -107,7 +107,7 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
 
 def load_matrix(path: str | os.PathLike) -> MatrixSpec:
     if not os.path.isfile(path):
-        raise MatrixError([f"--matrix: no file at {str(path)!r}. Hint: see jobs/configs/results_matrix.yaml"], str(path))
+        raise MatrixError([f"--matrix: no file at {str(path)!r}. Hint: see jobs/matrices/results.yaml"], str(path))
     with open(path, encoding="utf-8") as fh:
         try:
             data = yaml.safe_load(fh)

@@ -71,7 +71,7 @@ def test_shipped_matrix_validates_against_the_shipped_base():
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     base = load_config(os.path.join(root, "jobs", "configs", "results.yaml"), extra_checks=[check_source])
-    got = cells(to_dict(base), load_matrix(os.path.join(root, "jobs", "configs", "results_matrix.yaml")), [check_source])
+    got = cells(to_dict(base), load_matrix(os.path.join(root, "jobs", "matrices", "results.yaml")), [check_source])
     assert {c.editor for c in got} == {"ft", "lora", "tpatcher", "wise", "grace", "mend", "unike"}
     assert len(got) == 7 * 2 * 3
 
