@@ -34,7 +34,7 @@ from pipeline.results_matrix import Cell, MatrixError, cells, load_matrix
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MATRIX = os.path.join(ROOT, "jobs", "matrices", "results.yaml")
 KEEP = ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "m_loc_hard", "edits", "edits_applied", "edits_failed",
-        "wall_seconds", "mlflow_run_id", "immediate", "pre", "mode", "batch_size", "run_dir")
+        "seconds", "wall_seconds", "mlflow_run_id", "immediate", "pre", "mode", "batch_size", "run_dir")
 
 
 def parse_args(argv: Sequence[str] | None):

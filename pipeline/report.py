@@ -36,12 +36,12 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]], markdown: bool = 
 
 def results_markdown(cells: list[Mapping[str, Any]]) -> str:
     """One Markdown table per setting of the results matrix: editor x arm rows, metrics x100, run ids."""
-    head = ["editor", "arm"] + [LABELS[m] for m in HEADLINE] + ["edits", "failed", "wall s", "MLflow run id"]
+    head = ["editor", "arm"] + [LABELS[m] for m in HEADLINE] + ["edits", "failed", "stream s", "MLflow run id"]
     parts = []
     for setting in dict.fromkeys(c["setting"] for c in cells):
         lines = [f"### {setting}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in (c for c in cells if c["setting"] == setting):
-            wall = c.get("wall_seconds")
+            wall = c.get("seconds", c.get("wall_seconds"))  # the stream's own time (start-up excluded)
             lines.append("| " + " | ".join([c["editor"], c["arm"]] + [_fmt(c.get(m)) for m in HEADLINE] + [
                 str(c.get("edits_applied", "")), str(c.get("edits_failed", "")),
                 f"{wall:.0f}" if isinstance(wall, (int, float)) else "n/a", f"`{c.get('mlflow_run_id') or ''}`"]) + " |")
