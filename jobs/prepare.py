@@ -47,9 +47,7 @@ def main(cfg: Any) -> dict:
     from pipeline.sources import SOURCES
 
     out_dir = prepare_output_dir(cfg)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
+    started_ray = init_ray()  # joins the cluster under `ray job submit`, or starts a local one; False if Ray was up
     try:
         # ---- records -> shards + quarantine
         source = SOURCES.get(cfg.data.source)(cfg)

@@ -106,9 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from pipeline.tracking import open_tracker
 
     out = prepare_output_dir(base)
-    started = not ray.is_initialized()
-    if started:
-        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
+    started = init_ray()  # joins the cluster under `ray job submit`, or starts a local one; False if Ray was up
     try:
         base, model_path, prep = prepared(base)
         shards = shards_dir(base)

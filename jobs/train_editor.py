@@ -185,9 +185,7 @@ def main(cfg: Any, cases_fn: Callable[[Any], Sequence[Any]] = training_cases) ->
 
         model_cfg, model_path, _ = resolve_model(cfg)
     run_cfg = dataclasses.replace(cfg, model=model_cfg)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
+    started_ray = init_ray()  # joins the cluster under `ray job submit`, or starts a local one; False if Ray was up
     r = cfg.resources
     try:
         trainer = TorchTrainer(

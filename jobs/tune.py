@@ -38,9 +38,7 @@ def main(cfg: Config) -> dict:
     from pipeline.tracking import attach_tracker, open_tracker
 
     validate_search(cfg)  # a bad space fails here, before anything is prepared or run
-    started = not ray.is_initialized()
-    if started:
-        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
+    started = init_ray()  # joins the cluster under `ray job submit`, or starts a local one; False if Ray was up
     try:
         # ---- data and model once, then the trials
         run_cfg, model_path, prep = prepared(cfg)

@@ -59,9 +59,7 @@ def run_experiment(cfg: Config, arms: Mapping[str, Sequence[str]], name: str, nu
     from pipeline.tracking import open_tracker
 
     prepare_output_dir(cfg)
-    started = not ray.is_initialized()
-    if started:
-        init_ray()  # joins the cluster under `ray job submit`; starts a local one otherwise
+    started = init_ray()  # joins the cluster under `ray job submit`, or starts a local one; False if Ray was up
     try:
         cfg, model_path, prep = prepared(cfg)
         parent = None
