@@ -159,12 +159,21 @@ class ODEditConfig:
     mmd_bandwidth_mult: float = option(2.0, help="[INFERENCE] ratio between consecutive bandwidths (5 kernels, ratio 2 -> x{1/4..4})", check=positive)
     lambda_hidden: int = option(32, help="[INFERENCE] width of the lambda-network (TV2 uses 32)", check=positive)
     lambda_init_bias: float = option(0.0, help="[INFERENCE] initial output bias of the lambda-network: lambda starts near softplus(bias)")
+    lambda_cap: float = option(1.0e3, help="[INFERENCE] projected dual ascent: a dual step never takes the learned "
+                               "lambda above this (the paper's lambda is unbounded and runs away on routed editors "
+                               "such as WISE and UniKE); 0 = the paper's unbounded ascent", check=non_negative)
     lambda_max: float = option(1.0e4, help="a lambda above this is a runaway: the step is rolled back", check=positive)
     dual_lr: float = option(1.0e-3, help="[INFERENCE] dual ascent step gamma_2 (TV2 default 1e-3)", check=positive)
     step_rule: Literal["optimizer", "adaptive"] = option("optimizer", help="[INFERENCE] primal/dual steps: the host optimiser and fixed dual_lr, or the adaptive 1/(k^p ||g||) rule of method.md §3.3")
     adaptive_p: float = option(1.1, help="[INFERENCE] exponent p > 1 of the adaptive rule", check=lambda v: None if v > 1 else "must be > 1")
     adaptive_scale: float = option(1.0, help="[INFERENCE] scale c of the adaptive rule: gamma_k = c / (k^p ||g||)", check=positive)
     warmup_iters: int = option(0, help="[INFERENCE] inner iterations per step with the penalty off (TV2 penalty_anneal_iters)", check=non_negative)
+
+    def _cross_checks(self) -> Iterable[Problem]:
+        if self.penalty == "learned" and self.lambda_max < self.lambda_cap:
+            yield Problem("lambda_cap", self.lambda_cap, f"must not exceed lambda_max ({self.lambda_max}): every "
+                          "lambda between them would roll its step back",
+                          f"set lambda_cap <= {self.lambda_max}, or raise lambda_max")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,14 @@ The first iteration of an edit step has no previous primal step, so it takes no 
     tensor): flattening phi_e as [TV2] does is infeasible for MLLM layers.
   * steps: the host optimiser for phi_e and plain ascent with `dual_lr` for delta ([TV2] released code), or the
     adaptive rule gamma_k = c / (k^p ||g||) of [TV2] Theorem 3 (`step_rule: adaptive`).
+  * saturating dual ascent (`lambda_cap`): Eq. 13's ascent raises lambda whenever the penalty is positive, and
+    the TV-l1 penalty is never negative, so over a long stream lambda only grows. On editors whose edits act
+    through routed side parameters (WISE, UniKE) it ran past 1e5 within a few steps (docs/results.md §2).
+    We saturate the network's output, lambda = min(Softplus(MLP(s)), cap): at the cap the gradient of lambda in
+    delta is zero, so the ascent stops there by itself and lambda stays at the cap until the primal steps bring
+    it below. (A projection by shifting the output bias was tried first: in float32 the shift cancels outputs
+    of ~1e6 and misses the cap.) The paper's unbounded lambda is `lambda_cap: 0`; `lambda_max` still rolls
+    back the steps of a lambda that runs past it.
 """
 
 from __future__ import annotations
@@ -48,10 +56,13 @@ class LambdaNet(nn.Module):
         in_dim: size of the parameter summary.
         hidden: MLP width.
         init_bias: output bias at initialisation; lambda starts near softplus(init_bias).
+        cap: lambda saturates here (its gradient is zero above), see the module docstring.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 32, init_bias: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, in_dim: int, hidden: int = 32, init_bias: float = 0.0, seed: int = 0,
+                 cap: float = float("inf")) -> None:
         super().__init__()
+        self.cap = cap
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, 1)
         g = torch.Generator().manual_seed(seed)  # its own seed: identical on every worker and every run
@@ -64,7 +75,8 @@ class LambdaNet(nn.Module):
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc1(summary.to(self.fc1.weight.dtype)))
-        return nn.functional.softplus(self.fc2(h)).mean()
+        lam = nn.functional.softplus(self.fc2(h)).mean()
+        return lam.clamp(max=self.cap) if math.isfinite(self.cap) else lam
 
 
 def adaptive_step(k: int, grad_norm: float, p: float, scale: float) -> float:
@@ -83,14 +95,15 @@ class DualState:
 
     def __init__(self, mode: str, n_tensors: int, hidden: int = 32, init_bias: float = 0.0, fixed_lambda: float = 1.0,
                  dual_lr: float = 1e-3, step_rule: str = "optimizer", adaptive_p: float = 1.1,
-                 adaptive_scale: float = 1.0, device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 adaptive_scale: float = 1.0, device: torch.device | str = "cpu", seed: int = 0,
+                 cap: float = float("inf")) -> None:
         self.mode = mode
         self.fixed_lambda = fixed_lambda
         self.dual_lr = dual_lr
         self.step_rule = step_rule
         self.adaptive_p = adaptive_p
         self.adaptive_scale = adaptive_scale
-        self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden, init_bias, seed).to(device) if mode == "learned" else None
+        self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden, init_bias, seed, cap).to(device) if mode == "learned" else None
         # s(phi_e); ZeRO-3 replaces it with a gathered, gradient-free summary (parameters are partitioned).
         self.summary_fn = parameter_summary
 

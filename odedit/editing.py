@@ -9,6 +9,7 @@ Ray Train workers call exactly this class (with a DeepSpeed stepper and their sl
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 from odedit.config import Config
@@ -45,8 +46,21 @@ class Editor:
         self._origin: dict[str, Any] | None = _detached(self.state_dict()) if seq else None
 
     def edit(self, cases: Sequence[EditCase]) -> tuple[EditHandle, StepReport]:
-        """Apply one step: all `cases` edited jointly. Returns the undo handle and the step report."""
-        return self.method.apply(cases, self.objective, self.stepper_factory, self.access, self.cfg.odedit.lambda_max)
+        """Apply one step: all `cases` edited jointly. Returns the undo handle and the step report.
+
+        The handle undoes the whole step, the objective's state (ODEdit's lambda-network) included: a step rolled
+        back for a runaway lambda leaves lambda where the step found it (before, every later step of the stream
+        started from the runaway lambda and was rolled back at its first iteration), and a single edit's
+        `restore()` returns the editor to exactly its state before the edit.
+        """
+        saved = _detached(self.objective.state_dict())
+        handle, report = self.method.apply(cases, self.objective, self.stepper_factory, self.access,
+                                           self.cfg.odedit.lambda_max)
+        undo = partial(self.objective.load_state_dict, saved)
+        if report.failed is not None:
+            undo()  # the method already restored its own parameters
+        handle.undo.append(undo)
+        return handle, report
 
     def single(self, cases: Sequence[EditCase], evaluate: Callable[[Sequence[EditCase]], list[dict]]
                ) -> list[dict[str, Any]]:

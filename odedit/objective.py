@@ -23,9 +23,9 @@ from odedit.risks import (
     generality_risk,
     kernel_bandwidths,
     locality_risk,
+    locality_risk_and_slope,
     penalty_from_gradients,
-    reliability_risk,
-    risks_and_omega_gradients,
+    reliability_risk_and_slope,
 )
 
 if TYPE_CHECKING:
@@ -91,7 +91,8 @@ class ODEditObjective(Objective):
         n_tensors = len(method.editable())
         device = method.adapter.device
         self.dual = DualState(cfg.penalty, n_tensors, cfg.lambda_hidden, cfg.lambda_init_bias, cfg.fixed_lambda,
-                              cfg.dual_lr, cfg.step_rule, cfg.adaptive_p, cfg.adaptive_scale, device, seed)
+                              cfg.dual_lr, cfg.step_rule, cfg.adaptive_p, cfg.adaptive_scale, device, seed,
+                              cfg.lambda_cap or float("inf"))
         self.owners: dict[str, list[tuple[int, int]]] = {}
         # Distributed runs average the penalty over workers before the dual step, so every worker's
         # lambda-network takes the same step (set by pipeline.distributed).
@@ -126,9 +127,13 @@ class ODEditObjective(Objective):
                                              self.cfg.mmd_bandwidth_mult)
         return generality_risk(z_e, z_r_all, self._sigmas)
 
-    def _env_risks(self, outs, cases):
-        """(environment, callable omega -> R_e(omega o phi_e)) for each penalty environment of this step."""
-        risks = []
+    def _env_risks(self, outs, cases) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{environment: (R_e, dR_e/domega at omega = 1)} for each penalty environment of this step.
+
+        The slopes are closed-form (`odedit.risks.*_and_slope`): the same numbers as differentiating
+        R_e(omega o phi_e) in omega with a second-order graph, without building one.
+        """
+        risks = {}
         for env in self.penalty_envs:
             if env not in outs:
                 continue
@@ -136,10 +141,9 @@ class ODEditObjective(Objective):
             logits, rows, n = o.answer_logits(), o.answer_row(), o.batch.size
             if env in OUT_ENVS:
                 ids, logp = _references(o, cases, env, self.owners[env])
-                risks.append((env, lambda w, lg=logits, i=ids, lp=logp, r=rows, n=n: locality_risk(lg, i, lp, r, n, w)))
+                risks[env] = locality_risk_and_slope(logits, ids, logp, rows, n)
             else:
-                t = o.answer_targets()
-                risks.append((env, lambda w, lg=logits, t=t, r=rows, n=n: reliability_risk(lg, t, r, n, w)))
+                risks[env] = reliability_risk_and_slope(logits, o.answer_targets(), rows, n)
         return risks
 
     # -------------------------------------------------------------------------------------- G
@@ -152,11 +156,10 @@ class ODEditObjective(Objective):
         pen = None
         env_values: dict[str, torch.Tensor] = {}
         if self.dual.active and k > cfg.warmup_iters:
-            omega = torch.tensor(1.0, device=host.device, requires_grad=True)
-            named = self._env_risks(outs, cases)
-            values, grads = risks_and_omega_gradients([fn for _, fn in named], omega)
-            pen = penalty_from_gradients(grads, cfg.penalty_reduction)
-            env_values = {env: v for (env, _), v in zip(named, values)}
+            risks = self._env_risks(outs, cases)
+            pen = penalty_from_gradients([slope for _, slope in risks.values()], cfg.penalty_reduction) \
+                if risks else host * 0.0
+            env_values = {env: value for env, (value, _) in risks.items()}
         # R_loc: the OUT environments' KL, reused from the penalty's risks at omega = 1 when computed there.
         if all(e in env_values for e in self.out_envs if e in outs):
             loc = [env_values[e] for e in self.out_envs if e in outs]

@@ -1,4 +1,4 @@
-"""jobs.results end to end on a tiny LLaVA: 2 editors x 2 arms x 1 setting through the engine, nested MLflow runs,
+"""jobs.results end to end on a tiny LLaVA: 1 editor x 2 arms x 1 setting through the engine, nested MLflow runs,
 the Markdown table with their run ids, finished cells kept on a re-run, bad matrices refused up front."""
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ def job(tmp_path_factory, tiny_dir):
         "output_dir": str(root / "out"),
     }
     matrix = {
-        "editors": {"ft": {"method": {"name": "ft", "lr": 0.05, "n_iter": 3}},
-                    "grace": {"method": {"name": "grace", "n_iter": 3, "capacity": 8}}},
+        "editors": {"ft": {"method": {"name": "ft", "lr": 0.05, "n_iter": 3}}},
         "settings": {"seq2": ["stream.sequence_length=2", "stream.batch_size=1"]},
     }
     (root / "base.yaml").write_text(yaml.safe_dump(base))
@@ -42,8 +41,7 @@ def test_every_cell_runs_once_and_the_table_links_mlflow_runs(job, ray_local):
     argv = ["--config", str(job / "base.yaml"), "--matrix", str(job / "matrix.yaml")]
     out = main(argv)
     cells = out["cells"]
-    assert [(c["editor"], c["arm"]) for c in cells] == [("ft", "base"), ("ft", "odedit"), ("grace", "base"),
-                                                        ("grace", "odedit")]
+    assert [(c["editor"], c["arm"]) for c in cells] == [("ft", "base"), ("ft", "odedit")]
     assert all(c["edits_applied"] == 4 and c["setting"] == "seq2" for c in cells)
     client = MlflowClient(f"sqlite:///{job / 'out' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("results-test").experiment_id])

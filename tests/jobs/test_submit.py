@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -55,13 +56,19 @@ def head(tmp_path_factory):
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
             break
+        except urllib.error.HTTPError:  # the dashboard answered (401 without the token): it is up
+            break
         except OSError:
             if proc.poll() is not None:
                 pytest.fail(f"ray start --head exited with {proc.returncode}")
             time.sleep(1)
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:  # its own process group only: no other Ray instance is touched
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     # A head stopped without `ray stop` leaves Ray's session file behind; drop it when it is ours.
     from pipeline.raycluster import SESSION_FILE, recorded_cluster
 

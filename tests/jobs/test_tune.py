@@ -1,4 +1,4 @@
-"""jobs.tune end to end on a tiny world (tiny random LLaVA, 8 validation edits, CPU): a 4-trial ASHA search with
+"""jobs.tune end to end on a tiny world (tiny random LLaVA, 8 validation edits, CPU): a 3-trial ASHA search with
 nested MLflow runs and a ready-to-run best config; a search whose driver is killed and restored; a bad space
 refused before anything runs.
 
@@ -50,7 +50,7 @@ def world(tmp_path_factory, tiny_dir):
                    "checkpoint_every": 1, "generation_eval": False},
         "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 0},
         "tracking": {"experiment": "tune-test"},
-        "search": {"space": SPACE, "num_samples": 4, "grace_edits": 4, "reduction_factor": 2},
+        "search": {"space": SPACE, "num_samples": 3, "grace_edits": 4, "reduction_factor": 2},
         "output_dir": str(root / "out"),
     }
     path = root / "tune.yaml"
@@ -76,7 +76,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_four_trial_asha_search_tracks_nested_runs_and_writes_a_runnable_best(world, tmp_path):
+def test_three_trial_asha_search_tracks_nested_runs_and_writes_a_runnable_best(world, tmp_path):
     from jobs.common import parse_job_args
 
     out = str(tmp_path / "out")
@@ -86,12 +86,12 @@ def test_four_trial_asha_search_tracks_nested_runs_and_writes_a_runnable_best(wo
         summary = json.load(fh)
     assert summary["restored"] is False and summary["searcher"] == "optuna"
 
-    # ---- four trials, each reported at every retention evaluation with training_iteration = edits applied
+    # ---- three trials, each reported at every retention evaluation with training_iteration = edits applied
     with open(os.path.join(summary["search_dir"], "trials.json")) as fh:
         trials = json.load(fh)
-    assert [t["index"] for t in trials] == [1, 2, 3, 4]
+    assert [t["index"] for t in trials] == [1, 2, 3]
     assert summary["edits_per_trial"] == VALIDATION_EDITS
-    assert sum(summary["trials"].values()) == 4 and summary["trials"]["error"] == 0
+    assert sum(summary["trials"].values()) == 3 and summary["trials"]["error"] == 0
     for t in trials:
         edits = [e for e, _ in t["curve"]]
         if t["status"] == "completed":
@@ -104,7 +104,7 @@ def test_four_trial_asha_search_tracks_nested_runs_and_writes_a_runnable_best(wo
     for t in trials[1:]:
         assert 1e-3 <= t["sample"]["method.lr"] <= 1.0 and t["sample"]["method.n_iter"] in (2, 3)
 
-    # ---- MLflow: one parent, four nested trial runs, closed by how the search ended them
+    # ---- MLflow: one parent, three nested trial runs, closed by how the search ended them
     client, runs = _runs("sqlite:///" + os.path.join(out, "mlflow.db"), "tune-test")
     parents = [r for r in runs if r.data.tags.get("odedit.kind") == "search"]
     assert len(parents) == 1

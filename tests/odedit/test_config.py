@@ -89,6 +89,11 @@ def test_cross_field_checks():
         load_config(None, ["odedit.step_rule=adaptive", "resources.zero_stage=2"])
     assert [i.path for i in info.value.issues] == ["odedit.step_rule"]
     assert load_config(None, ["odedit.step_rule=adaptive", "resources.zero_stage=0"]).odedit.step_rule == "adaptive"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["odedit.lambda_max=50"])
+    assert [i.path for i in info.value.issues] == ["odedit.lambda_cap"] and "lambda_max (50.0)" in str(info.value)
+    assert load_config(None, ["odedit.lambda_max=50", "odedit.lambda_cap=0"]).odedit.lambda_cap == 0
+    assert load_config(None, ["odedit.lambda_max=50", "odedit.penalty=fixed"]).odedit.lambda_max == 50
 
 
 def test_with_overrides_revalidates():

@@ -63,3 +63,23 @@ def test_state_dict_round_trip_and_mode_mismatch():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     with pytest.raises(ValueError, match="penalty mode"):
         DualState("fixed", 2).load_state_dict(a.state_dict())
+
+
+def test_saturated_ascent_never_takes_lambda_above_the_cap():
+    torch.manual_seed(0)
+    params = [torch.randn(3, 3)]
+    capped = DualState("learned", 1, hidden=8, dual_lr=5.0, cap=3.0)
+    free = DualState("learned", 1, hidden=8, dual_lr=5.0)
+    for k in range(1, 30):
+        capped.ascent(penalty=10.0, params=params, k=k)
+        free.ascent(penalty=10.0, params=params, k=k)
+        assert capped.lam(params).item() <= 3.0 + 1e-5
+    assert free.lam(params).item() > 100, "without the cap the same ascent runs away"
+    assert capped.lam(params).item() == pytest.approx(3.0), "lambda saturates at the cap"
+    stuck = [p.clone() for p in capped.parameters()]
+    assert capped.ascent(penalty=10.0, params=params, k=30) == 0.0, "no ascent past the cap"
+    assert all(torch.equal(a, b) for a, b in zip(stuck, capped.parameters()))
+    big = DualState("learned", 1, hidden=8, dual_lr=50.0, cap=1000.0)  # above softplus's linear threshold
+    for k in range(1, 30):
+        big.ascent(penalty=100.0, params=params, k=k)
+    assert big.lam(params).item() == pytest.approx(1000.0)

@@ -12,9 +12,11 @@ from odedit.risks import (
     generality_risk,
     kernel_bandwidths,
     locality_risk,
+    locality_risk_and_slope,
     median_bandwidth,
     multi_gaussian_kernel,
     reliability_risk,
+    reliability_risk_and_slope,
     tv_l1_penalty,
 )
 
@@ -135,3 +137,35 @@ def test_penalty_zero_when_risks_do_not_depend_on_omega():
     const = torch.tensor(3.0)
     assert tv_l1_penalty([lambda w: const + 0 * w]).item() == 0.0
     assert tv_l1_penalty([]).item() == 0.0
+
+
+def _autograd_slope(risk, logits):
+    """(R, dR/domega at 1) and the gradient of that slope in the logits, by double backward (the reference)."""
+    omega = torch.tensor(1.0, requires_grad=True)
+    value = risk(logits, omega)
+    (slope,) = torch.autograd.grad(value, omega, create_graph=True)
+    (dlogits,) = torch.autograd.grad(slope, logits)
+    return value.item(), slope.item(), dlogits
+
+
+@pytest.mark.parametrize("k", [3, 9])
+def test_closed_form_slopes_equal_double_backward(k):
+    """The objective's closed-form dR_e/domega (and their gradients) equal autograd's second-order result."""
+    torch.manual_seed(7)
+    rows, n = torch.tensor([0, 0, 1, 2]), 3
+    targets = torch.tensor([1, 4, 0, 8])
+    ref_ids, ref_lp = _full_refs(torch.randn(4, 9))
+    ref_ids, ref_lp = ref_ids[:, :k], ref_lp[:, :k]  # k = 9: all tokens stored, the tail is clamped at eps
+    cases = [
+        (lambda lg, w=1.0: reliability_risk(lg, targets, rows, n, w), lambda lg: reliability_risk_and_slope(lg, targets, rows, n)),
+        (lambda lg, w=1.0: locality_risk(lg, ref_ids, ref_lp, rows, n, w),
+         lambda lg: locality_risk_and_slope(lg, ref_ids, ref_lp, rows, n)),
+    ]
+    for reference, closed in cases:
+        logits = (torch.randn(4, 9) * 3).requires_grad_()
+        value, slope, dlogits = _autograd_slope(reference, logits)
+        got_value, got_slope = closed(logits)
+        assert got_value.item() == pytest.approx(value, rel=1e-5, abs=1e-7)
+        assert got_slope.item() == pytest.approx(slope, rel=1e-4, abs=1e-6)
+        (got_dlogits,) = torch.autograd.grad(got_slope, logits)
+        assert torch.allclose(got_dlogits, dlogits, rtol=1e-4, atol=1e-6)

@@ -73,9 +73,12 @@ def test_single_mode_leaves_the_model_unchanged(setup):
     cfg = _cfg("stream.mode=single", "method.name=lora")
     editor = Editor(adapter, cfg)
     installed = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    dual = [p.detach().clone() for p in editor.objective.extra_parameters()]
     result = StreamRunner(editor, cfg).run(cases[:3])
     after = adapter.model.state_dict()
     assert all(torch.equal(installed[k], after[k]) for k in installed)
+    assert dual and all(torch.equal(a, b) for a, b in zip(dual, editor.objective.extra_parameters())), \
+        "each single edit starts from the same lambda-network (edits are independent)"
     assert [r["final_rel"] == r["rel"] for r in result.rows] == [True] * 3
 
 
@@ -129,17 +132,22 @@ def _nan_after_first_iteration(method):
 @pytest.mark.parametrize("kind", ["nan", "lambda"])
 def test_diverging_step_is_rolled_back_and_the_stream_goes_on(setup, kind, record_outcome):
     adapter, cases = setup
-    cfg = _cfg("stream.batch_size=2", *(["odedit.lambda_max=0.5"] if kind == "lambda" else []))
+    cfg = _cfg("stream.batch_size=2", *(["odedit.lambda_max=0.5", "odedit.lambda_cap=0"] if kind == "lambda" else []))
     editor = Editor(adapter, cfg)
     if kind == "nan":
         _nan_after_first_iteration(editor.method)
     before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    dual_before = [p.detach().clone() for p in editor.objective.extra_parameters()]
+    assert dual_before, "the learned lambda-network is part of what a rollback must restore"
     result = StreamRunner(editor, cfg).run(cases[:4])
     reason = {"nan": "loss is nan", "lambda": "lambda ran away"}[kind]
     assert [e["status"] for e in result.ledger] == [FAILED] * 4
     assert all("rolled back" in e["reason"] and reason in e["reason"] for e in result.ledger)
     after = adapter.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "failed steps leave no trace"
+    # The dual step at iteration 2 saw the NaN penalty; the rollback returns lambda to where the step found it
+    # (before, a NaN or runaway lambda-network stayed and failed every later step at its first iteration).
+    assert all(torch.equal(a, b) for a, b in zip(dual_before, editor.objective.extra_parameters()))
     assert result.summary["edits_failed"] == 4 and result.summary["edits_applied"] == 0
     record_outcome("fault", {"nan": "edit step whose loss turns NaN", "lambda": "runaway lambda (over lambda_max)"}[kind],
                    "step rolled back bit-exactly, edits marked failed with the reason, stream goes on",
