@@ -128,7 +128,22 @@ class DualState:
         """
         if self.net is None or penalty <= 0:
             return 0.0
-        lam = self.net(self.summary_fn([p.detach() for p in params]))
+        return self._ascent_at(penalty, self.summary_fn([p.detach() for p in params]), k)
+
+    def ascend_then_lam(self, penalty: float | None, params: Sequence[torch.Tensor], k: int
+                        ) -> tuple[float, torch.Tensor]:
+        """`ascent` (when `penalty` is given) then `lam` at the new delta, sharing one s(phi_e) (one iteration's
+        dual bookkeeping, Eq. 13). Returns (step length, lambda)."""
+        if self.net is None:
+            return 0.0, self.lam(params)
+        summary = self.summary_fn(params)
+        step = 0.0
+        if penalty is not None and penalty > 0:
+            step = self._ascent_at(penalty, summary.detach(), k)
+        return step, self.net(summary)
+
+    def _ascent_at(self, penalty: float, summary: torch.Tensor, k: int) -> float:
+        lam = self.net(summary)
         grads = torch.autograd.grad(lam, list(self.net.parameters()))
         grads = [g * penalty for g in grads]
         norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))

@@ -18,15 +18,9 @@ import torch
 
 from odedit.config import ODEditConfig
 from odedit.dual import DualState
+from odedit.envrisks import build_plan, env_risks
 from odedit.envs import OUT_ENVS, SE_ENVS, EditCase
-from odedit.risks import (
-    generality_risk,
-    kernel_bandwidths,
-    locality_risk,
-    locality_risk_and_slope,
-    penalty_from_gradients,
-    reliability_risk_and_slope,
-)
+from odedit.risks import generality_risk, kernel_bandwidths, penalty_from_gradients
 
 if TYPE_CHECKING:
     from odedit.methods.base import EditMethod
@@ -64,11 +58,6 @@ class HostObjective(Objective):
         return host, {"host": float(host.detach())}
 
 
-def _references(outs: "ForwardOutput", cases: Sequence[EditCase], env: str, owners: Sequence[tuple[int, int]]):
-    refs = [cases[i].references[env][j] for i, j in owners]
-    return torch.cat([r.topk_ids for r in refs]), torch.cat([r.topk_logprobs for r in refs])
-
-
 class ODEditObjective(Objective):
     """ODEdit's Lagrangian G(delta, phi_e) with the primal-dual bookkeeping (method.md §2-3).
 
@@ -98,18 +87,9 @@ class ODEditObjective(Objective):
         # lambda-network takes the same step (set by pipeline.distributed).
         self.reduce: Callable[[float], float] = lambda value: value
         self._sigmas: torch.Tensor | None = None
+        self._plan: tuple | None = None  # (owners, envs, EnvPlan) of the current step
 
     # -------------------------------------------------------------------------------------- the risks
-
-    def _loc(self, outs, cases) -> torch.Tensor | None:
-        risks = []
-        for env in self.out_envs:
-            if env not in outs:
-                continue
-            o = outs[env]
-            ids, logp = _references(o, cases, env, self.owners[env])
-            risks.append(locality_risk(o.answer_logits(), ids, logp, o.answer_row(), o.batch.size))
-        return torch.stack(risks).mean() if risks else None
 
     def _gen(self, outs, k: int) -> torch.Tensor | None:
         if "in" not in outs:
@@ -127,24 +107,22 @@ class ODEditObjective(Objective):
                                              self.cfg.mmd_bandwidth_mult)
         return generality_risk(z_e, z_r_all, self._sigmas)
 
-    def _env_risks(self, outs, cases) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{environment: (R_e, dR_e/domega at omega = 1)} for each penalty environment of this step.
+    def _env_risks(self, outs, cases, with_penalty: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{environment: (R_e, dR_e/domega at omega = 1)}: the OUT environments (R_loc) and, when the penalty
+        is on, every penalty environment, all in one vectorised pass (`odedit.envrisks`).
 
-        The slopes are closed-form (`odedit.risks.*_and_slope`): the same numbers as differentiating
-        R_e(omega o phi_e) in omega with a second-order graph, without building one.
+        The slopes are closed-form: the same numbers as differentiating R_e(omega o phi_e) in omega with a
+        second-order graph, without building one. The step's constants are gathered on its first call.
         """
-        risks = {}
-        for env in self.penalty_envs:
-            if env not in outs:
-                continue
-            o = outs[env]
-            logits, rows, n = o.answer_logits(), o.answer_row(), o.batch.size
-            if env in OUT_ENVS:
-                ids, logp = _references(o, cases, env, self.owners[env])
-                risks[env] = locality_risk_and_slope(logits, ids, logp, rows, n)
-            else:
-                risks[env] = reliability_risk_and_slope(logits, o.answer_targets(), rows, n)
-        return risks
+        envs = tuple(dict.fromkeys((self.penalty_envs if with_penalty else ()) + self.out_envs))
+        cached = self._plan
+        if cached is None or cached[0] is not self.owners or cached[1] != envs:
+            # Keyed on the owners mapping the step runner sets once per step (held here, so its id cannot be
+            # reused by the next step's mapping).
+            cached = self._plan = (self.owners, envs, build_plan(outs, cases, self.owners, envs))
+        plan = cached[2]
+        values, slopes = env_risks(plan, outs)
+        return {env: (values[i], slopes[i]) for i, env in enumerate(plan.envs)}
 
     # -------------------------------------------------------------------------------------- G
 
@@ -154,18 +132,14 @@ class ODEditObjective(Objective):
         total = host
         parts = {"host": float(host.detach())}
         pen = None
-        env_values: dict[str, torch.Tensor] = {}
-        if self.dual.active and k > cfg.warmup_iters:
-            risks = self._env_risks(outs, cases)
-            pen = penalty_from_gradients([slope for _, slope in risks.values()], cfg.penalty_reduction) \
-                if risks else host * 0.0
-            env_values = {env: value for env, (value, _) in risks.items()}
-        # R_loc: the OUT environments' KL, reused from the penalty's risks at omega = 1 when computed there.
-        if all(e in env_values for e in self.out_envs if e in outs):
-            loc = [env_values[e] for e in self.out_envs if e in outs]
-            r_loc = torch.stack(loc).mean() if loc else None
-        else:
-            r_loc = self._loc(outs, cases)
+        with_penalty = self.dual.active and k > cfg.warmup_iters
+        risks = self._env_risks(outs, cases, with_penalty)
+        if with_penalty:
+            slopes = [risks[e][1] for e in self.penalty_envs if e in risks]
+            pen = penalty_from_gradients(slopes, cfg.penalty_reduction) if slopes else host * 0.0
+        # R_loc: the OUT environments' KL (the same values the penalty's slopes were taken at, omega = 1).
+        loc = [risks[e][0] for e in self.out_envs if e in risks]
+        r_loc = torch.stack(loc).mean() if loc else None
         if r_loc is not None:
             total = total + cfg.w_loc * r_loc
             parts["r_loc"] = float(r_loc.detach())
@@ -174,9 +148,11 @@ class ODEditObjective(Objective):
             total = total + cfg.w_gen * r_gen
             parts["r_gen"] = float(r_gen.detach())
         if pen is not None:
-            if k > 1:  # Eq. 13's dual step, with the penalty at the phi reached by the previous primal step
-                parts["dual_step"] = self.dual.ascent(self.reduce(float(pen.detach())), params, k - 1)
-            lam = self.dual.lam(params)
+            # Eq. 13's dual step (k > 1), with the penalty at the phi reached by the previous primal step.
+            dual_pen = self.reduce(float(pen.detach())) if k > 1 else None
+            step, lam = self.dual.ascend_then_lam(dual_pen, params, k - 1)
+            if k > 1:
+                parts["dual_step"] = step
             total = total + lam * pen
             parts["penalty"] = float(pen.detach())
             parts["lambda"] = float(lam.detach())

@@ -20,14 +20,19 @@ _EPS = 1e-12
 
 
 def _sample_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Mean over samples of the per-sample mean of `values` (samples without positions are skipped)."""
+    """Mean over samples of the per-sample mean of `values` (samples without positions are skipped).
+
+    `values` is (N,) or (N, C): C columns reduced at once (a risk and its slope share one reduction).
+    """
     rows = rows.to(values.device)
-    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
-    counts = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
-    present = counts > 0
+    ones = torch.ones(values.shape[0], *([1] * (values.dim() - 1)), dtype=values.dtype, device=values.device)
+    both = torch.cat([values.reshape(values.shape[0], -1), ones.reshape(-1, 1)], 1)
+    sums = torch.zeros(n_rows, both.shape[1], dtype=values.dtype, device=values.device).index_add(0, rows, both)
+    present = sums[:, -1] > 0
     if not bool(present.any()):
-        return values.sum() * 0.0
-    return (sums[present] / counts[present]).mean()
+        return values.sum(0) * 0.0
+    means = (sums[present, :-1] / sums[present, -1:]).mean(0)
+    return means.reshape(values.shape[1:])
 
 
 def reliability_risk(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int,
@@ -72,50 +77,63 @@ def locality_risk(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: tor
     return _sample_mean(kl, rows, n_rows)
 
 
-def reliability_risk_and_slope(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R_rel, dR_rel/domega) at omega = 1, both differentiable in the logits, without double backward.
+def nll_and_slope(z: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, 2): per position, -log q_y and its omega-slope d/domega CE(omega z, y) = E_q[z] - z_y at omega = 1.
 
-    The penalty only needs each risk's derivative in the logit scale omega at omega = 1, and for a scale it is
-    closed-form: d/domega CE(omega z, y) = E_{softmax(z)}[z] - z_y per position (averaged like the risk, since
-    the per-sample means are linear). This equals `autograd.grad(reliability_risk(logits, targets, rows,
-    n_rows, omega), omega, create_graph=True)` (tested) at a fraction of the cost: no second-order graph, so
-    the penalty's gradient reaches the model through one ordinary backward.
+    `z` are float logits, `logq` their log-softmax (shared by the callers), `targets` (N,) token ids.
     """
-    z = logits.float()
-    logp = torch.log_softmax(z, -1)
-    t = targets.to(logits.device).long().unsqueeze(-1)
-    nll = -logp.gather(-1, t).squeeze(-1)
-    slope = (logp.exp() * z).sum(-1) - z.gather(-1, t).squeeze(-1)
-    return _sample_mean(nll, rows, n_rows), _sample_mean(slope, rows, n_rows)
+    t = targets.unsqueeze(-1)
+    zbar = (logq.exp() * z).sum(-1)
+    return torch.stack([-logq.gather(-1, t).squeeze(-1), zbar - z.gather(-1, t).squeeze(-1)], 1)
 
 
-def locality_risk_and_slope(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor,
-                            rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R_loc, dR_loc/domega) at omega = 1 in closed form (see `reliability_risk_and_slope`).
+def kl_and_slope(z: torch.Tensor, logq: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """(N, 2): per position, the tail-bucket KL of `locality_risk` and its omega-slope at omega = 1.
 
-    With q = softmax(omega z): dq_i/domega = q_i (z_i - E_q[z]) at omega = 1. For the K stored tokens and
-    the tail bucket t (q_t = 1 - sum_k q_k, so dq_t = -sum_k dq_k), the KL of `locality_risk` has
-    dKL/domega = sum_k dq_k (log q_k - log p_k + 1) + dq_t (log q_t - log p_t + 1), where the +1 terms cancel;
-    where the tail is clamped at eps (all mass in the K tokens) its term is constant, as in autograd.
+    With q = softmax(omega z): dq_i/domega = q_i (z_i - E_q[z]). For the K stored tokens and the tail bucket t
+    (q_t = 1 - sum_k q_k, so dq_t = -sum_k dq_k): dKL/domega = sum_k dq_k (log q_k - log p_k + 1)
+    + dq_t (log q_t - log p_t + 1), where the +1 terms cancel; where the tail is clamped at eps (all mass in
+    the K tokens) its term is constant, as autograd has it.
     """
-    z = logits.float()
-    logq = torch.log_softmax(z, -1)
-    q = logq.exp()
-    zbar = (q * z).sum(-1, keepdim=True)
-    ref_ids = ref_ids.to(logits.device).long()
-    ref_logprobs = ref_logprobs.to(logits.device).float()
+    zbar = (logq.exp() * z).sum(-1, keepdim=True)
     logq_k = logq.gather(-1, ref_ids)
     q_k = logq_k.exp()
     raw_tail = 1.0 - q_k.sum(-1)
     q_tail = raw_tail.clamp_min(_EPS)
     p_tail = (1.0 - ref_logprobs.exp().sum(-1)).clamp_min(_EPS)
-    tail_term = q_tail.log() - p_tail.log()
-    kl = (q_k * (logq_k - ref_logprobs)).sum(-1) + q_tail * tail_term
+    tail = q_tail.log() - p_tail.log()
+    log_ratio = logq_k - ref_logprobs
+    kl = (q_k * log_ratio).sum(-1) + q_tail * tail
     dq_k = q_k * (z.gather(-1, ref_ids) - zbar)
     d_sum = dq_k.sum(-1)
-    slope = (dq_k * (logq_k - ref_logprobs)).sum(-1) + torch.where(raw_tail > _EPS, -d_sum * tail_term, d_sum)
-    return _sample_mean(kl, rows, n_rows), _sample_mean(slope, rows, n_rows)
+    slope = (dq_k * log_ratio).sum(-1) + torch.where(raw_tail > _EPS, -d_sum * tail, d_sum)
+    return torch.stack([kl, slope], 1)
+
+
+def reliability_risk_and_slope(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_rel, dR_rel/domega) at omega = 1, both differentiable in the logits, without double backward.
+
+    The penalty only needs each risk's derivative in the logit scale omega at omega = 1, and for a scale it is
+    closed-form (`nll_and_slope`; the per-sample means are linear). This equals `autograd.grad(
+    reliability_risk(logits, targets, rows, n_rows, omega), omega, create_graph=True)` (tested) at a fraction
+    of the cost: no second-order graph, so the penalty's gradient reaches the model through one ordinary
+    backward.
+    """
+    z = logits.float()
+    value, slope = _sample_mean(nll_and_slope(z, torch.log_softmax(z, -1), targets.to(z.device).long()),
+                                rows, n_rows).unbind(0)
+    return value, slope
+
+
+def locality_risk_and_slope(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor,
+                            rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_loc, dR_loc/domega) at omega = 1 in closed form (`kl_and_slope`; see `reliability_risk_and_slope`)."""
+    z = logits.float()
+    per_position = kl_and_slope(z, torch.log_softmax(z, -1), ref_ids.to(z.device).long(),
+                                ref_logprobs.to(z.device).float())
+    value, slope = _sample_mean(per_position, rows, n_rows).unbind(0)
+    return value, slope
 
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
