@@ -41,8 +41,10 @@ class LlavaAdapter(ModelAdapter):
         return n + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
 
     def _image_block(self, image: Any) -> tuple[list[int], dict[str, torch.Tensor]]:
-        pixels = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
-        return [self.image_token_id] * self.image_seq_length, {"pixel_values": pixels}
+        return self._image_blocks([image])[0]
+
+    def _image_blocks(self, images: Sequence[Any]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+        return self._fixed_pixel_blocks(images, self.image_seq_length)
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.model.model.language_model.layers

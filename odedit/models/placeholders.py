@@ -8,7 +8,7 @@ batch (`features` then holds the image rows only, in batch order). Pure torch: n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -25,8 +25,10 @@ class QueryTokenImages:
         return int(self.model.config.num_query_tokens)  # type: ignore[attr-defined]
 
     def _image_block(self, image: Any) -> tuple[list[int], dict[str, torch.Tensor]]:
-        pixels = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]  # type: ignore[attr-defined]
-        return [self.image_token_id] * self.num_query_tokens, {"pixel_values": pixels}  # type: ignore[attr-defined]
+        return self._image_blocks([image])[0]
+
+    def _image_blocks(self, images: Sequence[Any]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+        return self._fixed_pixel_blocks(images, self.num_query_tokens)  # type: ignore[attr-defined]
 
 
 def embed_with_images(embed_tokens: nn.Module, input_ids: torch.Tensor, image_token_id: int,
