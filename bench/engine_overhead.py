@@ -9,8 +9,9 @@ Each step's wall time (reading its cases, editing, scoring them, and the checkpo
 before) is recorded by the stream itself; both loops checkpoint every 2 steps to a `RunStore`; the first two
 steps are start-up and are dropped.
 
-Figure: `step_time_ratio_raytrain_inprocess` (target <= 1.3) = median step time in the Ray Train worker /
-median step time in process. Both use one torch thread (Ray Train gives a 1-CPU worker one thread). Model:
+Figure: `step_time_ratio_raytrain_inprocess` (target <= 1.3) = mean step time in the Ray Train worker /
+mean step time in process (a mean, not a median: a cost paid on every other step, such as a checkpoint
+every 2 steps, is invisible to the median; the medians are kept as `median_ratio`). Both use one torch thread (Ray Train gives a 1-CPU worker one thread). Model:
 a tiny LLaVA on a synthetic E-VQA split (the engine's overhead, not the model, is what is measured).
 """
 
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
         raytrain = [r["step_wall"] for r in rows if r["edit_id"] in _firsts(rows)]
     finally:
         ray.shutdown()
-    a, b = statistics.median(raytrain[2:]), statistics.median(in_proc[2:])
+    a, b = statistics.mean(raytrain[2:]), statistics.mean(in_proc[2:])
     figures = {"step_time_ratio_raytrain_inprocess": a / b, "step_s_raytrain": a, "step_s_inprocess": b,
+               "median_ratio": statistics.median(raytrain[2:]) / statistics.median(in_proc[2:]),
                "steps": float(len(in_proc))}
     details = {"in_process_steps": in_proc, "raytrain_steps": raytrain, "edits": n, "batch_size": 4,
                "rel_in_process": local.summary["rel"], "rel_raytrain": summary["rel"]}
