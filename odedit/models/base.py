@@ -242,19 +242,16 @@ class ModelAdapter(ABC):
         ends with white space (chat templates end with a newline)."""
         return prompt_tail + ("" if prompt_tail[-1:].isspace() else " ") + target
 
-    def _target_ids(self, prompt_tail: str, target: str, alone: list[int] | None = None,
-                    joint: list[int] | None = None) -> list[int]:
+    def _target_ids(self, prompt_tail: str, target: str, alone: list[int], joint: list[int]) -> list[int]:
         """Token ids of `target` as they follow `prompt_tail` in the full text.
 
-        The prompt's last segment is tokenised with and without the target (`alone`, `joint`: given when
-        already tokenised); when the former extends the latter (true for word-level, BPE and sentencepiece
+        `alone` and `joint` are the prompt's last segment tokenised without and with the target
+        (`_with_target`); when the latter extends the former (true for word-level, BPE and sentencepiece
         tokenizers on a word boundary) the extension is the target, so answers are tokenised as the model
         sees them in context.
         """
         if not target:
             return []
-        alone = self._tok(prompt_tail) if alone is None else alone
-        joint = self._tok(self._with_target(prompt_tail, target)) if joint is None else joint
         if len(joint) > len(alone) and joint[:len(alone)] == alone:
             return joint[len(alone):]
         return self._tok(self._with_target(prompt_tail, target)[len(prompt_tail):])
@@ -284,10 +281,9 @@ class ModelAdapter(ABC):
         # encoding of a 16-edit step's 80 rows).
         parts = [self._prompt_parts(s.prompt, s.image is not None) for s in samples]
         blocks = iter(self._image_blocks([self._resize(s.image) for s in samples if s.image is not None]))
-        tails = [after if after else before for before, after in parts]
+        tails = [after if after else before for before, after in parts]  # the segment the target follows
         texts = [t for (before, after), tail, s in zip(parts, tails, samples)
-                 for t in (before, after, *((tail, self._with_target(tail, s.target)) if with_target and s.target
-                                            else ("", "")))]
+                 for t in (before, after, self._with_target(tail, s.target) if with_target and s.target else "")]
         tokens = iter(self._tok_many(texts))
         feats: list[dict[str, torch.Tensor]] = []
         for s, (before, after), tail in zip(samples, parts, tails):
@@ -296,7 +292,8 @@ class ModelAdapter(ABC):
             if has_image:
                 img_ids, f = next(blocks)
                 feats.append(f)
-            before_ids, after_ids, tail_ids, joint_ids = next(tokens), next(tokens), next(tokens), next(tokens)
+            before_ids, after_ids, joint_ids = next(tokens), next(tokens), next(tokens)
+            tail_ids = after_ids if after else before_ids  # untruncated, as the target's context
             budget = self.max_prompt_tokens
             if len(before_ids) + len(after_ids) > budget:  # truncate text from the left, keep image tokens
                 drop = len(before_ids) + len(after_ids) - budget
