@@ -233,9 +233,11 @@ def test_manifest_is_written_last(built):
     assert others and all(os.path.getmtime(os.path.join(shards_dir, f)) <= mtime for f in others)
 
 
-def test_building_twice_gives_identical_bytes_and_manifest(world, built, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_building_twice_gives_identical_bytes_and_manifest(world, built, tmp_path, workers):
+    """Shards and manifest do not depend on how many workers (and so how many Ray tasks) built them."""
     manifest, shards_dir = built
-    cfg = make_cfg(world)
+    cfg = make_cfg(world, f"data.build_workers={workers}")
     again, reused = build_shards(SOURCES.get("mmedit")(cfg), cfg, str(tmp_path / "again"), reuse=False)
     assert reused is False and again == manifest
     for shard in manifest["shards"]:
