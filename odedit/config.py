@@ -192,6 +192,7 @@ class StreamConfig:
     checkpoint_every: int = option(0, help="checkpoint every this many steps; 0 = never", check=non_negative)
     storage_path: str = option("", help="checkpoints, ledger and results; empty = <output_dir>/storage (shared storage on clusters)")
     run_name: str = option("", help="stream name; resubmitting with the same name resumes it; empty = derived from the config")
+    on_change: Literal["error", "replace"] = option("error", help="when the run directory of run_name holds a stream with other settings (pipeline/runidentity.py): error, or replace (move the old run aside, start afresh)")
     generation_eval: bool = option(True, help="also score greedy-decoding exact match")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from odedit.config import Config, dump_config, parse_config
 from odedit.configlib import flatten, to_dict
 from pipeline.checkpoints import RunStore, write_json_atomic
+from pipeline.runidentity import claim_run, stream_identity
 
 DATASET = "edits"
 
@@ -280,15 +281,19 @@ def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None 
     check_cluster_fits(cfg)
     cfg = for_workers(cfg)  # workers run in another directory: relative locations would not resolve there
     shards = shards_dir(cfg)
-    store = RunStore(os.path.join(storage_dir(cfg), run_name)).ensure()
+    edits = cfg.stream.num_edits if num_edits is None else num_edits
+    run_dir = os.path.join(storage_dir(cfg), run_name)
+    # Resume only the same stream: a checkpoint of other settings is never loaded (pipeline/runidentity.py).
+    claim_run(run_dir, stream_identity(cfg, model_path, shards, edits, offset), cfg.stream.on_change)
+    store = RunStore(run_dir).ensure()
     tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})
     config_path = os.path.join(store.run_dir, "config.yaml")  # the resolved config, as an artifact
     with open(config_path, "w", encoding="utf-8") as fh:
         fh.write(dump_config(cfg))
     tracker.log_artifact(config_path)
     loop_config = {"cfg": to_dict(cfg), "run_dir": store.run_dir, "model_path": model_path, "shards_dir": shards,
-                   "run_id": getattr(tracker, "run_id", ""), "num_edits": cfg.stream.num_edits if num_edits is None
-                   else num_edits, "offset": offset, "metrics_path": metrics_path or ""}
+                   "run_id": getattr(tracker, "run_id", ""), "num_edits": edits, "offset": offset,
+                   "metrics_path": metrics_path or ""}
     trainer = build_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
     done = threading.Event()
 

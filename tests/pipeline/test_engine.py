@@ -3,7 +3,8 @@
 * 2-worker ZeRO-2 and ZeRO-3 runs of a base-FT stream match a 1-worker run (stated tolerance below);
 * a worker killed mid-stream: Ray Train restarts the group, it resumes from the last checkpoint, and the run
   ends with the same ledger (every edit exactly once) and the same metrics as an uninterrupted run;
-* a finished stream re-submitted under the same run name resumes at its end instead of re-editing.
+* a finished stream re-submitted under the same run name resumes at its end instead of re-editing, and one
+  re-submitted with other settings is refused (pipeline/runidentity.py).
 """
 
 from __future__ import annotations
@@ -143,6 +144,15 @@ def test_resubmitted_finished_stream_resumes_at_its_end(prepared, one_worker):
     for m in ("rel", "t_gen", "m_gen"):
         assert abs(again[m] - s1[m]) <= METRIC_TOL
 
+
+def test_resubmitting_a_run_name_with_other_settings_stops_before_any_worker(prepared, one_worker):
+    from pipeline.runidentity import RunMismatch
+
+    cfg1, _ = one_worker
+    before = _ledger(cfg1, "w1")
+    with pytest.raises(RunMismatch, match="method.lr"):
+        _run(prepared, "w1", "resources.num_workers=1", "resources.zero_stage=2", "method.lr=0.2")
+    assert _ledger(cfg1, "w1") == before
 
 
 def test_workers_get_every_location_absolute(monkeypatch):
