@@ -143,14 +143,13 @@ class DualState:
         return step, self.net(summary)
 
     def _ascent_at(self, penalty: float, summary: torch.Tensor, k: int) -> float:
+        params = list(self.net.parameters())
         lam = self.net(summary)
-        grads = torch.autograd.grad(lam, list(self.net.parameters()))
-        grads = [g * penalty for g in grads]
-        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        grads = torch.autograd.grad(lam, params)  # grad_delta G = penalty * grad_delta lambda
+        norm = penalty * float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         lr = self.dual_lr if self.step_rule == "optimizer" else adaptive_step(k, norm, self.adaptive_p, self.adaptive_scale)
         with torch.no_grad():
-            for p, g in zip(self.net.parameters(), grads):
-                p.add_(g, alpha=lr)
+            torch._foreach_add_(params, grads, alpha=lr * penalty)
         return lr * norm
 
     def state_dict(self) -> dict:

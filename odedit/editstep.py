@@ -12,6 +12,7 @@ rule of method.md §3.3) in process, and a DeepSpeed engine in Ray Train workers
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import math
 import time
@@ -126,6 +127,46 @@ class EnvBatch:
     spans: dict[str, slice]
     owners: dict[str, list[tuple[int, int]]]
     runner: Any = None
+    # Each environment's rows of `batch`, cut once per step (the inputs do not change between iterations).
+    sub_batches: dict[str, Any] = field(default_factory=dict)
+
+    def sub_batch(self, env: str) -> Any:
+        if env not in self.sub_batches:
+            b, rows = self.batch, self.spans[env]
+            self.sub_batches[env] = type(b)(
+                {k: v[rows] for k, v in b.inputs.items() if v.shape[:1] == b.targets.shape[:1]},
+                b.targets[rows], b.prompt_mask[rows], b.last_prompt[rows], b.has_image[rows])
+        return self.sub_batches[env]
+
+
+class EnvOutputs(collections.abc.Mapping):
+    """{environment: ForwardOutput} of one merged forward pass; each environment's view is cut on first use.
+
+    `merged` and `spans` stay available, so a consumer that reads every environment (ODEdit's risks) can
+    index the merged output once instead of cutting it per environment.
+    """
+
+    def __init__(self, merged: "ForwardOutput", encoded: EnvBatch) -> None:
+        self.merged = merged
+        self.spans = encoded.spans
+        self._encoded = encoded
+        self._views: dict[str, "ForwardOutput"] = {}
+
+    def __getitem__(self, env: str) -> "ForwardOutput":
+        if env not in self._views:
+            rows = self.spans[env]  # KeyError for an environment the step did not encode
+            self._views[env] = type(self.merged)(self.merged.logits[rows], self.merged.hidden[rows],
+                                                 self._encoded.sub_batch(env))
+        return self._views[env]
+
+    def __contains__(self, env: object) -> bool:  # without cutting the view (Mapping's default would)
+        return env in self.spans
+
+    def __iter__(self):
+        return iter(self.spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)
 
 
 def encode_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequence[str],
@@ -154,7 +195,7 @@ def encode_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequen
     return EnvBatch(adapter.encode(samples), spans, owners, runner)
 
 
-def forward_envs(adapter: "ModelAdapter", encoded: EnvBatch | None) -> dict[str, "ForwardOutput"]:
+def forward_envs(adapter: "ModelAdapter", encoded: EnvBatch | None) -> Mapping[str, "ForwardOutput"]:
     """All environments through ONE forward pass, split back by rows.
 
     On small models the per-pass overhead dominates and on large ones a bigger batch uses the device better,
@@ -163,7 +204,7 @@ def forward_envs(adapter: "ModelAdapter", encoded: EnvBatch | None) -> dict[str,
     if encoded is None:
         return {}
     merged = encoded.runner.forward(encoded.batch) if encoded.runner is not None else adapter.forward(encoded.batch)
-    return {env: merged.select(span) for env, span in encoded.spans.items()}
+    return EnvOutputs(merged, encoded)
 
 
 def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[EditCase],

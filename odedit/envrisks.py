@@ -6,10 +6,11 @@ OUT-text and OUT-mm (Eq. 3), and their slopes for the TV-l1 penalty (Eq. 9). Com
 environment with `odedit.risks`, that is dozens of small tensor operations per environment, forward and
 backward, and on small models those operations, not the arithmetic, are the cost of an edit.
 
-Here the answer positions of all environments are stacked once: one log-softmax, one gather per kind of
-risk, and two `index_add` reductions (positions -> samples -> environments) give every R_e and slope. What
-does not change within an edit step (which positions belong to which sample and environment, the targets,
-the pre-edit references) is gathered once per step into an `EnvPlan`. The numbers equal the reference
+Here the answer positions of all environments are stacked once (one index into the merged forward output
+when the step has one): one log-softmax, one gather per kind of risk, and one matrix product with constant
+weights (the mean over each sample's positions, then over each environment's samples) give every R_e and
+slope. What does not change within an edit step (which positions belong to which sample and environment,
+those weights, the targets, the pre-edit references) is gathered once per step into an `EnvPlan`. The numbers equal the reference
 functions `reliability_risk_and_slope` / `locality_risk_and_slope` per environment (tested).
 """
 
@@ -48,6 +49,8 @@ class EnvPlan:
     targets: torch.Tensor
     ref_ids: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
+    weights: torch.Tensor | None = None  # (E, N) each environment's mean of per-sample means, as weights
+    flat: torch.Tensor | None = None  # (N,) positions in the merged output's (B * L) logits, in plan order
 
     @property
     def n_segments(self) -> int:
@@ -74,18 +77,45 @@ def build_plan(outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase], o
         else:
             targets.append(o.answer_targets())
     device = outs[order[0]].logits.device if order else torch.device("cpu")
+    merged = getattr(outs, "merged", None)  # an `odedit.editstep.EnvOutputs`: index its output once
+    flat = None
+    if merged is not None and order:
+        length = merged.logits.shape[1]
+        parts = []
+        for env in order:
+            span = outs.spans[env]
+            r, c = merged.batch.answer_mask[span].nonzero(as_tuple=True)  # row-major, as boolean indexing
+            parts.append((r + span.start) * length + c)
+        flat = torch.cat(parts).to(device)
     n_rel = sum(int(outs[e].batch.answer_mask.sum()) for e in rel)
     ids = torch.cat(ref_ids).to(device).long() if ref_ids else None
     lps = torch.cat(ref_lps).to(device).float() if ref_lps else None
+    seg = torch.cat(segs).to(device) if segs else torch.zeros(0, dtype=torch.long, device=device)
+    seg_env_t = torch.tensor(seg_env, dtype=torch.long, device=device)
     return EnvPlan(
         envs=tuple(order),
         n_rel=n_rel,
-        seg=torch.cat(segs).to(device) if segs else torch.zeros(0, dtype=torch.long, device=device),
-        seg_env=torch.tensor(seg_env, dtype=torch.long, device=device),
+        seg=seg,
+        seg_env=seg_env_t,
+        weights=_mean_weights(seg, seg_env_t, len(order)),
         targets=torch.cat(targets).to(device).long() if targets else torch.zeros(0, dtype=torch.long, device=device),
         ref_ids=ids,
         ref_logprobs=lps,
+        flat=flat,
     )
+
+
+def _mean_weights(seg: torch.Tensor, seg_env: torch.Tensor, n_env: int) -> torch.Tensor:
+    """W (E, N) with W @ x = for each environment, the mean over its samples that have answer positions of the
+    mean of x over each sample's positions: W[e, i] = 1 / (positions of i's sample * such samples of e).
+    Constant within a step, so the two-level mean of every iteration is one matrix product."""
+    count = torch.zeros(seg_env.shape[0], dtype=torch.float32, device=seg.device).index_add(
+        0, seg, torch.ones(seg.shape[0], dtype=torch.float32, device=seg.device))
+    present = torch.zeros(n_env, dtype=torch.float32, device=seg.device).index_add(0, seg_env, (count > 0).float())
+    env_of = seg_env[seg]
+    w = torch.zeros(n_env, seg.shape[0], dtype=torch.float32, device=seg.device)
+    w[env_of, torch.arange(seg.shape[0], device=seg.device)] = 1.0 / (count[seg] * present[env_of])
+    return w
 
 
 def env_risks(plan: EnvPlan, outs: Mapping[str, "ForwardOutput"]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,19 +129,25 @@ def env_risks(plan: EnvPlan, outs: Mapping[str, "ForwardOutput"]) -> tuple[torch
     if n_env == 0:
         empty = torch.zeros(0)
         return empty, empty
-    z = torch.cat([outs[e].answer_logits() for e in plan.envs]).float()
+    merged = getattr(outs, "merged", None)
+    if plan.flat is not None and merged is not None:
+        logits = merged.logits
+        z = logits.reshape(-1, logits.shape[-1]).index_select(0, plan.flat).float()
+    else:
+        z = torch.cat([outs[e].answer_logits() for e in plan.envs]).float()
     logq = torch.log_softmax(z, -1)
+    zbar = (logq.exp() * z).sum(-1, keepdim=True)  # E_q[z] at every position, shared by both kinds of risk
     parts = []
-    if plan.n_rel:
-        parts.append(nll_and_slope(z[:plan.n_rel], logq[:plan.n_rel], plan.targets))
-    if plan.ref_ids is not None:
-        parts.append(kl_and_slope(z[plan.n_rel:], logq[plan.n_rel:], plan.ref_ids, plan.ref_logprobs))
+    if plan.n_rel and plan.ref_ids is None:
+        parts.append(nll_and_slope(z, logq, plan.targets, zbar))
+    elif plan.n_rel:
+        n = plan.n_rel
+        parts.append(nll_and_slope(z[:n], logq[:n], plan.targets, zbar[:n]))
+    if plan.ref_ids is not None and not plan.n_rel:
+        parts.append(kl_and_slope(z, logq, plan.ref_ids, plan.ref_logprobs, zbar))
+    elif plan.ref_ids is not None:
+        n = plan.n_rel
+        parts.append(kl_and_slope(z[n:], logq[n:], plan.ref_ids, plan.ref_logprobs, zbar[n:]))
     per_pos = torch.cat(parts) if len(parts) > 1 else parts[0]
-    ones = torch.ones_like(per_pos[:, :1])
-    seg_sums = per_pos.new_zeros(plan.n_segments, 3).index_add(0, plan.seg, torch.cat([per_pos, ones], 1))
-    count = seg_sums[:, 2:]
-    present = (count > 0).to(per_pos.dtype)
-    seg_means = torch.cat([seg_sums[:, :2] / count.clamp_min(1.0), present], 1) * present
-    env_sums = per_pos.new_zeros(n_env, 3).index_add(0, plan.seg_env, seg_means)
-    means = env_sums[:, :2] / env_sums[:, 2:].clamp_min(1.0)
+    means = plan.weights.to(per_pos.dtype) @ per_pos  # (E, 2): per-sample means, then over samples
     return means[:, 0], means[:, 1]

@@ -20,7 +20,7 @@ from odedit.config import ODEditConfig
 from odedit.dual import DualState
 from odedit.envrisks import build_plan, env_risks
 from odedit.envs import OUT_ENVS, SE_ENVS, EditCase
-from odedit.risks import generality_risk, kernel_bandwidths, penalty_from_gradients
+from odedit.risks import generality_risk_stacked, kernel_bandwidths, penalty_from_slopes
 
 if TYPE_CHECKING:
     from odedit.methods.base import EditMethod
@@ -87,77 +87,103 @@ class ODEditObjective(Objective):
         # lambda-network takes the same step (set by pipeline.distributed).
         self.reduce: Callable[[float], float] = lambda value: value
         self._sigmas: torch.Tensor | None = None
-        self._plan: tuple | None = None  # (owners, envs, EnvPlan) of the current step
+        self._plan: tuple | None = None  # (owners, envs, EnvPlan, penalty index, R_loc index, IN) of this step
+        self._pool: tuple | None = None  # (owners, envs, flat positions) of R_gen's pooled states this step
 
     # -------------------------------------------------------------------------------------- the risks
 
     def _gen(self, outs, k: int) -> torch.Tensor | None:
         if "in" not in outs:
             return None
-        z_r = [outs[e].pooled(self.pooling) for e in SE_ENVS if e in outs]
-        if not z_r:
+        se = [e for e in SE_ENVS if e in outs]
+        if not se:
             return None
-        z_e = outs["in"].pooled(self.pooling)
-        z_r_all = torch.cat(z_r)
+        n = outs.spans["in"].stop - outs.spans["in"].start if hasattr(outs, "spans") else outs["in"].batch.size
+        z = self._pooled_stacked(outs, ("in", *se))  # edit prompts first, then their rephrases
         # [INFERENCE] The bandwidths are fixed for the whole step from its first iteration: a median heuristic
         # re-estimated every iteration makes MMD^2 invariant to a uniform shrinking of the distances, so
         # R_gen could never pull rephrases towards the edit prompt.
         if k == 1 or self._sigmas is None:
-            self._sigmas = kernel_bandwidths(z_e, z_r_all, self.cfg.mmd_kernels, self.cfg.mmd_bandwidth_base,
+            self._sigmas = kernel_bandwidths(z[:n], z[n:], self.cfg.mmd_kernels, self.cfg.mmd_bandwidth_base,
                                              self.cfg.mmd_bandwidth_mult)
-        return generality_risk(z_e, z_r_all, self._sigmas)
+        return generality_risk_stacked(z, n, self._sigmas)
 
-    def _env_risks(self, outs, cases, with_penalty: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{environment: (R_e, dR_e/domega at omega = 1)}: the OUT environments (R_loc) and, when the penalty
-        is on, every penalty environment, all in one vectorised pass (`odedit.envrisks`).
+    def _pooled_stacked(self, outs, envs: tuple[str, ...]) -> torch.Tensor:
+        """The pooled states z(m, x) of `envs`' rows, stacked in that order: one index into the merged forward
+        output for last-token pooling (positions gathered once per step), else environment by environment."""
+        merged = getattr(outs, "merged", None)
+        if merged is None or self.pooling != "last":
+            return torch.cat([outs[e].pooled(self.pooling) for e in envs])
+        cached = self._pool
+        if cached is None or cached[0] is not self.owners or cached[1] != envs:
+            length = merged.hidden.shape[1]
+            rows = torch.cat([torch.arange(outs.spans[e].start, outs.spans[e].stop) for e in envs])
+            flat = rows * length + merged.batch.last_prompt[rows].cpu()
+            cached = self._pool = (self.owners, envs, flat.to(merged.hidden.device))
+        hidden = merged.hidden
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, cached[2])
+
+    def _env_risks(self, outs, cases, with_penalty: bool, rel_host: bool) -> tuple:
+        """(R_e, dR_e/domega at omega = 1) of the OUT environments (R_loc), of IN for a default-R_rel host and,
+        when the penalty is on, of every penalty environment, as two (E,) tensors from one vectorised pass
+        (`odedit.envrisks`), with the indices of the penalty's and of R_loc's environments in them and IN's.
 
         The slopes are closed-form: the same numbers as differentiating R_e(omega o phi_e) in omega with a
         second-order graph, without building one. The step's constants are gathered on its first call.
         """
-        envs = tuple(dict.fromkeys((self.penalty_envs if with_penalty else ()) + self.out_envs))
+        envs = tuple(dict.fromkeys((("in",) if rel_host else ()) + (self.penalty_envs if with_penalty else ())
+                                   + self.out_envs))
         cached = self._plan
         if cached is None or cached[0] is not self.owners or cached[1] != envs:
             # Keyed on the owners mapping the step runner sets once per step (held here, so its id cannot be
             # reused by the next step's mapping).
-            cached = self._plan = (self.owners, envs, build_plan(outs, cases, self.owners, envs))
-        plan = cached[2]
-        values, slopes = env_risks(plan, outs)
-        return {env: (values[i], slopes[i]) for i, env in enumerate(plan.envs)}
+            plan = build_plan(outs, cases, self.owners, envs)
+            device = plan.seg.device
+            pen = torch.tensor([i for i, e in enumerate(plan.envs) if e in self.penalty_envs], dtype=torch.long,
+                               device=device)
+            loc = torch.tensor([i for i, e in enumerate(plan.envs) if e in self.out_envs], dtype=torch.long,
+                               device=device)
+            rel = plan.envs.index("in") if "in" in plan.envs else None
+            cached = self._plan = (self.owners, envs, plan, pen, loc, rel)
+        values, slopes = env_risks(cached[2], outs)
+        return values, slopes, cached[3], cached[4], cached[5]
 
     # -------------------------------------------------------------------------------------- G
 
     def loss(self, method, outs, cases, k, params):
         cfg = self.cfg
-        host = method.host_loss(outs, cases)
-        total = host
-        parts = {"host": float(host.detach())}
         pen = None
         with_penalty = self.dual.active and k > cfg.warmup_iters
-        risks = self._env_risks(outs, cases, with_penalty)
+        # For a host whose loss is the default R_rel (FT, LoRA), that loss is IN's risk of the vectorised pass:
+        # taken from there rather than computed a second time.
+        rel_host = _default_host_loss(method)
+        values, slopes, pen_index, loc_index, rel_index = self._env_risks(outs, cases, with_penalty, rel_host)
+        host = values[rel_index] if rel_host and rel_index is not None else method.host_loss(outs, cases)
+        total = host
+        parts = {"host": host.detach()}
         if with_penalty:
-            slopes = [risks[e][1] for e in self.penalty_envs if e in risks]
-            pen = penalty_from_gradients(slopes, cfg.penalty_reduction) if slopes else host * 0.0
+            pen = penalty_from_slopes(slopes[pen_index], cfg.penalty_reduction) if len(pen_index) else host * 0.0
         # R_loc: the OUT environments' KL (the same values the penalty's slopes were taken at, omega = 1).
-        loc = [risks[e][0] for e in self.out_envs if e in risks]
-        r_loc = torch.stack(loc).mean() if loc else None
-        if r_loc is not None:
-            total = total + cfg.w_loc * r_loc
-            parts["r_loc"] = float(r_loc.detach())
+        if len(loc_index):
+            r_loc = values[loc_index].mean()
+            total = total + (r_loc if cfg.w_loc == 1.0 else cfg.w_loc * r_loc)
+            parts["r_loc"] = r_loc.detach()
         r_gen = self._gen(outs, k)
         if r_gen is not None:
-            total = total + cfg.w_gen * r_gen
-            parts["r_gen"] = float(r_gen.detach())
+            total = total + (r_gen if cfg.w_gen == 1.0 else cfg.w_gen * r_gen)
+            parts["r_gen"] = r_gen.detach()
         if pen is not None:
             # Eq. 13's dual step (k > 1), with the penalty at the phi reached by the previous primal step.
-            dual_pen = self.reduce(float(pen.detach())) if k > 1 else None
+            local = float(pen.detach()) if k > 1 else None
+            dual_pen = self.reduce(local) if local is not None else None
             step, lam = self.dual.ascend_then_lam(dual_pen, params, k - 1)
             if k > 1:
                 parts["dual_step"] = step
             total = total + lam * pen
-            parts["penalty"] = float(pen.detach())
-            parts["lambda"] = float(lam.detach())
-        parts["loss"] = float(total.detach())
-        return total, parts
+            parts["penalty"] = local if local is not None else pen.detach()
+            parts["lambda"] = lam.detach()
+        parts["loss"] = total.detach()
+        return total, _floats(parts)
 
     def state_dict(self) -> dict:
         return {"dual": self.dual.state_dict()}
@@ -167,6 +193,23 @@ class ODEditObjective(Objective):
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         return self.dual.parameters()
+
+
+def _default_host_loss(method: "EditMethod") -> bool:
+    """Whether `method`'s loss is `EditMethod.host_loss`, R_rel on IN (not overridden by its class or on it)."""
+    from odedit.methods.base import EditMethod
+
+    return getattr(method.host_loss, "__func__", None) is EditMethod.host_loss
+
+
+def _floats(parts: dict) -> dict[str, float]:
+    """The logged parts as plain floats, read from their tensors in one go."""
+    keys = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
+    if keys:
+        values = torch.stack([t if t.dim() == 0 and t.dtype == torch.float32 else t.float().reshape(())
+                              for t in (parts[k] for k in keys)]).tolist()
+        parts.update(zip(keys, values))
+    return {k: float(v) for k, v in parts.items()}
 
 
 def build_objective(odedit_cfg: ODEditConfig, method: "EditMethod", with_hard: bool = False,
