@@ -78,6 +78,25 @@ class LambdaNet(nn.Module):
         lam = nn.functional.softplus(self.fc2(h)).mean()
         return lam.clamp(max=self.cap) if math.isfinite(self.cap) else lam
 
+    @torch.no_grad()
+    def parameter_grads(self, summary: torch.Tensor) -> list[torch.Tensor]:
+        """d lambda / d delta at `summary` (a 1-D s(phi_e)), by hand, in `parameters()` order.
+
+        The same numbers as `torch.autograd.grad(self(summary), self.parameters())` (tested) for this two-layer
+        network: softplus' (with torch's linear branch above 20), the cap's zero gradient above it, ReLU's
+        zero gradient at and below 0. Written out because the dual ascent takes it at every iteration and
+        an autograd pass over a network this small costs more in bookkeeping than in arithmetic.
+        """
+        s = summary.detach().to(self.fc1.weight.dtype)
+        pre = self.fc1(s)
+        h = torch.relu(pre)
+        out = self.fc2(h)
+        g = torch.where(out > 20.0, torch.ones_like(out), torch.sigmoid(out)) / out.numel()
+        if math.isfinite(self.cap):
+            g = g * (nn.functional.softplus(out).mean() <= self.cap)
+        g_h = (g @ self.fc2.weight) * (pre > 0)
+        return [torch.outer(g_h, s), g_h, torch.outer(g, h), g]
+
 
 def adaptive_step(k: int, grad_norm: float, p: float, scale: float) -> float:
     """gamma_k = scale / (k^p ||g||), 0 when ||g|| = 0  ([TV2] Theorem 3; p > 1 makes sum gamma_k ||g|| finite)."""
@@ -144,8 +163,7 @@ class DualState:
 
     def _ascent_at(self, penalty: float, summary: torch.Tensor, k: int) -> float:
         params = list(self.net.parameters())
-        lam = self.net(summary)
-        grads = torch.autograd.grad(lam, params)  # grad_delta G = penalty * grad_delta lambda
+        grads = self.net.parameter_grads(summary)  # grad_delta G = penalty * grad_delta lambda
         norm = penalty * float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         lr = self.dual_lr if self.step_rule == "optimizer" else adaptive_step(k, norm, self.adaptive_p, self.adaptive_scale)
         with torch.no_grad():

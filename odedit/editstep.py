@@ -254,7 +254,8 @@ def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[
 
 
 def _divergence(loss: torch.Tensor, parts: Mapping[str, float], lambda_max: float) -> str | None:
-    if not bool(torch.isfinite(loss.detach()).all()):
+    value = parts.get("loss")  # the objective's own reading of the loss, when it logs one
+    if value is not None and not math.isfinite(value) or value is None and not bool(torch.isfinite(loss.detach()).all()):
         return f"loss is {float(loss.detach())}"
     lam = parts.get("lambda")
     if lam is not None and (not math.isfinite(lam) or lam > lambda_max):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 
 from odedit.envs import OUT_ENVS, EditCase
-from odedit.risks import kl_and_slope, nll_and_slope
+from odedit.risks import _EPS, position_risks
 
 if TYPE_CHECKING:
     from odedit.models.base import ForwardOutput
@@ -50,6 +50,13 @@ class EnvPlan:
     ref_ids: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
     weights: torch.Tensor | None = None  # (E, N) each environment's mean of per-sample means, as weights
+    # Every position's tokens, reliability and OUT alike (reliability: the target in every column; OUT: the
+    # K references), the reference log-probabilities and log tail mass (0 on reliability rows), which rows
+    # are reliability rows: one set of per-position formulas for both kinds, without splitting the rows.
+    ids: torch.Tensor | None = None
+    ref_all: torch.Tensor | None = None
+    log_p_tail: torch.Tensor | None = None
+    is_rel: torch.Tensor | None = None
     flat: torch.Tensor | None = None  # (N,) positions in the merged output's (B * L) logits, in plan order
 
     @property
@@ -92,12 +99,23 @@ def build_plan(outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase], o
     lps = torch.cat(ref_lps).to(device).float() if ref_lps else None
     seg = torch.cat(segs).to(device) if segs else torch.zeros(0, dtype=torch.long, device=device)
     seg_env_t = torch.tensor(seg_env, dtype=torch.long, device=device)
+    tgt = torch.cat(targets).to(device).long() if targets else torch.zeros(0, dtype=torch.long, device=device)
+    k = ids.shape[1] if ids is not None else 1
+    all_ids = torch.cat([tgt.unsqueeze(1).expand(-1, k)] + ([ids] if ids is not None else []))
+    ref_all = torch.cat([torch.zeros(n_rel, k, device=device)] + ([lps] if lps is not None else []))
+    p_tail = (1.0 - lps.exp().sum(-1)).clamp_min(_EPS).log() if lps is not None else None
+    log_p_tail = torch.cat([torch.zeros(n_rel, device=device)] + ([p_tail] if p_tail is not None else []))
+    is_rel = torch.arange(all_ids.shape[0], device=device) < n_rel
     return EnvPlan(
         envs=tuple(order),
         n_rel=n_rel,
         seg=seg,
         seg_env=seg_env_t,
         weights=_mean_weights(seg, seg_env_t, len(order)),
+        ids=all_ids,
+        ref_all=ref_all,
+        log_p_tail=log_p_tail,
+        is_rel=is_rel,
         targets=torch.cat(targets).to(device).long() if targets else torch.zeros(0, dtype=torch.long, device=device),
         ref_ids=ids,
         ref_logprobs=lps,
@@ -136,18 +154,7 @@ def env_risks(plan: EnvPlan, outs: Mapping[str, "ForwardOutput"]) -> tuple[torch
     else:
         z = torch.cat([outs[e].answer_logits() for e in plan.envs]).float()
     logq = torch.log_softmax(z, -1)
-    zbar = (logq.exp() * z).sum(-1, keepdim=True)  # E_q[z] at every position, shared by both kinds of risk
-    parts = []
-    if plan.n_rel and plan.ref_ids is None:
-        parts.append(nll_and_slope(z, logq, plan.targets, zbar))
-    elif plan.n_rel:
-        n = plan.n_rel
-        parts.append(nll_and_slope(z[:n], logq[:n], plan.targets, zbar[:n]))
-    if plan.ref_ids is not None and not plan.n_rel:
-        parts.append(kl_and_slope(z, logq, plan.ref_ids, plan.ref_logprobs, zbar))
-    elif plan.ref_ids is not None:
-        n = plan.n_rel
-        parts.append(kl_and_slope(z[n:], logq[n:], plan.ref_ids, plan.ref_logprobs, zbar[n:]))
-    per_pos = torch.cat(parts) if len(parts) > 1 else parts[0]
-    means = plan.weights.to(per_pos.dtype) @ per_pos  # (E, 2): per-sample means, then over samples
-    return means[:, 0], means[:, 1]
+    value, slope = position_risks(z, logq, plan.ids, plan.ref_all, plan.log_p_tail, plan.is_rel,
+                                  plan.ref_ids is not None, plan.n_rel > 0)
+    w = plan.weights.to(value.dtype)  # per-sample means, then over each environment's samples
+    return w @ value, w @ slope

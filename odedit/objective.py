@@ -20,7 +20,7 @@ from odedit.config import ODEditConfig
 from odedit.dual import DualState
 from odedit.envrisks import build_plan, env_risks
 from odedit.envs import OUT_ENVS, SE_ENVS, EditCase
-from odedit.risks import generality_risk_stacked, kernel_bandwidths, penalty_from_slopes
+from odedit.risks import generality_risk_stacked, kernel_bandwidths, mmd_signs, penalty_from_slopes
 
 if TYPE_CHECKING:
     from odedit.methods.base import EditMethod
@@ -87,6 +87,7 @@ class ODEditObjective(Objective):
         # lambda-network takes the same step (set by pipeline.distributed).
         self.reduce: Callable[[float], float] = lambda value: value
         self._sigmas: torch.Tensor | None = None
+        self._signs: torch.Tensor | None = None  # R_gen's block weights for the step (`mmd_signs`)
         self._plan: tuple | None = None  # (owners, envs, EnvPlan, penalty index, R_loc index, IN) of this step
         self._pool: tuple | None = None  # (owners, envs, flat positions) of R_gen's pooled states this step
 
@@ -106,7 +107,8 @@ class ODEditObjective(Objective):
         if k == 1 or self._sigmas is None:
             self._sigmas = kernel_bandwidths(z[:n], z[n:], self.cfg.mmd_kernels, self.cfg.mmd_bandwidth_base,
                                              self.cfg.mmd_bandwidth_mult)
-        return generality_risk_stacked(z, n, self._sigmas)
+            self._signs = mmd_signs(n, z.shape[0] - n, z.device) if z.shape[0] > n > 0 else None
+        return generality_risk_stacked(z, n, self._sigmas, self._signs)
 
     def _pooled_stacked(self, outs, envs: tuple[str, ...]) -> torch.Tensor:
         """The pooled states z(m, x) of `envs`' rows, stacked in that order: one index into the merged forward

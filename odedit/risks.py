@@ -117,6 +117,37 @@ def kl_and_slope(z: torch.Tensor, logq: torch.Tensor, ref_ids: torch.Tensor, ref
     return torch.stack([kl, slope], 1)
 
 
+def position_risks(z: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor, ref_logprobs: torch.Tensor,
+                   log_p_tail: torch.Tensor, is_rel: torch.Tensor, any_out: bool = True, any_rel: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position (N,), the risk and its omega-slope at omega = 1: `nll_and_slope` on reliability rows
+    (`is_rel`, target id in every column of `ids`), `kl_and_slope` on OUT rows (`ids` / `ref_logprobs` the K
+    references, `log_p_tail` log of their tail mass), computed for all rows at once and picked per row.
+
+    The same equations as those two functions, without cutting the rows apart (on small models every tensor
+    operation, forward and backward, costs its dispatch time). `any_out` / `any_rel` skip a kind that has no row.
+    """
+    zbar = (logq.exp() * z).sum(-1)  # E_q[z]
+    logq_k = logq.gather(-1, ids)
+    z_k = z.gather(-1, ids)
+    if any_rel:
+        nll, nll_slope = -logq_k[:, 0], zbar - z_k[:, 0]
+        if not any_out:
+            return nll, nll_slope
+    q_k = logq_k.exp()
+    raw_tail = 1.0 - q_k.sum(-1)
+    q_tail = raw_tail.clamp_min(_EPS)
+    tail = q_tail.log() - log_p_tail
+    log_ratio = logq_k - ref_logprobs
+    kl = (q_k * log_ratio).sum(-1) + q_tail * tail
+    dq_k = q_k * (z_k - zbar.unsqueeze(-1))
+    d_sum = dq_k.sum(-1)
+    kl_slope = (dq_k * log_ratio).sum(-1) + torch.where(raw_tail > _EPS, -d_sum * tail, d_sum)
+    if not any_rel:
+        return kl, kl_slope
+    return torch.where(is_rel, nll, kl), torch.where(is_rel, nll_slope, kl_slope)
+
+
 def reliability_risk_and_slope(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(R_rel, dR_rel/domega) at omega = 1, both differentiable in the logits, without double backward.
@@ -186,17 +217,23 @@ def generality_risk(z_edit: torch.Tensor, z_rephrase: torch.Tensor, sigmas: torc
     return generality_risk_stacked(torch.cat([z_edit, z_rephrase]), z_edit.shape[0], sigmas)
 
 
-def generality_risk_stacked(z: torch.Tensor, n: int, sigmas: torch.Tensor) -> torch.Tensor:
+def mmd_signs(n: int, m: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """s = (1/n, ..., 1/n, -1/m, ..., -1/m): s^T K s over stacked samples is MMD^2's three block means."""
+    return torch.cat([torch.full((n,), 1.0 / n, device=device), torch.full((m,), -1.0 / m, device=device)])
+
+
+def generality_risk_stacked(z: torch.Tensor, n: int, sigmas: torch.Tensor,
+                            signs: torch.Tensor | None = None) -> torch.Tensor:
     """`generality_risk` of z[:n] (edit prompts) vs z[n:] (rephrases), from one kernel matrix over both.
 
-    With s = (1/n, ..., 1/n, -1/m, ..., -1/m), s^T K s = mean K_ee + mean K_rr - 2 mean K_er: the three block
-    means of Eq. 6 in a third of the operations.
+    With s = `mmd_signs(n, m)` (pass it to reuse it), s^T K s = mean K_ee + mean K_rr - 2 mean K_er: the
+    three block means of Eq. 6 in a third of the operations.
     """
     m = z.shape[0] - n
     if n == 0 or m == 0:
         return z.sum() * 0.0
     k = multi_gaussian_kernel(z, z, sigmas)
-    s = torch.cat([k.new_full((n,), 1.0 / n), k.new_full((m,), -1.0 / m)])
+    s = signs if signs is not None else mmd_signs(n, m, k.device)
     return s @ (k @ s)
 
 

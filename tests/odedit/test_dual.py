@@ -83,3 +83,19 @@ def test_saturated_ascent_never_takes_lambda_above_the_cap():
     for k in range(1, 30):
         big.ascent(penalty=100.0, params=params, k=k)
     assert big.lam(params).item() == pytest.approx(1000.0)
+
+
+@pytest.mark.parametrize("bias,cap", [(0.0, float("inf")), (25.0, float("inf")), (3.0, 2.0), (-2.0, 1e3)])
+def test_hand_written_lambda_gradient_equals_autograd(bias, cap):
+    """The dual ascent's d lambda / d delta by hand = autograd's, on the linear branch of softplus (bias 25),
+    above the cap (zero gradient) and below it."""
+    torch.manual_seed(0)
+    net = LambdaNet(8, hidden=16, init_bias=bias, seed=3, cap=cap)
+    with torch.no_grad():
+        net.fc2.weight.normal_()  # leave the near-zero init so that the hidden layer matters
+    summary = torch.randn(8) * 3
+    expected = torch.autograd.grad(net(summary), list(net.parameters()), allow_unused=True)
+    got = net.parameter_grads(summary)
+    for e, g, p in zip(expected, got, net.parameters()):
+        e = torch.zeros_like(p) if e is None else e
+        assert g.shape == p.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-7)
