@@ -132,10 +132,7 @@ class EnvBatch:
 
     def sub_batch(self, env: str) -> Any:
         if env not in self.sub_batches:
-            b, rows = self.batch, self.spans[env]
-            self.sub_batches[env] = type(b)(
-                {k: v[rows] for k, v in b.inputs.items() if v.shape[:1] == b.targets.shape[:1]},
-                b.targets[rows], b.prompt_mask[rows], b.last_prompt[rows], b.has_image[rows])
+            self.sub_batches[env] = self.batch.rows(self.spans[env])
         return self.sub_batches[env]
 
 
@@ -255,7 +252,8 @@ def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[
 
 def _divergence(loss: torch.Tensor, parts: Mapping[str, float], lambda_max: float) -> str | None:
     value = parts.get("loss")  # the objective's own reading of the loss, when it logs one
-    if value is not None and not math.isfinite(value) or value is None and not bool(torch.isfinite(loss.detach()).all()):
+    finite = math.isfinite(value) if value is not None else bool(torch.isfinite(loss.detach()).all())
+    if not finite:
         return f"loss is {float(loss.detach())}"
     lam = parts.get("lambda")
     if lam is not None and (not math.isfinite(lam) or lam > lambda_max):

@@ -116,7 +116,7 @@ def build_plan(outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase], o
         ref_all=ref_all,
         log_p_tail=log_p_tail,
         is_rel=is_rel,
-        targets=torch.cat(targets).to(device).long() if targets else torch.zeros(0, dtype=torch.long, device=device),
+        targets=tgt,
         ref_ids=ids,
         ref_logprobs=lps,
         flat=flat,

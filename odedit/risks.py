@@ -77,55 +77,40 @@ def locality_risk(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: tor
     return _sample_mean(kl, rows, n_rows)
 
 
-def nll_and_slope(z: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor,
-                  zbar: torch.Tensor | None = None) -> torch.Tensor:
+def nll_and_slope(z: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(N, 2): per position, -log q_y and its omega-slope d/domega CE(omega z, y) = E_q[z] - z_y at omega = 1.
 
-    `z` are float logits, `logq` their log-softmax and `zbar` (N, 1) E_q[z] (shared by the callers; computed
-    here when None), `targets` (N,) token ids.
+    `z` are float logits, `logq` their log-softmax (shared by the callers), `targets` (N,) token ids.
+    (`position_risks` on reliability rows.)
     """
-    t = targets.unsqueeze(-1)
-    if zbar is None:
-        zbar = (logq.exp() * z).sum(-1, keepdim=True)
-    # columns: -log q_y and E_q[z] - z_y, from one gather of both at the target
-    picked = torch.cat([logq, z], 1).gather(1, torch.cat([t, t + z.shape[1]], 1))
-    return torch.cat([-picked[:, :1], zbar - picked[:, 1:]], 1)
+    value, slope = position_risks(z, logq, targets.unsqueeze(-1), any_out=False)
+    return torch.stack([value, slope], 1)
 
 
-def kl_and_slope(z: torch.Tensor, logq: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor,
-                 zbar: torch.Tensor | None = None) -> torch.Tensor:
+def kl_and_slope(z: torch.Tensor, logq: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """(N, 2): per position, the tail-bucket KL of `locality_risk` and its omega-slope at omega = 1.
 
     With q = softmax(omega z): dq_i/domega = q_i (z_i - E_q[z]). For the K stored tokens and the tail bucket t
     (q_t = 1 - sum_k q_k, so dq_t = -sum_k dq_k): dKL/domega = sum_k dq_k (log q_k - log p_k + 1)
     + dq_t (log q_t - log p_t + 1), where the +1 terms cancel; where the tail is clamped at eps (all mass in
-    the K tokens) its term is constant, as autograd has it.
+    the K tokens) its term is constant, as autograd has it. (`position_risks` on OUT rows.)
     """
-    if zbar is None:
-        zbar = (logq.exp() * z).sum(-1, keepdim=True)
-    logq_k = logq.gather(-1, ref_ids)
-    q_k = logq_k.exp()
-    raw_tail = 1.0 - q_k.sum(-1)
-    q_tail = raw_tail.clamp_min(_EPS)
-    p_tail = (1.0 - ref_logprobs.exp().sum(-1)).clamp_min(_EPS)
-    tail = q_tail.log() - p_tail.log()
-    log_ratio = logq_k - ref_logprobs
-    kl = (q_k * log_ratio).sum(-1) + q_tail * tail
-    dq_k = q_k * (z.gather(-1, ref_ids) - zbar)
-    d_sum = dq_k.sum(-1)
-    slope = (dq_k * log_ratio).sum(-1) + torch.where(raw_tail > _EPS, -d_sum * tail, d_sum)
-    return torch.stack([kl, slope], 1)
+    log_p_tail = (1.0 - ref_logprobs.exp().sum(-1)).clamp_min(_EPS).log()
+    value, slope = position_risks(z, logq, ref_ids, ref_logprobs, log_p_tail, any_rel=False)
+    return torch.stack([value, slope], 1)
 
 
-def position_risks(z: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor, ref_logprobs: torch.Tensor,
-                   log_p_tail: torch.Tensor, is_rel: torch.Tensor, any_out: bool = True, any_rel: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position (N,), the risk and its omega-slope at omega = 1: `nll_and_slope` on reliability rows
-    (`is_rel`, target id in every column of `ids`), `kl_and_slope` on OUT rows (`ids` / `ref_logprobs` the K
-    references, `log_p_tail` log of their tail mass), computed for all rows at once and picked per row.
+def position_risks(z: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor, ref_logprobs: torch.Tensor | None = None,
+                   log_p_tail: torch.Tensor | None = None, is_rel: torch.Tensor | None = None, any_out: bool = True,
+                   any_rel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position (N,), the risk and its omega-slope at omega = 1: the NLL of `nll_and_slope` on reliability
+    rows (`is_rel`, target id in column 0 of `ids`), the tail-bucket KL of `kl_and_slope` on OUT rows (`ids` /
+    `ref_logprobs` the K references, `log_p_tail` log of their tail mass), computed for all rows at once and
+    picked per row. Those two functions are this one on rows of a single kind (`any_out` / `any_rel` False
+    skips the kind that has no row; the OUT arguments are then not needed).
 
-    The same equations as those two functions, without cutting the rows apart (on small models every tensor
-    operation, forward and backward, costs its dispatch time). `any_out` / `any_rel` skip a kind that has no row.
+    All rows at once rather than cut apart because on small models every tensor operation, forward and
+    backward, costs its dispatch time.
     """
     zbar = (logq.exp() * z).sum(-1)  # E_q[z]
     logq_k = logq.gather(-1, ids)

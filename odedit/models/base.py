@@ -54,6 +54,11 @@ class EncodedBatch:
     def size(self) -> int:
         return int(self.targets.shape[0])
 
+    def rows(self, rows: slice) -> "EncodedBatch":
+        """A contiguous range of the batch's rows (one environment of a merged batch)."""
+        return EncodedBatch({k: v[rows] for k, v in self.inputs.items() if v.shape[:1] == self.targets.shape[:1]},
+                            self.targets[rows], self.prompt_mask[rows], self.last_prompt[rows], self.has_image[rows])
+
     def to(self, device: torch.device | str) -> "EncodedBatch":
         return EncodedBatch(
             inputs={k: v.to(device) for k, v in self.inputs.items()},
@@ -74,10 +79,7 @@ class ForwardOutput:
 
     def select(self, rows: slice) -> "ForwardOutput":
         """The outputs of a contiguous range of batch rows (one environment of a merged forward pass)."""
-        b = self.batch
-        sub = EncodedBatch({k: v[rows] for k, v in b.inputs.items() if v.shape[:1] == b.targets.shape[:1]},
-                           b.targets[rows], b.prompt_mask[rows], b.last_prompt[rows], b.has_image[rows])
-        return ForwardOutput(self.logits[rows], self.hidden[rows], sub)
+        return ForwardOutput(self.logits[rows], self.hidden[rows], self.batch.rows(rows))
 
     def answer_logits(self) -> torch.Tensor:
         """(N, V) logits at all answer positions of the batch, row-major."""
