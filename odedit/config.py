@@ -130,6 +130,7 @@ class MethodConfig:
     n_iter: int = option(10, help="optimisation iterations per edit step", check=positive)
     optimizer: Literal["sgd", "adam"] = option("adam", help="optimiser of the editable parameters")
     cache_prefix: bool = option(True, help="within a step, run the frozen layers below the first edited layer once and replay only the layers above (exact, much faster)")
+    cache_tail: bool = option(True, help="for FT/LoRA on the last layer's ffn_out: replay only that module, the final norm and the LM head at the positions the losses read (equal to the full replay up to float rounding; needs cache_prefix)")
 
     @classmethod
     def _resolve_class(cls, data: dict) -> type | Problem:
@@ -153,6 +154,7 @@ class ODEditConfig:
     penalty: Literal["learned", "fixed", "off"] = option("learned", help="TV-l1 penalty coefficient: learned lambda-network (paper), a fixed lambda, or no penalty")
     fixed_lambda: float = option(1.0, help="lambda when penalty=fixed", check=non_negative)
     penalty_reduction: Literal["mean", "sum"] = option("mean", help="[INFERENCE] E_omega over environments: mean (default) or sum of |dR_e/domega|")
+    penalty_smoothing: float = option(1e-3, help="[INFERENCE] eps of the smoothed |s| = sqrt(s^2 + eps^2) - eps in the TV-l1 penalty, so an environment at its optimum (slope 0 up to rounding) adds no gradient; 0 = plain |s|", check=non_negative)
     environments: tuple[str, ...] = option(("in", "se_text", "se_image", "out_text", "out_mm"), help="environments of the penalty", check=each(lambda v: None if v in ("in", "se_text", "se_image", "out_text", "out_mm", "out_hard") else "unknown environment"))
     mmd_kernels: int = option(5, help="[INFERENCE] number of Gaussian kernels in R_gen", check=positive)
     mmd_bandwidth_base: float = option(0.0, help="[INFERENCE] base bandwidth sigma; 0 = median heuristic on the batch", check=non_negative)

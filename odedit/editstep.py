@@ -152,8 +152,7 @@ class EnvOutputs(collections.abc.Mapping):
     def __getitem__(self, env: str) -> "ForwardOutput":
         if env not in self._views:
             rows = self.spans[env]  # KeyError for an environment the step did not encode
-            self._views[env] = type(self.merged)(self.merged.logits[rows], self.merged.hidden[rows],
-                                                 self._encoded.sub_batch(env))
+            self._views[env] = self.merged.select(rows, self._encoded.sub_batch(env))
         return self._views[env]
 
     def __contains__(self, env: object) -> bool:  # without cutting the view (Mapping's default would)
@@ -167,10 +166,11 @@ class EnvOutputs(collections.abc.Mapping):
 
 
 def encode_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequence[str],
-                first_layer: int | None = None) -> EnvBatch | None:
+                first_layer: int | None = None, tail: tuple | None = None) -> EnvBatch | None:
     """Tokenise and preprocess all environments' samples of a step once (images are the costly part).
 
-    With `first_layer`, forward passes after the first replay the decoder layers from there on only.
+    With `first_layer`, forward passes after the first replay the decoder layers from there on only; with
+    `tail` (`EditMethod.position_tail()`), only the last layer's edited module at the positions losses read.
     """
     samples = []
     spans: dict[str, slice] = {}
@@ -185,7 +185,11 @@ def encode_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequen
     if not samples:
         return None
     runner = None
-    if first_layer is not None:
+    if tail is not None:
+        from odedit.models.tail import TailRunner
+
+        runner = TailRunner(adapter, *tail)
+    elif first_layer is not None:
         from odedit.models.prefix import PrefixRunner
 
         runner = PrefixRunner(adapter, first_layer)
@@ -222,7 +226,9 @@ def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[
     try:
         # Encoded once per step; the frozen layers below the editor's first layer run once per step too.
         first = method.first_edited_layer() if method.cfg.cache_prefix else None
-        encoded = encode_envs(method.adapter, cases, objective.envs, first)
+        tail = (method.position_tail() if first is not None and method.cfg.cache_tail
+                and not objective.reads_all_positions else None)
+        encoded = encode_envs(method.adapter, cases, objective.envs, first, tail)
         if hasattr(objective, "owners"):
             objective.owners = encoded.owners if encoded is not None else {}
         for k in range(1, method.cfg.n_iter + 1):

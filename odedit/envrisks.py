@@ -87,7 +87,7 @@ def build_plan(outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase], o
     merged = getattr(outs, "merged", None)  # an `odedit.editstep.EnvOutputs`: index its output once
     flat = None
     if merged is not None and order:
-        length = merged.logits.shape[1]
+        length = merged.batch.targets.shape[1]
         parts = []
         for env in order:
             span = outs.spans[env]
@@ -149,8 +149,7 @@ def env_risks(plan: EnvPlan, outs: Mapping[str, "ForwardOutput"]) -> tuple[torch
         return empty, empty
     merged = getattr(outs, "merged", None)
     if plan.flat is not None and merged is not None:
-        logits = merged.logits
-        z = logits.reshape(-1, logits.shape[-1]).index_select(0, plan.flat).float()
+        z = merged.take_logits(plan.flat).float()
     else:
         z = torch.cat([outs[e].answer_logits() for e in plan.envs]).float()
     logq = torch.log_softmax(z, -1)

@@ -31,6 +31,9 @@ class Objective(ABC):
     """What one iteration of an edit step minimises."""
 
     envs: tuple[str, ...] = ("in",)
+    # Whether the loss reads positions other than the answer tokens and each row's last prompt token (e.g.
+    # mean pooling over the prompt); such objectives get full replays, not `odedit.models.tail`'s.
+    reads_all_positions: bool = False
 
     @abstractmethod
     def loss(self, method: "EditMethod", outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase], k: int,
@@ -72,6 +75,7 @@ class ODEditObjective(Objective):
                  seed: int = 0) -> None:
         self.cfg = cfg
         self.pooling = pooling
+        self.reads_all_positions = pooling != "last"  # mean pooling reads every prompt position
         outs = tuple(e for e in OUT_ENVS if e != "out_hard" or with_hard)
         envs = dict.fromkeys(tuple(method.host_envs) + ("in",) + SE_ENVS + outs)
         self.envs = tuple(envs)
@@ -118,12 +122,11 @@ class ODEditObjective(Objective):
             return torch.cat([outs[e].pooled(self.pooling) for e in envs])
         cached = self._pool
         if cached is None or cached[0] is not self.owners or cached[1] != envs:
-            length = merged.hidden.shape[1]
+            length = merged.batch.targets.shape[1]
             rows = torch.cat([torch.arange(outs.spans[e].start, outs.spans[e].stop) for e in envs])
             flat = rows * length + merged.batch.last_prompt[rows].cpu()
             cached = self._pool = (self.owners, envs, flat.to(merged.hidden.device))
-        hidden = merged.hidden
-        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, cached[2])
+        return merged.take_hidden(cached[2])
 
     def _env_risks(self, outs, cases, with_penalty: bool, rel_host: bool) -> tuple:
         """(R_e, dR_e/domega at omega = 1) of the OUT environments (R_loc), of IN for a default-R_rel host and,
@@ -164,7 +167,8 @@ class ODEditObjective(Objective):
         total = host
         parts = {"host": host.detach()}
         if with_penalty:
-            pen = penalty_from_slopes(slopes[pen_index], cfg.penalty_reduction) if len(pen_index) else host * 0.0
+            pen = (penalty_from_slopes(slopes[pen_index], cfg.penalty_reduction, cfg.penalty_smoothing)
+                   if len(pen_index) else host * 0.0)
         # R_loc: the OUT environments' KL (the same values the penalty's slopes were taken at, omega = 1).
         if len(loc_index):
             r_loc = values[loc_index].mean()

@@ -248,14 +248,24 @@ def risks_and_omega_gradients(env_risks: Sequence[EnvRisk], omega: torch.Tensor
     return values, grads
 
 
-def penalty_from_gradients(grads: Sequence[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+def penalty_from_gradients(grads: Sequence[torch.Tensor], reduction: str = "mean",
+                           smoothing: float = 0.0) -> torch.Tensor:
     """(reduce_e |dR_e/domega|)^2 with reduce = mean or sum (the TV-l1 penalty of `tv_l1_penalty`)."""
-    return penalty_from_slopes(torch.stack([x.reshape(()) for x in grads]), reduction)
+    return penalty_from_slopes(torch.stack([x.reshape(()) for x in grads]), reduction, smoothing)
 
 
-def penalty_from_slopes(slopes: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """`penalty_from_gradients` for the environments' slopes as one (E,) tensor."""
-    g = slopes.abs()
+def penalty_from_slopes(slopes: torch.Tensor, reduction: str = "mean", smoothing: float = 0.0) -> torch.Tensor:
+    """`penalty_from_gradients` for the environments' slopes as one (E,) tensor (method.md Eq. 9).
+
+    [INFERENCE] `smoothing` = eps > 0 replaces |s| by sqrt(s^2 + eps^2) - eps, which differs from |s| by less
+    than eps and whose derivative goes smoothly through 0. An environment at its optimum has slope exactly 0
+    in exact arithmetic: OUT at its pre-edit reference on a step's first iteration, where R_loc = KL = 0. The
+    subgradient of |s| there is sign(s), so with the plain absolute value that environment pushes phi_e one way
+    or the other with full weight depending on the sign of a rounding error of 1e-7 (how the reference was
+    batched, which kernel ran the forward pass). With eps = 1e-3 such an environment contributes about
+    |s| / eps of its gradient, nothing in practice, while slopes above ~1e-2 keep over 99% of theirs.
+    """
+    g = (slopes.square() + smoothing ** 2).sqrt() - smoothing if smoothing > 0 else slopes.abs()
     return (g.mean() if reduction == "mean" else g.sum()).pow(2)
 
 

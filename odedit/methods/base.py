@@ -61,6 +61,10 @@ class EditMethod(ABC):
     # edits only through averaged gradients. Editors that write per-edit state (patches, codebook
     # entries, memories) or weights computed from local gradients run every step in full on every worker.
     sliceable: ClassVar[bool] = False
+    # True when the method changes the model only inside its target modules, position by position (no hooks
+    # reading other positions), and its host loss reads answer positions only: then an edit of the last
+    # layer's FFN output may replay just the positions the losses read (`odedit.models.tail`).
+    positionwise: ClassVar[bool] = False
 
     def __init__(self, adapter: "ModelAdapter", cfg: MethodConfig) -> None:
         self.adapter = adapter
@@ -82,6 +86,14 @@ class EditMethod(ABC):
         layers, which disables frozen-prefix caching). Default: the lowest configured layer."""
         n = self.adapter.num_layers
         return min(layer % n for layer in self.layers)
+
+    def position_tail(self) -> tuple[nn.Module, nn.Module] | None:
+        """(edited module, residual-input module) when this method edits one module kind of the last decoder
+        layer only and is `positionwise`, so the step can use `odedit.models.tail.TailRunner`; else None."""
+        n = self.adapter.num_layers
+        if not self.positionwise or len(self.cfg.modules) != 1 or {layer % n for layer in self.layers} != {n - 1}:
+            return None
+        return self.adapter.position_tail(self.cfg.modules[0])
 
     def target_modules(self) -> dict[str, nn.Module]:
         return self.adapter.edit_modules(self.cfg.modules, self.layers)

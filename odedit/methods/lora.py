@@ -30,6 +30,7 @@ class LoRA(EditMethod):
     """Low-rank adaptation of selected language-model modules."""
 
     sliceable = True  # the update depends on the step's edits only through averaged gradients
+    positionwise = True  # a weight (or low-rank) change of its modules; loss R_rel on answer positions
 
     config_cls = LoRAConfig
     ADAPTER_NAME = "odedit"

@@ -77,9 +77,18 @@ class ForwardOutput:
     hidden: torch.Tensor  # (B, L, H), last layer
     batch: EncodedBatch
 
-    def select(self, rows: slice) -> "ForwardOutput":
-        """The outputs of a contiguous range of batch rows (one environment of a merged forward pass)."""
-        return ForwardOutput(self.logits[rows], self.hidden[rows], self.batch.rows(rows))
+    def select(self, rows: slice, batch: EncodedBatch | None = None) -> "ForwardOutput":
+        """The outputs of a contiguous range of batch rows (one environment of a merged forward pass);
+        `batch`: `self.batch.rows(rows)` when the caller already cut it."""
+        return ForwardOutput(self.logits[rows], self.hidden[rows], batch if batch is not None else self.batch.rows(rows))
+
+    def take_logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits at flat positions `flat` (row * length + column)."""
+        return self.logits.reshape(-1, self.logits.shape[-1]).index_select(0, flat)
+
+    def take_hidden(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, H) last hidden states at flat positions `flat` (row * length + column)."""
+        return self.hidden.reshape(-1, self.hidden.shape[-1]).index_select(0, flat)
 
     def answer_logits(self) -> torch.Tensor:
         """(N, V) logits at all answer positions of the batch, row-major."""
@@ -133,6 +142,11 @@ class ModelAdapter(ABC):
         "ffn_out": "mlp.down_proj",
         "attn_out": "self_attn.o_proj",
     }
+    # Module kind -> the submodule of the same decoder layer whose input is the residual stream that the
+    # kind's output is added to, where the layer ends with `residual + module(x)` (LLaMA, Qwen2, Vicuna: the
+    # MLP's output projection after post_attention_layernorm). Used by `odedit.models.tail.TailRunner`, which
+    # also checks the claim on every step's full pass.
+    RESIDUAL_INPUTS: ClassVar[Mapping[str, str]] = {"ffn_out": "post_attention_layernorm"}
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, template: str = "",
                  pooling: str = "last", max_prompt_tokens: int = 96, image_size: int = 0) -> None:
@@ -143,6 +157,7 @@ class ModelAdapter(ABC):
         self.pooling = pooling
         self.max_prompt_tokens = max_prompt_tokens
         self.image_size = image_size
+        self._pixels: Any = None  # odedit.models.pixels.BatchedPixels, made on first use
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -190,9 +205,18 @@ class ModelAdapter(ABC):
     def _fixed_pixel_blocks(self, images: Sequence[Any], n_tokens: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         """One image-processor call for images that each become `n_tokens` image tokens and one (1, C, H, W)
         slice of pixel_values (LLaVA, BLIP-2, MiniGPT-4). Needs `self.image_token_id`."""
-        pixels = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+        pixels = self.pixel_values([image.convert("RGB") for image in images])
         ids = [self.image_token_id] * n_tokens  # type: ignore[attr-defined]
         return [(ids, {"pixel_values": pixels[i:i + 1]}) for i in range(len(images))]
+
+    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        """The image processor's `pixel_values` for RGB images, batched (`odedit.models.pixels`; bit-identical,
+        verified per image kind)."""
+        from odedit.models.pixels import BatchedPixels
+
+        if self._pixels is None or self._pixels.processor is not self.image_processor:
+            self._pixels = BatchedPixels(self.image_processor)
+        return self._pixels(images)
 
     def _collate_images(self, feats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not feats:
@@ -282,7 +306,10 @@ class ModelAdapter(ABC):
         # One image-processor call and one tokenizer call for the whole batch (per-sample calls dominated the
         # encoding of a 16-edit step's 80 rows).
         parts = [self._prompt_parts(s.prompt, s.image is not None) for s in samples]
-        blocks = iter(self._image_blocks([self._resize(s.image) for s in samples if s.image is not None]))
+        # Each distinct image object is processed once (a step's text rephrases share the edit prompt's image).
+        images = {id(s.image): s.image for s in samples if s.image is not None}
+        processed = dict(zip(images, self._image_blocks([self._resize(image) for image in images.values()])))
+        blocks = iter([processed[id(s.image)] for s in samples if s.image is not None])
         tails = [after if after else before for before, after in parts]  # the segment the target follows
         texts = [t for (before, after), tail, s in zip(parts, tails, samples)
                  for t in (before, after, self._with_target(tail, s.target) if with_target and s.target else "")]
@@ -319,20 +346,24 @@ class ModelAdapter(ABC):
             rows.append(ids)
         B, L = len(rows), max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        input_ids = torch.full((B, L), pad, dtype=torch.long)
-        attention = torch.zeros((B, L), dtype=torch.long)
-        targets = torch.full((B, L), IGNORE, dtype=torch.long)
-        prompt_mask = torch.zeros((B, L), dtype=torch.bool)
-        last_prompt = torch.zeros(B, dtype=torch.long)
-        for b, (ids, plen) in enumerate(zip(rows, prompt_lens)):
-            off = L - len(ids) if padding_side == "left" else 0
-            t = torch.tensor(ids, dtype=torch.long)
-            input_ids[b, off:off + len(ids)] = t
-            attention[b, off:off + len(ids)] = 1
-            prompt_mask[b, off:off + plen] = True
-            last_prompt[b] = off + plen - 1
-            if len(ids) > plen:  # positions plen-1 .. len-2 predict tokens plen .. len-1
-                targets[b, off + plen - 1:off + len(ids) - 1] = t[plen:]
+        # Rows are laid out in Python lists and become tensors in one call each (per-row tensor writes cost
+        # ~6 dispatched ops per row, ~500 for a 16-edit step).
+        offsets = [L - len(ids) if padding_side == "left" else 0 for ids in rows]
+        padded, labels = [], []
+        for ids, plen, off in zip(rows, prompt_lens, offsets):
+            padded.append([pad] * off + ids + [pad] * (L - off - len(ids)))
+            # positions plen-1 .. len-2 predict tokens plen .. len-1
+            answer = ids[plen:]
+            start = off + plen - 1
+            labels.append([IGNORE] * start + answer + [IGNORE] * (L - start - len(answer)) if answer else [IGNORE] * L)
+        input_ids = torch.tensor(padded, dtype=torch.long)
+        targets = torch.tensor(labels, dtype=torch.long)
+        pos = torch.arange(L)
+        off_t = torch.tensor(offsets, dtype=torch.long).unsqueeze(1)
+        attention = ((pos >= off_t) & (pos < off_t + torch.tensor([len(r) for r in rows]).unsqueeze(1))).long()
+        prompt_end = off_t + torch.tensor(prompt_lens, dtype=torch.long).unsqueeze(1)
+        prompt_mask = (pos >= off_t) & (pos < prompt_end)
+        last_prompt = prompt_end.squeeze(1) - 1
         inputs = {"input_ids": input_ids, "attention_mask": attention}
         inputs.update(self._collate_images(feats))
         inputs.update(self._extra_inputs(input_ids, attention))
@@ -398,6 +429,18 @@ class ModelAdapter(ABC):
                 module = layer_list[li].get_submodule(path)
                 out[f"{prefix}.{li}.{path}"] = module
         return out
+
+    def position_tail(self, kind: str) -> tuple[nn.Module, nn.Module] | None:
+        """(the last decoder layer's `kind` module, the module whose input is the residual it is added to), or
+        None where the family declares no such pair (`RESIDUAL_INPUTS`)."""
+        path = self.RESIDUAL_INPUTS.get(kind)
+        layer = self.decoder_layers()[-1]
+        if path is None or kind not in self.MODULE_KINDS:
+            return None
+        try:
+            return layer.get_submodule(self.MODULE_KINDS[kind]), layer.get_submodule(path)
+        except AttributeError:
+            return None
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """What the model does between its last decoder layer and the LM head (the final norm; OPT also has an

@@ -44,6 +44,9 @@ class Blip2OptAdapter(QueryTokenImages, ModelAdapter):
     image_before_bos = True
     model_class = staticmethod(_blip2_class)
     MODULE_KINDS = {"ffn_in": "fc1", "ffn_out": "fc2", "attn_out": "self_attn.out_proj"}
+    # OPT with do_layer_norm_before (2.7B and up) adds fc2's output to the input of final_layer_norm; OPT-350m
+    # normalises after the addition, which TailRunner's check detects (it then replays the whole layer).
+    RESIDUAL_INPUTS = {"ffn_out": "final_layer_norm"}
 
     @property
     def image_token_id(self) -> int:

@@ -49,6 +49,7 @@ class InstructBlipAdapter(Blip2OptAdapter):
     default_template = "Question: {} Short answer:"
     model_class = staticmethod(_instructblip_class)
     MODULE_KINDS = ModelAdapter.MODULE_KINDS  # LLaMA/Vicuna names
+    RESIDUAL_INPUTS = ModelAdapter.RESIDUAL_INPUTS
     max_qformer_tokens = 128  # LAVIS InstructBLIP's max_txt_len for the Q-Former instruction
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, image_processor: Any,

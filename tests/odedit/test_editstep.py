@@ -11,32 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from testdata import make_image
+from testdata import step_cases
 from odedit.config import load_config
 from odedit.editstep import EnvOutputs, encode_envs, forward_envs
-from odedit.envs import EditCase, attach_references
+from odedit.envs import attach_references
 from odedit.methods import METHODS
-from odedit.models import Sample
 from odedit.objective import build_objective
 
 ENVS = ("in", "se_text", "se_image", "out_text", "out_mm")
 
 
-def _cases() -> list[EditCase]:
-    return [EditCase(f"e{i}", {
-        "in": [Sample(q, t, make_image((200, 30, 30), seed=i))],
-        "se_text": [Sample(r, t, make_image((200, 30, 30), seed=i))],
-        "se_image": [Sample(q, t, make_image((200, 30, 30), seed=9 + i))],
-        "out_text": [Sample("which city is the capital of france ?", "paris"),
-                     Sample("what is two plus two ?", "four")][: i + 1],
-        "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
-    }) for i, (q, r, t) in enumerate((("what color is the shape ?", "what is the color of the shape ?", "blue"),
-                                      ("does the image contain a triangle ?", "is there a triangle ?", "green")))]
-
-
 def test_environment_views_are_the_rows_of_the_merged_output(tiny_adapter):
     adapter = tiny_adapter("llava")
-    encoded = encode_envs(adapter, _cases(), ENVS)
+    encoded = encode_envs(adapter, step_cases(), ENVS)
     outs = forward_envs(adapter, encoded)
     assert isinstance(outs, EnvOutputs) and list(outs) == list(ENVS) and len(outs) == 5
     for env, span in encoded.spans.items():
@@ -54,7 +41,7 @@ def test_odedit_loss_is_the_same_through_the_merged_fast_path_and_per_environmen
     cfg = load_config(None, ["method.name=ft", "model.family=llava", "odedit.enabled=true", "odedit.warmup_iters=0"])
     method = METHODS.get("ft").method_cls(adapter, cfg.method)
     method.prepare()
-    cases = _cases()
+    cases = step_cases()
     attach_references(adapter, cases, k=8)
     params = list(method.editable().values())
     results = []
