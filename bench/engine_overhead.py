@@ -2,9 +2,11 @@
 
     python -m bench.engine_overhead [--quick]      # writes bench/results/engine_overhead.json
 
-The same stream (same shards, model, editor, config and seed) runs twice: in this process through
-`odedit.stream.StreamRunner` with a torch optimiser, and as a Ray Train `TorchTrainer` with one worker and
-DeepSpeed ZeRO-2 (gloo), reading its edits from the Ray Data dataset, writing progress and checkpoints.
+The same stream (same shards, model, editor, config and seed) runs three times: in this process through
+`odedit.stream.StreamRunner` with a torch optimiser, as a Ray Train `TorchTrainer` with one worker and
+DeepSpeed ZeRO-2 (gloo), reading its edits from the Ray Data dataset, writing progress and checkpoints, and
+in process again. The in-process step time is the mean of the runs before and after the Ray Train run (on this
+shared machine a process's speed drifts by up to 30% within minutes; bracketing cancels a linear drift).
 Each step's wall time (reading its cases, editing, scoring them, and the checkpoint written after the step
 before) is recorded by the stream itself; both loops checkpoint every 2 steps to a `RunStore`; the first two
 steps are start-up and are dropped. Steps of 4 edits, FT + ODEdit, 10 iterations per step.
@@ -50,9 +52,8 @@ def _firsts(rows: list[dict]) -> set[str]:
     return set(seen.values())
 
 
-def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dict:
-    """Step wall times of the same stream in process and through Ray Train (Ray must be running)."""
-    import pyarrow.parquet as pq
+def _in_process(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> tuple[list[dict], dict]:
+    """One in-process stream (one torch thread, checkpoints like the engine's): (rows, summary)."""
     import torch
 
     from odedit.editing import Editor
@@ -60,10 +61,7 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
     from odedit.stream import StreamHooks, StreamRunner
     from pipeline.casesource import ShardCaseSource
     from pipeline.checkpoints import RunStore
-    from pipeline.engine import run_stream, storage_dir
-    from pipeline.tracking import NullTracker
 
-    # ---- in process
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
@@ -83,19 +81,44 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(store.run_dir, ignore_errors=True)
-    in_proc = [r["step_wall"] for r in local.rows if r["edit_id"] in _firsts(local.rows)]
+    return local.rows, local.summary
 
-    # ---- Ray Train + DeepSpeed (a fresh run directory each time)
+
+def _steps(rows: list[dict], key: str) -> list[float]:
+    firsts = _firsts(rows)
+    return [r[key] for r in rows if r["edit_id"] in firsts]
+
+
+def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dict:
+    """Step wall times of the same stream in process, through Ray Train, and in process again (Ray must be
+    running); the in-process figure is the mean of the two runs around the Ray Train run, so a machine that
+    drifts linearly in speed during the measurement moves both sides alike."""
+    import pyarrow.parquet as pq
+
+    from pipeline.engine import run_stream, storage_dir
+    from pipeline.tracking import NullTracker
+
+    before, summary_local = _in_process(cfg, model_path, shards, n, scratch)
+    # Ray Train + DeepSpeed, in a fresh run directory
     name = f"bench-{os.getpid()}"
     summary = run_stream(cfg, model_path, NullTracker(), name, progress=False)
     rows = pq.read_table(os.path.join(storage_dir(cfg), name, "results", "rows.parquet")).to_pylist()
     shutil.rmtree(os.path.join(storage_dir(cfg), name), ignore_errors=True)
-    raytrain = [r["step_wall"] for r in rows if r["edit_id"] in _firsts(rows)]
+    after, _ = _in_process(cfg, model_path, shards, n, scratch)
+    raytrain = _steps(rows, "step_wall")
+    in_proc = [(x + y) / 2 for x, y in zip(_steps(before, "step_wall"), _steps(after, "step_wall"))]
+    # The editing part of each step (StepReport.seconds): what DeepSpeed's stepper adds, apart from reading,
+    # scoring and checkpointing.
+    edit_ray = _steps(rows, "edit_seconds")
+    edit_local = [(x + y) / 2 for x, y in zip(_steps(before, "edit_seconds"), _steps(after, "edit_seconds"))]
     a, b = statistics.mean(raytrain[2:]), statistics.mean(in_proc[2:])
     return {"ratio": a / b, "step_s_raytrain": a, "step_s_inprocess": b,
+            "step_s_inprocess_before": statistics.mean(_steps(before, "step_wall")[2:]),
+            "step_s_inprocess_after": statistics.mean(_steps(after, "step_wall")[2:]),
+            "edit_s_raytrain": statistics.mean(edit_ray[2:]), "edit_s_inprocess": statistics.mean(edit_local[2:]),
             "median_ratio": statistics.median(raytrain[2:]) / statistics.median(in_proc[2:]),
             "steps": len(in_proc), "edits": n, "in_process_steps": in_proc, "raytrain_steps": raytrain,
-            "rel_in_process": local.summary["rel"], "rel_raytrain": summary["rel"]}
+            "rel_in_process": summary_local["rel"], "rel_raytrain": summary["rel"]}
 
 
 def tiny_setup(n: int) -> tuple[Any, str, str]:

@@ -138,6 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard(DATASET)
     rows = (lambda: shard.iter_rows()) if shard is not None else None
     source = ShardCaseSource(config["shards_dir"], cfg.stream.split, config["num_edits"], config["offset"], rows=rows)
+    source.prefetch()  # Ray Data starts its actors while the stream scores the edits pre-edit
     tracker = attach_tracker(cfg, config["run_id"], store.run_dir) if comm.rank == 0 else NullTracker()
 
     def on_checkpoint(st: StreamState) -> None:

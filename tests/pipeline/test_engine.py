@@ -171,3 +171,33 @@ def test_workers_get_every_location_absolute(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
     assert for_workers(cfg).tracking.uri == "http://head:5000"
     assert for_workers(load_config(None, ["tracking.enabled=false"])).tracking.uri == ""
+
+
+def test_a_prefetched_main_pass_yields_the_same_cases(prepared):
+    """`ShardCaseSource.prefetch` starts the row iterator early (in a thread); the stream sees the same cases,
+    and an error of the iterator reaches the stream's thread."""
+    import pyarrow.parquet as pq
+
+    from pipeline.casesource import ShardCaseSource
+    from pipeline.engine import shards_dir
+    from pipeline.shards import read_manifest
+
+    cfg, _ = prepared
+    shards = shards_dir(cfg)
+    rows = [r for s in read_manifest(shards)["shards"] for r in pq.read_table(os.path.join(shards, s["file"])).to_pylist()]
+    plain = ShardCaseSource(shards, "test", rows=lambda: iter(rows))
+    early = ShardCaseSource(shards, "test", rows=lambda: iter(rows))
+    early.prefetch()
+    early.prefetch()  # idempotent
+    a, b = list(plain.iter_from(1)), list(early.iter_from(1))
+    assert [c.edit_id for c in a] == [c.edit_id for c in b] == plain.ids()[1:]
+    assert [c.env("in")[0].prompt for c in a] == [c.env("in")[0].prompt for c in b]
+
+    def broken():
+        raise OSError("shard unreadable")
+        yield  # noqa: unreachable (a generator)
+
+    failing = ShardCaseSource(shards, "test", rows=broken)
+    failing.prefetch()
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(failing.iter_from(0))
