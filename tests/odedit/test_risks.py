@@ -15,6 +15,7 @@ from odedit.risks import (
     locality_risk_and_slope,
     median_bandwidth,
     multi_gaussian_kernel,
+    penalty_from_slopes,
     reliability_risk,
     reliability_risk_and_slope,
     tv_l1_penalty,
@@ -169,3 +170,21 @@ def test_closed_form_slopes_equal_double_backward(k):
         assert got_slope.item() == pytest.approx(slope, rel=1e-4, abs=1e-6)
         (got_dlogits,) = torch.autograd.grad(got_slope, logits)
         assert torch.allclose(got_dlogits, dlogits, rtol=1e-4, atol=1e-6)
+
+
+def test_smoothed_penalty_ignores_rounding_sized_slopes_and_keeps_real_ones():
+    """sqrt(s^2 + eps^2) - eps: within eps of |s|; its gradient is ~0 at a slope of rounding size (an environment
+    at its optimum) and ~sign(s) at a real slope, where the plain |s| jumps between 0 and +-1."""
+    eps = 1e-3
+    for reduction in ("mean", "sum"):
+        s = torch.tensor([2.0, -0.5, 0.0, 1e-7, -3e-8])
+        plain, smooth = penalty_from_slopes(s, reduction), penalty_from_slopes(s, reduction, eps)
+        assert plain >= smooth and float(plain.sqrt() - smooth.sqrt()) <= len(s) * eps
+    s = torch.tensor([2.0, -0.5, 0.0, 1e-7, -3e-8], requires_grad=True)
+    (g,) = torch.autograd.grad(penalty_from_slopes(s, "mean", eps), s)
+    (g0,) = torch.autograd.grad(penalty_from_slopes(s, "mean"), s)
+    assert abs(float(g0[3])) == abs(float(g0[0])) > 0  # plain |s|: a 1e-7 slope weighs like a slope of 2
+    assert abs(float(g[3])) < 1e-3 * abs(float(g[0])) and abs(float(g[4])) < 1e-3 * abs(float(g[0]))
+    assert float(g[2]) == 0.0
+    assert torch.allclose(g[:2], g0[:2], rtol=2e-3)
+    assert torch.equal(penalty_from_slopes(s, "sum", 0.0), penalty_from_slopes(s, "sum"))
