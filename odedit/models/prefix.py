@@ -37,6 +37,7 @@ class PrefixRunner:
         self._args: tuple | None = None
         self._kwargs: dict[str, Any] | None = None
         self._batch: EncodedBatch | None = None
+        self._device_batch: EncodedBatch | None = None  # `_batch` on the model's device, moved once per step
 
     def forward(self, batch: EncodedBatch) -> ForwardOutput:
         """The model's output for `batch`; the first call per batch runs the full model and caches the prefix."""
@@ -57,11 +58,11 @@ class PrefixRunner:
             handle.remove()
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in captured["args"])
         kwargs = {k: _detach(v) for k, v in captured["kwargs"].items()}
-        self._args, self._kwargs, self._batch = args, kwargs, batch
+        self._args, self._kwargs, self._batch, self._device_batch = args, kwargs, batch, out.batch
         return out
 
     def _replay(self) -> ForwardOutput:
-        assert self._args is not None and self._kwargs is not None and self._batch is not None
+        assert self._args is not None and self._kwargs is not None and self._device_batch is not None
         kwargs = dict(self._kwargs)
         if self._args:
             h, rest = self._args[0], self._args[1:]
@@ -72,7 +73,7 @@ class PrefixRunner:
             h = out[0] if isinstance(out, tuple) else out
         z = self.adapter.final_hidden(h)
         logits = self.adapter.output_embeddings()(z)
-        return ForwardOutput(logits=logits, hidden=z, batch=self._batch.to(self.adapter.device))
+        return ForwardOutput(logits=logits, hidden=z, batch=self._device_batch)
 
 
 def _detach(v: Any) -> Any:

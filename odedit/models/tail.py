@@ -47,7 +47,7 @@ _WARNED: set[str] = set()  # fallback reasons already logged (once per process, 
 def read_positions(batch: EncodedBatch) -> torch.Tensor:
     """(B, L) the positions a step's losses read: answer positions and each row's last prompt token."""
     mask = batch.answer_mask.clone()
-    mask[torch.arange(batch.size), batch.last_prompt] = True
+    mask[torch.arange(batch.size, device=mask.device), batch.last_prompt.to(mask.device)] = True
     return mask
 
 
@@ -97,7 +97,7 @@ class TailRunner(PrefixRunner):
                 _WARNED.add(self.fallback)
                 log.warning("tail replay off (%s); replaying the whole last layer instead", self.fallback)
             return super()._replay()
-        index = PositionIndex(read_positions(out.batch.to("cpu")), out.logits.device)
+        index = PositionIndex(read_positions(batch), out.logits.device)  # the host-side batch: no device copy
         n = index.slot.shape[0]
         r, x = seen["r"], seen["x"]
         self._tail = (index, r.reshape(n, -1).index_select(0, index.flat), x.reshape(n, -1).index_select(0, index.flat))
@@ -120,11 +120,11 @@ class TailRunner(PrefixRunner):
     def _replay(self) -> ForwardOutput:
         if self._tail is None:
             return super()._replay()
-        assert self._batch is not None
+        assert self._device_batch is not None
         index, r, x = self._tail
         z = self.adapter.final_hidden(r + self.module(x))
         logits = self.adapter.output_embeddings()(z)
-        return PositionOutput(logits=logits, hidden=z, batch=self._batch.to(self.adapter.device), index=index)
+        return PositionOutput(logits=logits, hidden=z, batch=self._device_batch, index=index)
 
 
 class PositionIndex:
@@ -137,6 +137,7 @@ class PositionIndex:
     """
 
     def __init__(self, mask: torch.Tensor, device: torch.device | str = "cpu") -> None:
+        mask = mask.cpu()  # a (B, L) bool tensor: the bookkeeping is built on the host, then moved once
         self.mask = mask
         flat = mask.reshape(-1).nonzero().squeeze(1)
         slot = torch.full((mask.numel(),), -1, dtype=torch.long)
@@ -195,7 +196,7 @@ class PositionOutput(ForwardOutput):
                              "and last-prompt positions only (objectives that pool otherwise set reads_all_positions)")
         def last() -> torch.Tensor:
             mask = torch.zeros_like(self.batch.answer_mask)
-            mask[torch.arange(self.batch.size), self.batch.last_prompt] = True
+            mask[torch.arange(self.batch.size, device=mask.device), self.batch.last_prompt.to(mask.device)] = True
             return mask
 
         return self.hidden.index_select(0, self._index().at("last", last))

@@ -83,7 +83,9 @@ def test_a_layer_that_is_not_residual_plus_module_falls_back_to_the_layer_replay
     assert not isinstance(out, PositionOutput)
     assert torch.allclose(out.logits, full.logits, **TOL)
     assert torch.allclose(runner.forward(batch).logits, full.logits, **TOL)
-    assert w.requires_grad
+    (g,) = torch.autograd.grad(runner.forward(batch).answer_logits().logsumexp(-1).sum(), w)
+    (g_full,) = torch.autograd.grad(adapter.forward(batch).answer_logits().logsumexp(-1).sum(), w)
+    assert torch.allclose(g, g_full, **TOL)  # the fallback replay is differentiable like the full model
 
 
 def test_which_edits_get_a_tail(tiny_adapter):
