@@ -1,6 +1,6 @@
 # The README's two commands. Both create or reuse .venv themselves.
 #   make demo   prepare the demo world (cached), then a lifelong stream with and without ODEdit
-#   make test   the whole test suite on CPU
+#   make test   ruff (lint + format check), then the whole test suite on CPU
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test lint format venv bench clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,16 @@ $(STAMP): pyproject.toml ci/constraints.txt
 demo: $(STAMP)
 	$(PY) -m jobs.demo --config jobs/configs/demo.yaml
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 bench: $(STAMP)
 	for b in odedit_overhead shards batching engine_overhead lifelong; do $(PY) -m bench.$$b --quick || exit 1; done

@@ -35,7 +35,7 @@ BATCH = 16
 def _arm(cfg, model_path: str, batch_size: int):
     import torch
 
-    from odedit.config import with_overrides
+    from odedit.loading import with_overrides
     from odedit.editing import Editor
     from odedit.models import load_adapter
 
@@ -46,7 +46,7 @@ def _arm(cfg, model_path: str, batch_size: int):
 
 def _run(cfg, model_path: str, shards: str) -> dict:
     from odedit.evaluation import evaluate_cases
-    from pipeline.casesource import ShardCaseSource
+    from pipeline.data.casesource import ShardCaseSource
 
     source = ShardCaseSource(shards, "test", cfg.stream.num_edits)
     cases = source.fetch(range(len(source.ids())))

@@ -59,8 +59,8 @@ def _in_process(cfg: Any, model_path: str, shards: str, n: int, scratch: str) ->
     from odedit.editing import Editor
     from odedit.models import load_adapter
     from odedit.stream import StreamHooks, StreamRunner
-    from pipeline.casesource import ShardCaseSource
-    from pipeline.checkpoints import RunStore
+    from pipeline.data.casesource import ShardCaseSource
+    from pipeline.train.checkpoints import RunStore
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -95,8 +95,8 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
     drifts linearly in speed during the measurement moves both sides alike."""
     import pyarrow.parquet as pq
 
-    from pipeline.engine import run_stream, storage_dir
-    from pipeline.tracking import NullTracker
+    from pipeline.train.engine import run_stream, storage_dir
+    from pipeline.reporting.tracking import NullTracker
 
     before, summary_local = _in_process(cfg, model_path, shards, n, scratch)
     # Ray Train + DeepSpeed, in a fresh run directory
@@ -123,11 +123,11 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
 
 def tiny_setup(n: int) -> tuple[Any, str, str]:
     """(config, model path, shards dir) of the tiny random LLaVA on a synthetic E-VQA split."""
-    from odedit.config import load_config
+    from odedit.loading import load_config
     from odedit.models import build_tiny
-    from pipeline.engine import shards_dir
+    from pipeline.train.engine import shards_dir
     from pipeline.experiment import prepared
-    from pipeline.synthetic import write_evqa_split
+    from bench.synthetic import write_evqa_split
 
     base = os.path.join(ROOT, ".cache", "bench", "engine")
     model = os.path.join(base, "tiny_llava")
@@ -147,20 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="24 edits per model (under 2 minutes once the demo model exists)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import ray
-
-    from bench.demo_setup import demo_stream_setup
+    from bench.demo_setup import demo_stream_setup  # deferred: torch, Ray and the demo world; `--help` needs none
+    from pipeline.cluster.session import ray_session
 
     n = 24 if args.quick else 96
     scratch = os.path.join(ROOT, ".cache", "bench", "engine")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False):
         demo = measure(*demo_stream_setup(n, STREAM, name="engine"), n, scratch)
         tiny = measure(*tiny_setup(n), n, scratch)
-    finally:
-        ray.shutdown()
     figures = {"step_time_ratio_raytrain_inprocess": demo["ratio"], "step_s_raytrain": demo["step_s_raytrain"],
                "step_s_inprocess": demo["step_s_inprocess"], "median_ratio": demo["median_ratio"],
                "step_time_ratio_tiny_model": tiny["ratio"], "step_s_raytrain_tiny": tiny["step_s_raytrain"],

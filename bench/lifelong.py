@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bench.demo_setup import demo_stream_setup
-    from odedit.config import with_overrides
+    from odedit.loading import with_overrides
     from odedit.editing import Editor
     from odedit.models import load_adapter
     from odedit.stream import StreamHooks, StreamRunner
-    from pipeline.casesource import ShardCaseSource
-    from pipeline.plots import plot_retention
+    from pipeline.data.casesource import ShardCaseSource
+    from pipeline.reporting.plots import plot_retention
 
     n = args.edits or (1000 if args.quick else 10000)
     first = n // 10

@@ -96,8 +96,8 @@ def _synthetic_cases(n: int):
 def _demo_cases(cfg, n: int):
     from odedit.envs import case_from_record
     from odedit.records import EditRecord
-    from pipeline.images import ImageLimits, decode_png, load_image
-    from pipeline.sources import SOURCES
+    from pipeline.data.images import ImageLimits, decode_png, load_image
+    from pipeline.data.sources import SOURCES
 
     source = SOURCES.get("demo")(cfg)
     roots = {"edit": source.image_root, "rephrase": source.rephrase_image_root or source.image_root,
@@ -115,7 +115,7 @@ def child(spec: dict) -> None:
     """One measurement process: load, warm up, time `edits` single edits."""
     import torch
 
-    from odedit.config import load_config
+    from odedit.loading import load_config
     from odedit.editing import Editor
     from odedit.envs import attach_references
     from odedit.models import ADAPTERS
@@ -148,7 +148,7 @@ def child_interleaved(spec: dict) -> None:
     (host then ODEdit on one case, ODEdit then host on the next), so both arms run under the same load."""
     import torch
 
-    from odedit.config import load_config
+    from odedit.loading import load_config
     from odedit.editing import Editor
     from odedit.envs import attach_references
     from odedit.models import ADAPTERS
@@ -183,8 +183,8 @@ def _model(quick: bool) -> tuple[str, str, bool]:
         if not os.path.isfile(os.path.join(path, "config.json")):
             build_tiny("llava", path, seed=0)
         return path, "Question: <image> {} Short answer:", True
-    from odedit.config import load_config
-    from pipeline.demo_model import ensure_demo_model
+    from odedit.loading import load_config
+    from pipeline.demo.model import ensure_demo_model
 
     path, report = ensure_demo_model(load_config(None))
     return str(path), report.get("prompt_template", ""), False

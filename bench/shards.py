@@ -2,7 +2,7 @@
 
     python -m bench.shards [--quick]          # --quick: about a minute on 2 cores; writes bench/results/shards.json
 
-The split is synthetic but real work: `pipeline.synthetic.write_evqa_split` writes N records in EasyEdit's
+The split is synthetic but real work: `bench.synthetic.write_evqa_split` writes N records in EasyEdit's
 E-VQA layout with three noisy PNGs each (sides drawn in [160, 320] px), cached under `.cache/bench/`. Image
 decoding, shrinking to 224 px and PNG re-encoding dominate the build.
 
@@ -23,7 +23,7 @@ Figures (each measured in a fresh subprocess, so one measurement cannot warm or 
   on 240 records) to stay near a minute, the full run uses 1,200 records for both.
 
 The machine's load average is recorded beside the numbers: other jobs on the 2 cores perturb them. As a
-control, `raw_scaling_2p_1p` times the same per-image work (`pipeline.images.load_image`) in one plain
+control, `raw_scaling_2p_1p` times the same per-image work (`pipeline.data.images.load_image`) in one plain
 process vs two, without Ray: the most any 2-worker build could gain on the machine at that moment.
 """
 
@@ -96,8 +96,8 @@ def settle_baseline(memory: TreeMemory, seconds: float = 1.0) -> int:
 
 def world_paths(n: int) -> dict[str, str]:
     """The cached synthetic split of `n` records (written on first use)."""
-    from pipeline.cache import cache_dir, content_key, ensure_dir
-    from pipeline.synthetic import write_evqa_split
+    from pipeline.storage.cache import cache_dir, content_key, ensure_dir
+    from bench.synthetic import write_evqa_split
 
     params = {"n": n, "min_side": 160, "max_side": 320, "seed": 0, "version": 1}
     path, info, _ = ensure_dir(cache_dir("bench", f"shards-{content_key(params)}"),
@@ -107,7 +107,7 @@ def world_paths(n: int) -> dict[str, str]:
 
 
 def bench_config(world: dict, workers: int, limit: int = 0) -> Any:
-    from odedit.config import load_config
+    from odedit.loading import load_config
 
     return load_config(None, ["data.source=mmedit", f"data.path={world['path']}",
                               f"data.image_root={world['image_root']}", "data.rows_per_shard=40",
@@ -122,34 +122,34 @@ def child_stream(world: dict, memory_world: dict, repeats: int) -> dict:
     2-worker build of `memory_world`."""
     import tempfile
 
-    import ray
-    import ray.data
+    import ray.data  # deferred: the child process is where Ray runs; the parent only spawns it
 
-    from pipeline.shards import build_shards
-    from pipeline.sources import SOURCES
+    from pipeline.cluster.session import ray_session
+    from pipeline.data.shards import build_shards
+    from pipeline.data.sources import SOURCES
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    tmp = tempfile.mkdtemp(prefix="bench-shards-")
-    warm = bench_config(world, 2, limit=24)
-    build_shards(SOURCES.get("mmedit")(warm), warm, os.path.join(tmp, "warm"), reuse=False)
-    seconds: dict[int, list[float]] = {1: [], 2: []}
-    records = 0
-    for r in range(repeats):
-        for workers in (1, 2):
-            cfg = bench_config(world, workers)
-            source = SOURCES.get("mmedit")(cfg)
-            t0 = time.perf_counter()
-            manifest, _ = build_shards(source, cfg, os.path.join(tmp, f"w{workers}-{r}"), reuse=False)
-            seconds[workers].append(time.perf_counter() - t0)
-            records = manifest["records"]
-            assert manifest["kept"] == records, manifest["quarantine_by_reason"]
-    memory = TreeMemory()
-    baseline = settle_baseline(memory)
-    cfg = bench_config(memory_world, 2)
-    with memory:
-        manifest, _ = build_shards(SOURCES.get("mmedit")(cfg), cfg, os.path.join(tmp, "memory"), reuse=False)
-    ray.shutdown()
+    with ray_session(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING"):
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        tmp = tempfile.mkdtemp(prefix="bench-shards-")
+        warm = bench_config(world, 2, limit=24)
+        build_shards(SOURCES.get("mmedit")(warm), warm, os.path.join(tmp, "warm"), reuse=False)
+        seconds: dict[int, list[float]] = {1: [], 2: []}
+        records = 0
+        for r in range(repeats):
+            for workers in (1, 2):
+                cfg = bench_config(world, workers)
+                source = SOURCES.get("mmedit")(cfg)
+                t0 = time.perf_counter()
+                manifest, _ = build_shards(source, cfg, os.path.join(tmp, f"w{workers}-{r}"), reuse=False)
+                seconds[workers].append(time.perf_counter() - t0)
+                records = manifest["records"]
+                assert manifest["kept"] == records, manifest["quarantine_by_reason"]
+        memory = TreeMemory()
+        baseline = settle_baseline(memory)
+        cfg = bench_config(memory_world, 2)
+        with memory:
+            manifest, _ = build_shards(SOURCES.get("mmedit")(cfg), cfg, os.path.join(tmp, "memory"), reuse=False)
     return {"records": records, "seconds_1w": min(seconds[1]), "seconds_2w": min(seconds[2]),
             "all_seconds_1w": seconds[1], "all_seconds_2w": seconds[2], "memory_records": manifest["kept"],
             "baseline_bytes": baseline, "peak_bytes": memory.peak}
@@ -180,7 +180,7 @@ def child_eager(world: dict) -> dict:
 
 
 def _decode_all(args: tuple[str, list[str]]) -> float:
-    from pipeline.images import ImageLimits, load_image
+    from pipeline.data.images import ImageLimits, load_image
 
     root, rels = args
     limits = ImageLimits(32 * 1024 * 1024, 4096 * 4096, 224)

@@ -13,14 +13,15 @@ import os
 import sys
 from typing import Any, Sequence
 
-from jobs.common import parse_job_args, write_json
-from pipeline.tracking import tracking_uri
+from jobs.common import parse_job_args
+from pipeline.storage.jsonio import write_json
+from pipeline.reporting.tracking import tracking_uri
 
 
 def main(cfg: Any) -> dict:
     from pipeline.experiment import run_experiment
-    from pipeline.plots import plot_comparison
-    from pipeline.report import comparison_table
+    from pipeline.reporting.plots import plot_comparison
+    from pipeline.reporting.tables import comparison_table
 
     arms = {f"{cfg.method.name}": ["odedit.enabled=false"], f"{cfg.method.name}+odedit": ["odedit.enabled=true"]}
     out = run_experiment(cfg, arms, name="demo")

@@ -12,13 +12,14 @@ import os
 import sys
 from typing import Any, Sequence
 
-from jobs.common import parse_job_args, write_json
-from odedit.config import with_overrides
+from jobs.common import parse_job_args
+from pipeline.storage.jsonio import write_json
+from odedit.loading import with_overrides
 
 
 def main(cfg: Any) -> dict:
     from pipeline.experiment import run_experiment
-    from pipeline.report import comparison_table
+    from pipeline.reporting.tables import comparison_table
 
     if cfg.stream.mode != "single":
         cfg = with_overrides(cfg, ["stream.mode=single"])

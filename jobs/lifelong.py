@@ -14,12 +14,13 @@ import os
 import sys
 from typing import Any, Sequence
 
-from jobs.common import parse_job_args, write_json
+from jobs.common import parse_job_args
+from pipeline.storage.jsonio import write_json
 
 
 def main(cfg: Any) -> dict:
     from pipeline.experiment import run_experiment
-    from pipeline.report import comparison_table
+    from pipeline.reporting.tables import comparison_table
 
     if cfg.stream.mode != "sequential":
         raise SystemExit("error: stream.mode: jobs.lifelong runs sequential streams (got 'single'); "

@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m jobs.results --config jobs/configs/results.yaml
 
 The base config (`--config`) fixes the model, the data (prepared once: shards and references are shared by
-every cell), resources and tracking; the matrix file (`pipeline.results_matrix`) gives each editor's `method` block and
+every cell), resources and tracking; the matrix file (`pipeline.reporting.matrix`) gives each editor's `method` block and
 each setting's stream overrides. Every cell's config is validated before anything runs.
 
 Each cell is one edit stream through the engine (Ray Train + DeepSpeed), an MLflow run nested under the
@@ -28,8 +28,9 @@ import sys
 import time
 from typing import Any, Sequence
 
-from jobs.common import prepare_output_dir, write_json
-from pipeline.results_matrix import Cell, MatrixError, cells, load_matrix
+from pipeline.storage.jsonio import write_json
+from pipeline.storage.outputs import prepare_output_dir
+from pipeline.reporting.matrix import Cell, MatrixError, cells, load_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MATRIX = os.path.join(ROOT, "jobs", "matrices", "results.yaml")
@@ -49,9 +50,10 @@ def parse_args(argv: Sequence[str] | None):
 
 def plan(argv: Sequence[str] | None = None) -> tuple[Any, list[Cell], Any]:
     """(base config, cells, args); every problem of the base config, the matrix and each cell, or exit 2."""
-    from odedit.config import ConfigError, load_config
+    from odedit.config import ConfigError
+    from odedit.loading import load_config
     from odedit.configlib import to_dict
-    from pipeline.sources.base import check_source
+    from pipeline.data.sources.base import check_source
 
     args = parse_args(argv)
     try:
@@ -73,41 +75,38 @@ def _cell_path(out: str, cell: Cell) -> str:
 
 def _trained_editor(cell: Cell, model_cfg: Any, shards: str, out: str) -> str:
     """Meta-train the cell's editor (once per editor and arm) and return its hypernetwork path."""
-    from jobs import train_editor
-
+    # deferred: torch, transformers and Ray; `plan` (config checks) and `--help` need none of them
     from odedit.configlib import to_dict
-    from pipeline.cache import content_key
+    from pipeline.storage.cache import content_key
+    from pipeline.train.editor_training import HYPERNET_FILE, train_editor
 
     # Keyed by everything the trained editor depends on, so a changed recipe trains again.
     key = content_key({k: to_dict(getattr(cell.config, k)) for k in ("method", "odedit", "data")}
                       | {"model": model_cfg.name_or_path, "seed": cell.config.seed})
     target = os.path.join(out, "editors", f"{cell.editor}-{cell.arm}-{key}")
-    path = os.path.join(target, train_editor.HYPERNET_FILE)
+    path = os.path.join(target, HYPERNET_FILE)
     if os.path.isfile(path):
         return path
     data = dataclasses.replace(cell.config.data, shards_dir=shards)
     cfg = dataclasses.replace(cell.config, model=model_cfg, data=data, output_dir=target)
     t0 = time.perf_counter()
-    summary = train_editor.main(cfg)
+    summary = train_editor(cfg)
     print(f"trained {cell.editor} ({cell.arm}) in {time.perf_counter() - t0:.0f} s: {summary['metrics']}")
     return summary["hypernet_path"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base, todo, args = plan(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from pipeline.raycluster import init_ray
-
-    from odedit.config import with_overrides
-    from pipeline.engine import run_stream, shards_dir
+    # deferred: torch, transformers and Ray; `plan` (config checks) and `--help` need none of them
+    from odedit.loading import with_overrides
+    from pipeline.cluster.session import ray_session
+    from pipeline.train.engine import run_stream, shards_dir
     from pipeline.experiment import prepared, run_info
-    from pipeline.report import results_markdown
-    from pipeline.tracking import open_tracker
+    from pipeline.reporting.tables import results_markdown
+    from pipeline.reporting.tracking import open_tracker
 
     out = prepare_output_dir(base)
-    started = init_ray()  # joins the cluster under `ray job submit`, or starts a local one; False if Ray was up
-    try:
+    with ray_session():  # joins the cluster under `ray job submit`, or starts a local one
         base, model_path, prep = prepared(base)
         shards = shards_dir(base)
         parent = open_tracker(base, "results", tags={"odedit.kind": "results"})
@@ -132,9 +131,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             write_json(path, {"setting": cell.setting, "editor": cell.editor, "arm": cell.arm,
                               **{k: summary.get(k) for k in KEEP}})
         parent.set_terminated("FINISHED")
-    finally:
-        if started:
-            ray.shutdown()
     results = collect(out)
     write_json(os.path.join(out, "results.json"), {"parent_run_id": getattr(parent, "run_id", ""),
                                                    "model": prep["model"], "cells": results})

@@ -19,7 +19,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     if not os.path.isfile(args.outbox):
         print(f"error: outbox: {args.outbox!r} does not exist; it lives in <storage_path>/<run_name>/", file=sys.stderr)
         return 2
-    from pipeline.tracking import replay_outbox
+    from pipeline.reporting.tracking import replay_outbox
 
     counts = replay_outbox(args.outbox, args.uri)
     print(f"replayed {counts}")

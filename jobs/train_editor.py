@@ -11,212 +11,30 @@ process group every step, so the replicas stay identical (the hypernetwork is sm
 editor-training loss ([INFERENCE] method.md §2.5). The last `method.val_edits` training edits are held out and
 scored before and after meta-training.
 
-Rank 0 reports the metrics with a checkpoint (so `Result.metrics` is filled, platform.md §2); the driver copies
+The work is `pipeline.train.editor_training.train_editor`. Rank 0 reports the metrics with a checkpoint (so `Result.metrics` is filled, platform.md §2); the driver copies
 the hypernetwork to `<output_dir>/hypernet.safetensors` (load it with `method.hypernet_path=`) and writes
 `<output_dir>/train_editor.json`.
 
 Training edits come from `training_cases(cfg)`: the train split of the environment shards when
-`data.shards_dir` (or `<output_dir>/shards`) holds a manifest (`pipeline.shards.load_cases`), otherwise the
+`data.shards_dir` (or `<output_dir>/shards`) holds a manifest (`pipeline.data.shards.load_cases`), otherwise the
 records of `data.source` whose split is `train`, built with `odedit.envs.case_from_record`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import random
-import shutil
 import sys
-import tempfile
-import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-from jobs.common import parse_job_args, prepare_output_dir, write_json
-
-HYPERNET_FILE = "hypernet.safetensors"
-SUMMARY_FILE = "train_editor.json"
-
-
-# ---------------------------------------------------------------------------------------------- training edits
-
-
-def training_cases(cfg: Any) -> list:
-    """The train-split edits of the configured data (shards if built, else records)."""
-    from pipeline.shards import MANIFEST
-
-    shards_dir = cfg.data.shards_dir or os.path.join(cfg.output_dir, "shards")
-    if os.path.isfile(os.path.join(shards_dir, MANIFEST)):
-        from pipeline.shards import load_cases
-
-        return load_cases(shards_dir, split="train", limit=cfg.data.limit)
-    return _cases_from_records(cfg)
-
-
-def _cases_from_records(cfg: Any) -> list:
-    from odedit.envs import case_from_record
-    from odedit.records import EditRecord, validate_record
-    from pipeline.images import ImageLimits, ImageRefused, decode_png, load_image
-    from pipeline.sources import SOURCES
-
-    source = SOURCES.get(cfg.data.source)(cfg)
-    roots = {"edit": source.image_root, "rephrase": source.rephrase_image_root or source.image_root,
-             "locality": source.locality_image_root or source.image_root}
-    limits = ImageLimits.from_config(cfg.data)
-
-    def load(path: str | None, kind: str) -> Any:
-        return None if path is None else decode_png(load_image(roots[kind], path, limits).png)
-
-    cases = []
-    for raw in source.records:
-        if validate_record(raw, cfg.data.max_text_chars):
-            continue
-        record = EditRecord.from_raw(raw, cfg.data.max_text_chars)
-        if record.split != "train":
-            continue
-        try:
-            cases.append(case_from_record(record, load))
-        except ImageRefused:
-            continue  # jobs.prepare quarantines such records; here they are simply not trained on
-        if cfg.data.limit and len(cases) >= cfg.data.limit:
-            break
-    return cases
-
-
-def split_train_val(cases: Sequence[Any], val_edits: int, seed: int) -> tuple[list, list]:
-    """Shuffle deterministically and hold out `val_edits` edits (at least one edit stays for training)."""
-    order = list(cases)
-    random.Random(seed).shuffle(order)
-    n_val = min(val_edits, max(0, len(order) - 1))
-    return order[n_val:], order[:n_val]
-
-
-# ---------------------------------------------------------------------------------------------- worker
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: load the model, meta-train on this rank's slice, report (rank 0 with a checkpoint)."""
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from odedit.config import parse_config
-    from odedit.methods import METHODS
-    from odedit.methods.mend.train import MetaTrainer
-    from odedit.models import load_adapter
-    from odedit.objective import build_objective
-
-    cfg = parse_config(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)  # identical initial hypernetworks on every rank
-    device = f"cuda:{ctx.get_local_rank()}" if cfg.resources.use_gpu else "cpu"
-    adapter = load_adapter(dataclasses.replace(cfg.model, device=device), config["model_path"])
-    method = METHODS.get(cfg.method.name).method_cls(adapter, cfg.method)
-    method.prepare()
-    objective = build_objective(cfg.odedit, method, cfg.data.with_hard_in_training, cfg.model.pooling)
-
-    def reduce_sum(tensors: list[torch.Tensor]) -> None:
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-    distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    train = config["train_cases"][rank::world]
-    val = config["val_cases"][rank::world]
-    trainer = MetaTrainer(method, objective, train, val, reduce_sum if distributed else None, world,
-                          seed=cfg.seed + rank, reference_k=cfg.data.reference_k)
-    before = trainer.evaluate()
-    t0 = time.perf_counter()
-    history = trainer.train(cfg.method.train_steps)
-    train_seconds = time.perf_counter() - t0
-    after = trainer.evaluate()
-
-    # every replica must hold the same network: the spread of a checksum over ranks is reported (0 = in sync)
-    check = torch.tensor([sum(float(p.double().sum()) for p in method.meta_parameters())], dtype=torch.float64)
-    hi, lo = check.clone(), -check.clone()
-    if distributed:
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        dist.all_reduce(lo, op=dist.ReduceOp.MAX)
-    metrics = {
-        "world_size": world, "steps": len(history), "train_seconds": train_seconds,
-        "train_edits": len(config["train_cases"]), "val_edits": len(config["val_cases"]),
-        "first_loss": history[0]["loss"] if "loss" in history[0] else history[0]["host"],
-        "last_loss": history[-1]["loss"] if "loss" in history[-1] else history[-1]["host"],
-        "replica_spread": float(hi + lo),
-        **{f"before_{k}": v for k, v in before.items() if k != "seconds"},
-        **{f"after_{k}": v for k, v in after.items() if k != "seconds"},
-    }
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            method.save_hypernet(os.path.join(d, HYPERNET_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics)
-
-
-# ---------------------------------------------------------------------------------------------- driver
-
-
-def main(cfg: Any, cases_fn: Callable[[Any], Sequence[Any]] = training_cases) -> dict[str, Any]:
-    """Meta-train `cfg.method` on `cases_fn(cfg)`; write the hypernetwork and the summary; return the summary."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from pipeline.raycluster import init_ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from odedit.configlib import to_dict
-    from odedit.methods import METHODS
-    from odedit.methods.mend.train import TrainableEditor
-
-    method_cls = METHODS.get(cfg.method.name).method_cls
-    if not all(hasattr(method_cls, a) for a in ("meta_loss", "meta_parameters", "save_hypernet")):
-        raise SystemExit(f"error: method.name={cfg.method.name!r} has no trained components; "
-                         f"jobs.train_editor trains editors that implement {TrainableEditor.__name__} (e.g. mend)")
-    out_dir = prepare_output_dir(cfg)
-    cases = list(cases_fn(cfg))
-    if len(cases) < 2:
-        raise SystemExit(f"error: {len(cases)} training edit(s) found; jobs.train_editor needs at least 2 "
-                         "(check data.source/data.path and that records carry split: train)")
-    train, val = split_train_val(cases, cfg.method.val_edits, cfg.seed)
-    if cfg.model.name_or_path:
-        model_cfg, model_path = cfg.model, cfg.model.name_or_path
-    else:
-        from jobs.prepare import resolve_model
-
-        model_cfg, model_path, _ = resolve_model(cfg)
-    run_cfg = dataclasses.replace(cfg, model=model_cfg)
-    started_ray = init_ray()  # joins the cluster under `ray job submit`, or starts a local one; False if Ray was up
-    r = cfg.resources
-    try:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(run_cfg), "model_path": model_path,
-                               "train_cases": train, "val_cases": val},
-            scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                         resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}),
-            run_config=RunConfig(name=f"train_editor_{cfg.method.name}",
-                                 storage_path=os.path.abspath(os.path.join(out_dir, "ray_train"))),
-            torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
-        )
-        result = trainer.fit()
-    finally:
-        if started_ray:
-            ray.shutdown()
-    if result.checkpoint is None or result.metrics is None:
-        raise RuntimeError(f"the training run reported no checkpoint (error: {result.error!r})")
-    hypernet_path = os.path.abspath(os.path.join(out_dir, HYPERNET_FILE))
-    with result.checkpoint.as_directory() as d:
-        shutil.copyfile(os.path.join(d, HYPERNET_FILE), hypernet_path)
-    summary = {"method": cfg.method.name, "odedit": cfg.odedit.enabled, "model": {"family": model_cfg.family,
-               "name_or_path": model_path}, "metrics": dict(result.metrics), "hypernet_path": hypernet_path,
-               "use_it_with": f"method.hypernet_path={hypernet_path}"}
-    write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
-    return summary
+from jobs.common import parse_job_args
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args("Meta-train an editor's hypernetwork (MEND) with Ray Train.", argv)
-    summary = main(cfg)
+    # deferred: pulls in Ray, torch and transformers; `--help` needs none of them
+    from pipeline.train.editor_training import SUMMARY_FILE, train_editor
+
+    summary = train_editor(cfg)
     m = summary["metrics"]
     print(f"{summary['method']}: {m['steps']} steps on {m['world_size']} workers; held-out edit loss "
           f"{m['before_edit_loss']:.4f} -> {m['after_edit_loss']:.4f}, rel {m['before_rel']:.3f} -> {m['after_rel']:.3f}")

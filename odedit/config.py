@@ -1,34 +1,25 @@
-"""The project's typed configuration: one frozen dataclass per concern, loaded from YAML plus dotted overrides.
+"""The project's typed configuration: one frozen dataclass per concern.
+
+Sections: `model`, `data`, `method` (polymorphic on `method.name`), `odedit`, `stream`, `resources`,
+`tracking`, `search`. This module only declares them and imports no registry; loading a config from YAML plus
+dotted overrides, which resolves `method.name` through the method registry and checks `model.family` against
+the adapter registry, is `odedit.loading`:
 
     cfg = load_config("jobs/configs/demo.yaml", ["stream.batch_size=16", "odedit.enabled=false"])
 
-Sections: `model`, `data`, `method` (polymorphic on `method.name`, through the method registry), `odedit`,
-`stream`, `resources`, `tracking`, `search`. Every problem of a config (unknown keys with close matches,
-wrong types, bad values, bad combinations) is reported at once by `ConfigError`, each with its dotted path,
-the value and a hint. `dump_config` writes YAML that `load_config` reads back to an equal object.
+Every problem of a config (unknown keys with close matches, wrong types, bad values, bad combinations) is
+reported at once by `ConfigError`, each with its dotted path, the value and a hint. `dump_config` writes YAML
+that `odedit.loading.load_config` reads back to an equal object.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal
 
 import yaml
 
-from odedit.configlib import (
-    ConfigError,
-    ConfigIssue,
-    Problem,
-    apply_overrides,
-    each,
-    from_dict,
-    non_negative,
-    option,
-    positive,
-    read_yaml,
-    to_dict,
-)
+from odedit.configlib import ConfigError, Problem, each, non_negative, option, positive, to_dict
 
 __all__ = [
     "Config",
@@ -43,24 +34,17 @@ __all__ = [
     "StreamConfig",
     "TrackingConfig",
     "dump_config",
-    "load_config",
-    "parse_config",
 ]
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def _is_known_family(name: str) -> str | None:
-    from odedit.models import ADAPTERS
-
-    return None if name in ADAPTERS else ADAPTERS.unknown_message(name)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which MLLM to load and how to feed it."""
 
-    family: str = option("llava", help="adapter family: llava, blip2_opt, instructblip, minigpt4, qwen2_vl", check=_is_known_family)
+    # Checked against odedit.models.ADAPTERS by odedit.loading (this module imports no registry).
+    family: str = option("llava", help="adapter family: llava, blip2_opt, instructblip, minigpt4, qwen2_vl")
     name_or_path: str = option("", help="hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local directory saved by save_pretrained; empty means the demo model")
     dtype: Dtype = option("auto", help="parameter dtype; auto = bfloat16 on GPU, float32 on CPU")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N", check=lambda v: None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else "must be auto, cpu, cuda or cuda:N")
@@ -98,7 +82,7 @@ class DemoWorldConfig:
 class DataConfig:
     """Where edit records come from and where environment shards go."""
 
-    # Checked against pipeline.sources.SOURCES by the jobs (odedit does not import pipeline).
+    # Checked against pipeline.data.sources.SOURCES by the jobs (odedit does not import pipeline).
     source: str = option("demo", help="record reader: demo, mmedit, vlkeb, mmkebench")
     path: str = option("", help="records file (JSON) for mmedit/vlkeb/mmkebench")
     image_root: str = option("", help="root of edit images (EasyEdit's coco_image)")
@@ -121,7 +105,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Options every host editor shares. Each editor extends it with its own knobs (see `odedit.methods`)."""
+    """Options every host editor shares. Each editor extends it with its own knobs (see `odedit.methods`);
+    `odedit.loading` builds the subclass `method.name` registers."""
 
     name: str = option("ft", help="host editor: see odedit.methods.METHODS")
     layers: tuple[int, ...] = option((), help="language-model layers to edit; empty = the editor's default (last layers)", check=each(non_negative))
@@ -131,17 +116,6 @@ class MethodConfig:
     optimizer: Literal["sgd", "adam"] = option("adam", help="optimiser of the editable parameters")
     cache_prefix: bool = option(True, help="within a step, run the frozen layers below the first edited layer once and replay only the layers above (exact, much faster)")
     cache_tail: bool = option(True, help="for FT/LoRA on the last layer's ffn_out: replay only that module, the final norm and the LM head at the positions the losses read (equal to the full replay up to float rounding; needs cache_prefix)")
-
-    @classmethod
-    def _resolve_class(cls, data: dict) -> type | Problem:
-        from odedit.methods import METHODS
-
-        name = data.get("name", "ft")
-        if not isinstance(name, str):
-            return Problem("name", name, "must be a string naming an editor", f"one of {', '.join(METHODS.names())}")
-        if name not in METHODS:
-            return Problem("name", name, METHODS.unknown_message(name), "pick a registered editor")
-        return METHODS.get(name).config_cls
 
 
 @dataclass(frozen=True)
@@ -194,7 +168,7 @@ class StreamConfig:
     checkpoint_every: int = option(0, help="checkpoint every this many steps; 0 = never", check=non_negative)
     storage_path: str = option("", help="checkpoints, ledger and results; empty = <output_dir>/storage (shared storage on clusters)")
     run_name: str = option("", help="stream name; resubmitting with the same name resumes it; empty = derived from the config")
-    on_change: Literal["error", "replace"] = option("error", help="when the run directory of run_name holds a stream with other settings (pipeline/runidentity.py): error, or replace (move the old run aside, start afresh)")
+    on_change: Literal["error", "replace"] = option("error", help="when the run directory of run_name holds a stream with other settings (pipeline/train/runidentity.py): error, or replace (move the old run aside, start afresh)")
     generation_eval: bool = option(True, help="also score greedy-decoding exact match")
 
 
@@ -220,7 +194,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Ray Tune search (jobs/tune.py). The space's grammar and keys are checked by `pipeline.search`."""
+    """Ray Tune search (jobs/tune.py). The space's grammar and keys are checked by `pipeline.search.search`."""
 
     space: dict[str, Any] = option(factory=dict, help="dotted config key -> {type: uniform|loguniform, low, high} | "
                                    "{type: randint, low, high} (both inclusive) | {type: choice, values: [...]}")
@@ -284,55 +258,9 @@ class Config:
                           "which DeepSpeed's optimiser hides", "use resources.zero_stage=0 or step_rule=optimizer")
 
 
-ExtraCheck = Callable[[dict], Iterable[ConfigIssue]]  # gets the raw dict, so its issues join the others
-
-
-def parse_config(data: dict, overrides: Iterable[str] = (), source: str = "config",
-                 extra_checks: Sequence[ExtraCheck] = ()) -> Config:
-    """Build a `Config` from a dict plus dotted overrides; raise `ConfigError` listing every problem.
-
-    `extra_checks` are checks owned by higher layers (e.g. `pipeline` knows the record sources); their
-    issues are reported together with the config's own.
-    """
-    issues: list[ConfigIssue] = []
-    data = apply_overrides(_deep_copy(data), overrides, issues)
-    for check in extra_checks:
-        issues.extend(check(data))
-    try:
-        cfg = from_dict(Config, data, source)
-    except ConfigError as err:
-        raise ConfigError(issues + err.issues, source) from None
-    if issues:
-        raise ConfigError(issues, source)
-    return cfg
-
-
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (),
-                extra_checks: Sequence[ExtraCheck] = ()) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) with dotted `key=value` overrides."""
-    issues: list[ConfigIssue] = []
-    data = read_yaml(str(path), issues) if path else {}
-    if issues:
-        raise ConfigError(issues, str(path))
-    return parse_config(data, overrides, source=str(path or "defaults"), extra_checks=extra_checks)
-
-
 def dump_config(cfg: Config) -> str:
-    """YAML text that `load_config` reads back to an equal `Config`."""
+    """YAML text that `odedit.loading.load_config` reads back to an equal `Config`."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def with_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
-    """A copy of `cfg` with dotted overrides applied and the whole config re-validated."""
-    return parse_config(to_dict(cfg), overrides, source="config")
-
-
-def _deep_copy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
-
-
-__all__ += ["with_overrides", "replace"]
+__all__ += ["replace"]

@@ -5,10 +5,12 @@ them. Conversion never stops at the first problem: unknown keys (with close matc
 that fail a field's check are collected as `ConfigIssue`s, each with its dotted path, the value and a hint,
 and raised together as one `ConfigError` (the torchtune `ConfigError` pattern).
 
-A dataclass may define:
-  * `_cross_checks(self) -> Iterable[Problem]`: checks that involve several fields;
-  * classmethod `_resolve_class(cls, data) -> type | Problem`: pick a subclass from the data (polymorphic
-    sections such as `method`, dispatched on `method.name` through the method registry).
+A dataclass may define `_cross_checks(self) -> Iterable[Problem]`: checks that involve several fields.
+
+What a config class cannot know without importing layers above it comes in as `Hooks` given to `from_dict`
+(`odedit.loading` passes the registries'): a resolver that picks a section's subclass from the data (polymorphic
+sections such as `method`, dispatched on `method.name` through the method registry), and extra value checks of
+single fields (`model.family` against the adapter registry).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import yaml
 
@@ -48,6 +50,31 @@ class Problem:
     value: Any
     problem: str
     hint: str = ""
+
+
+Resolver = Callable[[dict], "type | Problem"]  # a section's raw dict -> the (sub)class to build, or its problem
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Resolution and checks owned by a higher layer, applied while a config is built (see the module docstring).
+
+    Both are looked up along the section class's MRO, so a hook given for a base class covers its subclasses.
+    """
+
+    # section class -> picks the subclass to build from the section's raw dict (polymorphic sections)
+    resolvers: Mapping[type, Resolver] = dataclasses.field(default_factory=dict)
+    # (section class, field name) -> a value check run after the field's own `check`
+    checks: Mapping[tuple[type, str], Check] = dataclasses.field(default_factory=dict)
+
+    def resolver(self, cls: type) -> Resolver | None:
+        return next((self.resolvers[base] for base in cls.__mro__ if base in self.resolvers), None)
+
+    def check(self, cls: type, name: str) -> Check | None:
+        return next((self.checks[(base, name)] for base in cls.__mro__ if (base, name) in self.checks), None)
+
+
+NO_HOOKS = Hooks()
 
 
 class ConfigError(ValueError):
@@ -140,13 +167,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue]) -> Any:
+def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue], hooks: Hooks = NO_HOOKS) -> Any:
     """Convert `value` to type `tp`, appending issues; returns _MISSING on failure."""
     if tp is Any:
         return value
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, issues)
+        return _build(tp, value, path, issues, hooks)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -154,7 +181,7 @@ def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue]) -> Any:
         non_none = [a for a in args if a is not type(None)]
         for a in non_none:
             trial: list[ConfigIssue] = []
-            out = _convert(a, value, path, trial)
+            out = _convert(a, value, path, trial, hooks)
             if not trial:
                 return out
         if len(non_none) == 1:
@@ -186,7 +213,7 @@ def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue]) -> Any:
                 issues.append(ConfigIssue(path, value, f"expected {len(args)} items", f"write {len(args)} values"))
                 return _MISSING
             item_types = list(args)
-        out = [_convert(t, v, f"{path}[{i}]", issues) for i, (t, v) in enumerate(zip(item_types, value))]
+        out = [_convert(t, v, f"{path}[{i}]", issues, hooks) for i, (t, v) in enumerate(zip(item_types, value))]
         return _MISSING if any(o is _MISSING for o in out) else tuple(out)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -196,8 +223,8 @@ def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue]) -> Any:
         if args:
             out = {}
             for k, v in value.items():
-                ck = _convert(args[0], k, f"{path}.{k}", issues)
-                cv = _convert(args[1], v, f"{path}.{k}", issues)
+                ck = _convert(args[0], k, f"{path}.{k}", issues, hooks)
+                cv = _convert(args[1], v, f"{path}.{k}", issues, hooks)
                 out[ck] = cv
             return out
         return dict(value)
@@ -236,13 +263,13 @@ def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue]) -> Any:
     raise TypeError(f"configlib cannot convert to {tp!r} at {path}")  # a bug in a config class, not user input
 
 
-def _build(cls: type, data: Any, path: str, issues: list[ConfigIssue]) -> Any:
+def _build(cls: type, data: Any, path: str, issues: list[ConfigIssue], hooks: Hooks = NO_HOOKS) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         issues.append(ConfigIssue(path, data, f"expected a mapping for section {cls.__name__}", "write `key: value` lines"))
         return _MISSING
-    resolver = getattr(cls, "_resolve_class", None)
+    resolver = hooks.resolver(cls)
     if resolver is not None:
         resolved = resolver(data)
         if isinstance(resolved, Problem):
@@ -262,19 +289,19 @@ def _build(cls: type, data: Any, path: str, issues: list[ConfigIssue]) -> Any:
         fpath = _join(path, name)
         if name not in data:
             if dataclasses.is_dataclass(hints[name]):  # absent section: its defaults, resolved and checked
-                value = _convert(hints[name], {}, fpath, issues)
+                value = _convert(hints[name], {}, fpath, issues, hooks)
                 if value is not _MISSING:
                     kwargs[name] = value
                 continue
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
                 issues.append(ConfigIssue(fpath, None, "missing required key", f.metadata.get("help", "")))
             continue
-        value = _convert(hints[name], data[name], fpath, issues)
+        value = _convert(hints[name], data[name], fpath, issues, hooks)
         if value is _MISSING:
             continue
-        check = f.metadata.get("check")
-        if check is not None and value is not None:
-            problem = check(value)
+        checks = [c for c in (f.metadata.get("check"), hooks.check(cls, name)) if c is not None]
+        if checks and value is not None:
+            problem = all_of(*checks)(value)
             if problem:
                 issues.append(ConfigIssue(fpath, data[name], problem, f.metadata.get("help", "")))
                 continue
@@ -293,10 +320,10 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def from_dict(cls: type, data: dict, source: str = "config") -> Any:
+def from_dict(cls: type, data: dict, source: str = "config", hooks: Hooks = NO_HOOKS) -> Any:
     """Build `cls` from a plain dict, or raise one `ConfigError` listing every problem."""
     issues: list[ConfigIssue] = []
-    obj = _build(cls, data, "", issues)
+    obj = _build(cls, data, "", issues, hooks)
     if issues:
         raise ConfigError(issues, source)
     return obj

@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from odedit.config import ODEditConfig
+
 SUMMARY_STATS = 4
 
 
@@ -59,7 +61,7 @@ class LambdaNet(nn.Module):
         cap: lambda saturates here (its gradient is zero above), see the module docstring.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 32, init_bias: float = 0.0, seed: int = 0,
+    def __init__(self, in_dim: int, *, hidden: int = 32, init_bias: float = 0.0, seed: int = 0,
                  cap: float = float("inf")) -> None:
         super().__init__()
         self.cap = cap
@@ -109,22 +111,35 @@ class DualState:
     """The lambda-network, its ascent step and the bookkeeping a primal-dual edit needs.
 
     The penalty mode decides where lambda comes from: `learned` (the network, ascent on delta),
-    `fixed` (a constant), or `off` (lambda = 0, the penalty is not even computed).
+    `fixed` (a constant), or `off` (lambda = 0, the penalty is not even computed). Built from the `odedit`
+    config section by `from_config`; the knobs are keywords (named as `ODEditConfig`'s fields they come from).
     """
 
-    def __init__(self, mode: str, n_tensors: int, hidden: int = 32, init_bias: float = 0.0, fixed_lambda: float = 1.0,
-                 dual_lr: float = 1e-3, step_rule: str = "optimizer", adaptive_p: float = 1.1,
-                 adaptive_scale: float = 1.0, device: torch.device | str = "cpu", seed: int = 0,
-                 cap: float = float("inf")) -> None:
+    def __init__(self, mode: str, n_tensors: int, *, hidden: int = 32, init_bias: float = 0.0,
+                 fixed_lambda: float = 1.0, dual_lr: float = 1e-3, step_rule: str = "optimizer",
+                 adaptive_p: float = 1.1, adaptive_scale: float = 1.0, device: torch.device | str = "cpu",
+                 seed: int = 0, cap: float = float("inf")) -> None:
         self.mode = mode
         self.fixed_lambda = fixed_lambda
         self.dual_lr = dual_lr
         self.step_rule = step_rule
         self.adaptive_p = adaptive_p
         self.adaptive_scale = adaptive_scale
-        self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden, init_bias, seed, cap).to(device) if mode == "learned" else None
+        self.net: LambdaNet | None = None
+        if mode == "learned":
+            self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden=hidden, init_bias=init_bias, seed=seed,
+                                 cap=cap).to(device)
         # s(phi_e); ZeRO-3 replaces it with a gathered, gradient-free summary (parameters are partitioned).
         self.summary_fn = parameter_summary
+
+    @classmethod
+    def from_config(cls, cfg: ODEditConfig, n_tensors: int, *, device: torch.device | str = "cpu",
+                    seed: int = 0) -> "DualState":
+        """The dual state of the `odedit` section for `n_tensors` editable tensors (`lambda_cap: 0` = no cap)."""
+        return cls(cfg.penalty, n_tensors, hidden=cfg.lambda_hidden, init_bias=cfg.lambda_init_bias,
+                   fixed_lambda=cfg.fixed_lambda, dual_lr=cfg.dual_lr, step_rule=cfg.step_rule,
+                   adaptive_p=cfg.adaptive_p, adaptive_scale=cfg.adaptive_scale, device=device, seed=seed,
+                   cap=cfg.lambda_cap or float("inf"))
 
     @property
     def active(self) -> bool:

@@ -1,16 +1,16 @@
-"""The in-process editing API: a host editor (+ ODEdit or not) applied in single or sequential mode.
+"""The in-process editing API: a host editor (+ ODEdit or not) and its objective, bound to one model.
 
     editor = Editor(adapter, cfg)
-    rows = editor.single(cases, evaluate)          # each edit on the original weights, then restored
-    editor.sequential(cases, batch_size=16, on_step=...)   # edits accumulate, batch_size per step
+    handle, report = editor.edit(cases)     # one step: all `cases` edited jointly; handle.restore() undoes it
 
-Ray Train workers call exactly this class (with a DeepSpeed stepper and their slice of each step).
+Streams of steps (single or sequential mode, retention, checkpoints) are `odedit.stream.StreamRunner`'s. Ray
+Train workers use exactly this class (with a DeepSpeed stepper and their slice of each step).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 from odedit.config import Config
 from odedit.editstep import DIRECT, ParamAccess, StepperFactory, StepReport, torch_stepper_factory
@@ -36,8 +36,9 @@ class Editor:
         spec = METHODS.get(cfg.method.name)
         self.method: EditMethod = spec.method_cls(adapter, cfg.method)
         self.method.prepare()
-        self.objective: Objective = build_objective(cfg.odedit, self.method, cfg.data.with_hard_in_training,
-                                                    cfg.model.pooling, cfg.seed)
+        self.objective: Objective = build_objective(cfg.odedit, self.method,
+                                                    with_hard=cfg.data.with_hard_in_training,
+                                                    pooling=cfg.model.pooling, seed=cfg.seed)
         self.stepper_factory = stepper_factory or torch_stepper_factory(cfg.method, cfg.odedit)
         self.access: ParamAccess = DIRECT  # replaced by the distributed engine under DeepSpeed ZeRO
         # Streams of sequences of T edits (stream.sequence_length) go back to this state after each sequence.
@@ -54,37 +55,12 @@ class Editor:
         `restore()` returns the editor to exactly its state before the edit.
         """
         saved = _detached(self.objective.state_dict())
-        handle, report = self.method.apply(cases, self.objective, self.stepper_factory, self.access,
-                                           self.cfg.odedit.lambda_max)
+        handle, report = self.method.apply(cases, self.objective, self.stepper_factory, self.access)
         undo = partial(self.objective.load_state_dict, saved)
         if report.failed is not None:
             undo()  # the method already restored its own parameters
         handle.undo.append(undo)
         return handle, report
-
-    def single(self, cases: Sequence[EditCase], evaluate: Callable[[Sequence[EditCase]], list[dict]]
-               ) -> list[dict[str, Any]]:
-        """Single mode: for each case, edit the original weights, evaluate, restore (bit-exact)."""
-        rows: list[dict[str, Any]] = []
-        for case in cases:
-            handle, report = self.edit([case])
-            row = evaluate([case])[0]
-            handle.restore()
-            row.update(step_report_fields(report))
-            rows.append(row)
-        return rows
-
-    def sequential(self, cases: Sequence[EditCase], batch_size: int,
-                   on_step: Callable[[int, Sequence[EditCase], StepReport], None] | None = None
-                   ) -> list[StepReport]:
-        """Sequential mode: steps of `batch_size` edits applied one after another, never undone."""
-        reports = []
-        for step, chunk in enumerate(steps(cases, batch_size)):
-            _, report = self.edit(chunk)
-            reports.append(report)
-            if on_step is not None:
-                on_step(step, chunk, report)
-        return reports
 
     def state_dict(self) -> dict[str, Any]:
         """Editable state + objective state (lambda-network), for checkpoints."""
@@ -113,14 +89,6 @@ def _detached(state: Any) -> Any:
     if hasattr(state, "detach"):
         return state.detach().clone()
     return state
-
-
-def steps(cases: Sequence[EditCase], batch_size: int) -> Iterator[list[EditCase]]:
-    """Cut a stream into consecutive steps of `batch_size` edits (the last may be shorter)."""
-    if batch_size <= 0:
-        raise ValueError(f"stream.batch_size must be > 0, got {batch_size}")
-    for i in range(0, len(cases), batch_size):
-        yield list(cases[i:i + batch_size])
 
 
 def step_report_fields(report: StepReport) -> dict[str, Any]:

@@ -3,8 +3,11 @@
     handle, report = run_edit_step(method, objective, cases, stepper_factory)
 
 Per iteration: one batched forward pass per environment the objective reads (all cases of the step
-together), the objective's loss, one update of phi_e through a `Stepper`. A step whose loss turns NaN/Inf or
-whose lambda runs away is rolled back (`handle.restore()`) and reported as failed; the stream goes on.
+together), the objective's loss, one update of phi_e through a `Stepper`. A step whose loss turns NaN/Inf, or
+that the objective rejects (`Objective.rollback_reason`: ODEdit's lambda running past `odedit.lambda_max`), is
+rolled back (`handle.restore()`) and reported as failed; the stream goes on.
+
+The loop sees the editor through `odedit.interfaces.StepEditor`; it does not import the editors.
 
 Steppers decouple the loop from how parameters move: `TorchStepper` (a torch optimiser, or the adaptive
 rule of method.md §3.3) in process, and a DeepSpeed engine in Ray Train workers (`pipeline.editing`).
@@ -17,17 +20,17 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
 
 import torch
 
 from odedit.dual import adaptive_step
 from odedit.envs import EditCase
-
-if TYPE_CHECKING:
-    from odedit.methods.base import EditHandle, EditMethod
-    from odedit.models.base import ForwardOutput, ModelAdapter
-    from odedit.objective import Objective
+from odedit.interfaces import StepEditor, UndoHandle
+from odedit.models.base import ForwardOutput, ModelAdapter
+from odedit.models.prefix import PrefixRunner
+from odedit.models.tail import TailRunner
+from odedit.objective import Objective
 
 
 class Stepper(Protocol):
@@ -43,7 +46,7 @@ class ParamAccess:
     """How code outside forward/backward reads or writes phi_e. In process: directly.
 
     Under DeepSpeed ZeRO the engine keeps its own fp32 copy of the parameters (and ZeRO-3 partitions them), so
-    `pipeline.distributed.ZeroAccess` gathers them and refreshes that copy after any direct write.
+    `pipeline.train.distributed.ZeroAccess` gathers them and refreshes that copy after any direct write.
     """
 
     def modify(self, params: Sequence[torch.nn.Parameter]) -> ContextManager[Any]:
@@ -98,7 +101,8 @@ def torch_stepper_factory(method_cfg, odedit_cfg=None) -> StepperFactory:
     rule = odedit_cfg.step_rule if odedit_cfg is not None and odedit_cfg.enabled else "optimizer"
     p = odedit_cfg.adaptive_p if odedit_cfg is not None else 1.1
     c = odedit_cfg.adaptive_scale if odedit_cfg is not None else 1.0
-    return lambda params: TorchStepper(params, method_cfg.optimizer, method_cfg.lr, rule, p, c)
+    return lambda params: TorchStepper(params, optimizer=method_cfg.optimizer, lr=method_cfg.lr, rule=rule,
+                                       adaptive_p=p, adaptive_scale=c)
 
 
 @dataclass
@@ -143,13 +147,13 @@ class EnvOutputs(collections.abc.Mapping):
     index the merged output once instead of cutting it per environment.
     """
 
-    def __init__(self, merged: "ForwardOutput", encoded: EnvBatch) -> None:
+    def __init__(self, merged: ForwardOutput, encoded: EnvBatch) -> None:
         self.merged = merged
         self.spans = encoded.spans
         self._encoded = encoded
-        self._views: dict[str, "ForwardOutput"] = {}
+        self._views: dict[str, ForwardOutput] = {}
 
-    def __getitem__(self, env: str) -> "ForwardOutput":
+    def __getitem__(self, env: str) -> ForwardOutput:
         if env not in self._views:
             rows = self.spans[env]  # KeyError for an environment the step did not encode
             self._views[env] = self.merged.select(rows, self._encoded.sub_batch(env))
@@ -165,7 +169,7 @@ class EnvOutputs(collections.abc.Mapping):
         return len(self.spans)
 
 
-def encode_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequence[str],
+def encode_envs(adapter: ModelAdapter, cases: Sequence[EditCase], envs: Sequence[str],
                 first_layer: int | None = None, tail: tuple | None = None) -> EnvBatch | None:
     """Tokenise and preprocess all environments' samples of a step once (images are the costly part).
 
@@ -186,17 +190,13 @@ def encode_envs(adapter: "ModelAdapter", cases: Sequence[EditCase], envs: Sequen
         return None
     runner = None
     if tail is not None:
-        from odedit.models.tail import TailRunner
-
         runner = TailRunner(adapter, *tail)
     elif first_layer is not None:
-        from odedit.models.prefix import PrefixRunner
-
         runner = PrefixRunner(adapter, first_layer)
     return EnvBatch(adapter.encode(samples), spans, owners, runner)
 
 
-def forward_envs(adapter: "ModelAdapter", encoded: EnvBatch | None) -> Mapping[str, "ForwardOutput"]:
+def forward_envs(adapter: ModelAdapter, encoded: EnvBatch | None) -> Mapping[str, ForwardOutput]:
     """All environments through ONE forward pass, split back by rows.
 
     On small models the per-pass overhead dominates and on large ones a bigger batch uses the device better,
@@ -208,9 +208,8 @@ def forward_envs(adapter: "ModelAdapter", encoded: EnvBatch | None) -> Mapping[s
     return EnvOutputs(merged, encoded)
 
 
-def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[EditCase],
-                  stepper_factory: StepperFactory, lambda_max: float = float("inf"),
-                  access: ParamAccess = DIRECT) -> tuple["EditHandle", StepReport]:
+def run_edit_step(method: StepEditor, objective: Objective, cases: Sequence[EditCase],
+                  stepper_factory: StepperFactory, access: ParamAccess = DIRECT) -> tuple[UndoHandle, StepReport]:
     """Edit the model for `cases` (a step of one or more edits); see the module docstring."""
     t0 = time.perf_counter()
     method.prepare()
@@ -236,7 +235,7 @@ def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[
             loss, parts = objective.loss(method, outs, cases, k, params)
             report.parts.append(parts)
             report.iterations = k
-            reason = _divergence(loss, parts, lambda_max)
+            reason = _divergence(loss, parts, objective)
             if reason is None:
                 stepper.step(loss, k)
                 with access.modify(params):
@@ -256,12 +255,10 @@ def run_edit_step(method: "EditMethod", objective: "Objective", cases: Sequence[
     return handle, report
 
 
-def _divergence(loss: torch.Tensor, parts: Mapping[str, float], lambda_max: float) -> str | None:
+def _divergence(loss: torch.Tensor, parts: Mapping[str, float], objective: Objective) -> str | None:
+    """Why this iteration's step must be rolled back: a non-finite loss, or the objective's own reason."""
     value = parts.get("loss")  # the objective's own reading of the loss, when it logs one
     finite = math.isfinite(value) if value is not None else bool(torch.isfinite(loss.detach()).all())
     if not finite:
         return f"loss is {float(loss.detach())}"
-    lam = parts.get("lambda")
-    if lam is not None and (not math.isfinite(lam) or lam > lambda_max):
-        return f"lambda ran away ({lam:.4g} > {lambda_max:.4g})"
-    return None
+    return objective.rollback_reason(parts)

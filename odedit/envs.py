@@ -20,6 +20,7 @@ from odedit.records import EditRecord
 from odedit.sample import Sample
 
 if TYPE_CHECKING:  # torch and the adapters are imported where references are computed, not by data workers
+    # deferred: torch only where references are computed; data workers build cases without it
     import torch
 
     from odedit.models.base import ModelAdapter
@@ -88,6 +89,7 @@ def case_from_record(record: EditRecord, load_image: Callable[[str | None, str],
 def compute_references(adapter: "ModelAdapter", samples: Sequence[Sample], k: int = 64,
                        batch_size: int = 32) -> list[Reference]:
     """Pre-edit top-K references of `samples` (run this with the unedited model)."""
+    # deferred: torch only where references are computed; data workers build cases without it
     import torch
 
     with torch.no_grad():
@@ -95,6 +97,7 @@ def compute_references(adapter: "ModelAdapter", samples: Sequence[Sample], k: in
 
 
 def _references(adapter: "ModelAdapter", samples: Sequence[Sample], k: int, batch_size: int) -> list[Reference]:
+    # deferred: torch only where references are computed; data workers build cases without it
     import torch
 
     refs: list[Reference] = []

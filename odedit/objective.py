@@ -6,25 +6,63 @@
 For FT and LoRA the host loss *is* R_rel (Eq. 2); editors with their own loss (WISE's margin, T-Patcher's
 patch losses) keep it as the reliability term ([INFERENCE] method.md §2.5: the risks are "integrated into
 these base editing models"). Both objectives see the same forward outputs and return (loss, parts), where
-parts are plain floats for logging.
+parts are plain floats for logging. An objective may also reject an iteration (`rollback_reason`): ODEdit's
+divergence guard rolls back a step whose lambda runs past `odedit.lambda_max`.
+
+Objectives see the host editor through `odedit.interfaces.LossEditor`; they do not import the editors.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 
 from odedit.config import ODEditConfig
 from odedit.dual import DualState
-from odedit.envrisks import build_plan, env_risks
+from odedit.envrisks import EnvPlan, build_plan, env_risks
 from odedit.envs import OUT_ENVS, SE_ENVS, EditCase
+from odedit.interfaces import LossEditor
 from odedit.risks import generality_risk_stacked, kernel_bandwidths, mmd_signs, penalty_from_slopes
 
 if TYPE_CHECKING:
-    from odedit.methods.base import EditMethod
     from odedit.models.base import ForwardOutput
+
+Owners = Mapping[str, Sequence[tuple[int, int]]]  # env -> [(case index, sample index)] in forward order
+
+
+@dataclass(eq=False)
+class StepPlan:
+    """The constants of ODEdit's environment risks for one step, gathered on its first iteration.
+
+    Valid for the step whose `owners` mapping it was built from (the step runner sets a new mapping per step; it
+    is held here, so its id cannot be reused by the next step's) and for the same environments.
+    """
+
+    owners: Owners
+    envs: tuple[str, ...]  # the environments whose risks are taken, in order
+    plan: EnvPlan  # `odedit.envrisks`' gather plan; its `envs` are those of `envs` present in the step
+    penalty_index: torch.Tensor  # positions in `plan.envs` of the penalty's environments
+    loc_index: torch.Tensor  # positions in `plan.envs` of R_loc's (OUT) environments
+    rel_index: int | None  # position of IN in `plan.envs` (read as a default-R_rel host's loss), if present
+
+    def fits(self, owners: Owners, envs: tuple[str, ...]) -> bool:
+        return self.owners is owners and self.envs == envs
+
+
+@dataclass(eq=False)
+class PoolPlan:
+    """Where R_gen's last-token pooled states of `envs` sit in one step's merged forward output."""
+
+    owners: Owners
+    envs: tuple[str, ...]
+    positions: torch.Tensor  # flat (row * length + last prompt position) indices, on the hidden states' device
+
+    def fits(self, owners: Owners, envs: tuple[str, ...]) -> bool:
+        return self.owners is owners and self.envs == envs
 
 
 class Objective(ABC):
@@ -36,9 +74,14 @@ class Objective(ABC):
     reads_all_positions: bool = False
 
     @abstractmethod
-    def loss(self, method: "EditMethod", outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase], k: int,
+    def loss(self, method: LossEditor, outs: Mapping[str, ForwardOutput], cases: Sequence[EditCase], k: int,
              params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss at inner iteration k (1-based) and its named parts."""
+
+    def rollback_reason(self, parts: Mapping[str, float]) -> str | None:
+        """Why the step must be rolled back, judged from an iteration's logged `parts` (the loss being finite);
+        None lets it go on. Default: never."""
+        return None
 
     def state_dict(self) -> dict:
         return {}
@@ -53,7 +96,7 @@ class Objective(ABC):
 class HostObjective(Objective):
     """The host editor alone."""
 
-    def __init__(self, method: "EditMethod") -> None:
+    def __init__(self, method: LossEditor) -> None:
         self.envs = tuple(method.host_envs)
 
     def loss(self, method, outs, cases, k, params):
@@ -65,13 +108,16 @@ class ODEditObjective(Objective):
     """ODEdit's Lagrangian G(delta, phi_e) with the primal-dual bookkeeping (method.md §2-3).
 
     Args:
-        cfg: the `odedit` config section.
+        cfg: the `odedit` config section (its `lambda_max` is the divergence guard, `rollback_reason`).
         method: the host editor (for its loss and its parameter count).
-        owners: filled by the step runner: env -> [(case index, sample index)] in forward order.
         with_hard: also use OUT-hard in R_loc and the penalty ([EXTENSION], default off).
+        pooling: `model.pooling`, the hidden state R_gen compares ("last" prompt token or "mean").
+        seed: seed of the lambda-network's initialisation.
+
+    `owners` is filled by the step runner: env -> [(case index, sample index)] in forward order.
     """
 
-    def __init__(self, cfg: ODEditConfig, method: "EditMethod", with_hard: bool = False, pooling: str = "last",
+    def __init__(self, cfg: ODEditConfig, method: LossEditor, *, with_hard: bool = False, pooling: str = "last",
                  seed: int = 0) -> None:
         self.cfg = cfg
         self.pooling = pooling
@@ -83,17 +129,15 @@ class ODEditObjective(Objective):
         self.penalty_envs = tuple(e for e in cfg.environments if e in self.envs)
         n_tensors = len(method.editable())
         device = method.adapter.device
-        self.dual = DualState(cfg.penalty, n_tensors, cfg.lambda_hidden, cfg.lambda_init_bias, cfg.fixed_lambda,
-                              cfg.dual_lr, cfg.step_rule, cfg.adaptive_p, cfg.adaptive_scale, device, seed,
-                              cfg.lambda_cap or float("inf"))
-        self.owners: dict[str, list[tuple[int, int]]] = {}
+        self.dual = DualState.from_config(cfg, n_tensors, device=device, seed=seed)
+        self.owners: Owners = {}
         # Distributed runs average the penalty over workers before the dual step, so every worker's
-        # lambda-network takes the same step (set by pipeline.distributed).
+        # lambda-network takes the same step (set by pipeline.train.distributed).
         self.reduce: Callable[[float], float] = lambda value: value
         self._sigmas: torch.Tensor | None = None
         self._signs: torch.Tensor | None = None  # R_gen's block weights for the step (`mmd_signs`)
-        self._plan: tuple | None = None  # (owners, envs, EnvPlan, penalty index, R_loc index, IN) of this step
-        self._pool: tuple | None = None  # (owners, envs, flat positions) of R_gen's pooled states this step
+        self._plan: StepPlan | None = None  # the risks' constants of this step
+        self._pool: PoolPlan | None = None  # where R_gen's pooled states are in this step's merged output
 
     # -------------------------------------------------------------------------------------- the risks
 
@@ -120,28 +164,28 @@ class ODEditObjective(Objective):
         merged = getattr(outs, "merged", None)
         if merged is None or self.pooling != "last":
             return torch.cat([outs[e].pooled(self.pooling) for e in envs])
-        cached = self._pool
-        if cached is None or cached[0] is not self.owners or cached[1] != envs:
+        pool = self._pool
+        if pool is None or not pool.fits(self.owners, envs):
             length = merged.batch.targets.shape[1]
             rows = torch.cat([torch.arange(outs.spans[e].start, outs.spans[e].stop) for e in envs])
             flat = rows * length + merged.batch.last_prompt[rows].cpu()
-            cached = self._pool = (self.owners, envs, flat.to(merged.hidden.device))
-        return merged.take_hidden(cached[2])
+            pool = self._pool = PoolPlan(self.owners, envs, flat.to(merged.hidden.device))
+        return merged.take_hidden(pool.positions)
 
-    def _env_risks(self, outs, cases, with_penalty: bool, rel_host: bool) -> tuple:
+    def _env_risks(self, outs, cases, with_penalty: bool,
+                   rel_host: bool) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
         """(R_e, dR_e/domega at omega = 1) of the OUT environments (R_loc), of IN for a default-R_rel host and,
         when the penalty is on, of every penalty environment, as two (E,) tensors from one vectorised pass
-        (`odedit.envrisks`), with the indices of the penalty's and of R_loc's environments in them and IN's.
+        (`odedit.envrisks`), with the step's `StepPlan` (which says where the penalty's, R_loc's and IN's
+        environments are in them).
 
         The slopes are closed-form: the same numbers as differentiating R_e(omega o phi_e) in omega with a
         second-order graph, without building one. The step's constants are gathered on its first call.
         """
         envs = tuple(dict.fromkeys((("in",) if rel_host else ()) + (self.penalty_envs if with_penalty else ())
                                    + self.out_envs))
-        cached = self._plan
-        if cached is None or cached[0] is not self.owners or cached[1] != envs:
-            # Keyed on the owners mapping the step runner sets once per step (held here, so its id cannot be
-            # reused by the next step's mapping).
+        step = self._plan
+        if step is None or not step.fits(self.owners, envs):
             plan = build_plan(outs, cases, self.owners, envs)
             device = plan.seg.device
             pen = torch.tensor([i for i, e in enumerate(plan.envs) if e in self.penalty_envs], dtype=torch.long,
@@ -149,9 +193,9 @@ class ODEditObjective(Objective):
             loc = torch.tensor([i for i, e in enumerate(plan.envs) if e in self.out_envs], dtype=torch.long,
                                device=device)
             rel = plan.envs.index("in") if "in" in plan.envs else None
-            cached = self._plan = (self.owners, envs, plan, pen, loc, rel)
-        values, slopes = env_risks(cached[2], outs)
-        return values, slopes, cached[3], cached[4], cached[5]
+            step = self._plan = StepPlan(self.owners, envs, plan, penalty_index=pen, loc_index=loc, rel_index=rel)
+        values, slopes = env_risks(step.plan, outs)
+        return values, slopes, step
 
     # -------------------------------------------------------------------------------------- G
 
@@ -161,8 +205,9 @@ class ODEditObjective(Objective):
         with_penalty = self.dual.active and k > cfg.warmup_iters
         # For a host whose loss is the default R_rel (FT, LoRA), that loss is IN's risk of the vectorised pass:
         # taken from there rather than computed a second time.
-        rel_host = _default_host_loss(method)
-        values, slopes, pen_index, loc_index, rel_index = self._env_risks(outs, cases, with_penalty, rel_host)
+        rel_host = method.host_loss_is_rel()
+        values, slopes, step = self._env_risks(outs, cases, with_penalty, rel_host)
+        rel_index, pen_index, loc_index = step.rel_index, step.penalty_index, step.loc_index
         host = values[rel_index] if rel_host and rel_index is not None else method.host_loss(outs, cases)
         total = host
         parts = {"host": host.detach()}
@@ -191,6 +236,14 @@ class ODEditObjective(Objective):
         parts["loss"] = total.detach()
         return total, _floats(parts)
 
+    def rollback_reason(self, parts: Mapping[str, float]) -> str | None:
+        """A runaway lambda: not finite, or above `odedit.lambda_max` (ODEdit's divergence guard)."""
+        lam = parts.get("lambda")
+        lambda_max = self.cfg.lambda_max
+        if lam is not None and (not math.isfinite(lam) or lam > lambda_max):
+            return f"lambda ran away ({lam:.4g} > {lambda_max:.4g})"
+        return None
+
     def state_dict(self) -> dict:
         return {"dual": self.dual.state_dict()}
 
@@ -199,13 +252,6 @@ class ODEditObjective(Objective):
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         return self.dual.parameters()
-
-
-def _default_host_loss(method: "EditMethod") -> bool:
-    """Whether `method`'s loss is `EditMethod.host_loss`, R_rel on IN (not overridden by its class or on it)."""
-    from odedit.methods.base import EditMethod
-
-    return getattr(method.host_loss, "__func__", None) is EditMethod.host_loss
 
 
 def _floats(parts: dict) -> dict[str, float]:
@@ -218,9 +264,9 @@ def _floats(parts: dict) -> dict[str, float]:
     return {k: float(v) for k, v in parts.items()}
 
 
-def build_objective(odedit_cfg: ODEditConfig, method: "EditMethod", with_hard: bool = False,
+def build_objective(odedit_cfg: ODEditConfig, method: LossEditor, with_hard: bool = False,
                     pooling: str = "last", seed: int = 0) -> Objective:
     """ODEdit when `odedit.enabled`, else the host editor alone: the same loop runs either."""
     if odedit_cfg.enabled:
-        return ODEditObjective(odedit_cfg, method, with_hard, pooling, seed)
+        return ODEditObjective(odedit_cfg, method, with_hard=with_hard, pooling=pooling, seed=seed)
     return HostObjective(method)

@@ -7,7 +7,7 @@ OUT-hard probes (`hard_images`, `hard_answers`: the edit's own question asked of
 
 `validate_record` returns *every* reason a raw record is bad (an empty list means good); `EditRecord.from_raw`
 builds the typed record from a good one. Image paths are checked syntactically here (relative, no `..`);
-whether the file exists and decodes is checked where images are read (`pipeline.images`).
+whether the file exists and decodes is checked where images are read (`pipeline.data.images`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from odedit.config import Config
-from odedit.editing import Editor, step_report_fields, steps
+from odedit.editing import Editor, step_report_fields
 from odedit.envs import EditCase
 from odedit.evaluation import evaluate_cases
 from odedit.metrics import HEADLINE, PROTOCOLS

@@ -14,7 +14,13 @@ import os
 import subprocess
 from typing import Any, Mapping, Sequence
 
-from odedit.config import Config, with_overrides
+from odedit.config import Config
+from odedit.loading import with_overrides
+from pipeline.cluster.session import ray_session
+from pipeline.prepare import prepare
+from pipeline.reporting.tracking import open_tracker
+from pipeline.storage.outputs import prepare_output_dir
+from pipeline.train.engine import default_run_name, run_stream
 
 PACKAGES = ("torch", "transformers", "ray", "deepspeed", "mlflow", "pyarrow", "peft")
 
@@ -38,9 +44,7 @@ def run_info(cfg: Config) -> dict[str, str]:
 
 def prepared(cfg: Config) -> tuple[Config, str, dict[str, Any]]:
     """Run (or reuse) the preparation; return the config pointing at the resolved model, its path, prepare.json."""
-    from jobs.prepare import main as prepare_main
-
-    prep = prepare_main(cfg)
+    prep = prepare(cfg)
     model = prep["model"]
     model_cfg = dataclasses.replace(cfg.model, name_or_path=model["name_or_path"],
                                     prompt_template=model.get("prompt_template") or cfg.model.prompt_template)
@@ -50,17 +54,8 @@ def prepared(cfg: Config) -> tuple[Config, str, dict[str, Any]]:
 def run_experiment(cfg: Config, arms: Mapping[str, Sequence[str]], name: str, num_edits: int | None = None,
                    offset: int = 0, progress: bool = True) -> dict[str, Any]:
     """Prepare, then run every arm (config overrides) as its own stream; returns {arm: summary}."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from pipeline.raycluster import init_ray
-
-    from jobs.common import prepare_output_dir
-    from pipeline.engine import default_run_name, run_stream
-    from pipeline.tracking import open_tracker
-
     prepare_output_dir(cfg)
-    started = init_ray()  # joins the cluster under `ray job submit`, or starts a local one; False if Ray was up
-    try:
+    with ray_session():  # joins the cluster under `ray job submit`, or starts a local one
         cfg, model_path, prep = prepared(cfg)
         parent = None
         if len(arms) > 1:
@@ -80,6 +75,3 @@ def run_experiment(cfg: Config, arms: Mapping[str, Sequence[str]], name: str, nu
         if parent is not None:
             parent.set_terminated("FINISHED")
         return {"results": results, "prepare": prep, "parent_run_id": getattr(parent, "run_id", "")}
-    finally:
-        if started:
-            ray.shutdown()

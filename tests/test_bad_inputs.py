@@ -18,8 +18,9 @@ import pytest
 import torch
 import yaml
 
-from odedit.config import ConfigError, load_config
-from pipeline.synthetic import COLOURS, write_png
+from odedit.config import ConfigError
+from odedit.loading import load_config
+from bench.synthetic import COLOURS, write_png
 
 GOOD = {"src": "What color is the shape?", "alt": "red", "pred": "blue", "rephrase": "What is the colour of the shape?",
         "image": "img/good.png", "image_rephrase": "img/good_r.png", "loc": "nq question: who wrote hamlet",
@@ -87,7 +88,7 @@ def corpus(tmp_path_factory):
 
 
 def test_bad_records_are_quarantined_with_reasons_and_the_job_goes_on(corpus, tiny_dir, ray_local, record_outcome):
-    from jobs.prepare import main
+    from pipeline.prepare import prepare as main
 
     root, path, images, records = corpus
     cfg = load_config(None, ["data.source=mmedit", f"data.path={path}", f"data.image_root={images}",
@@ -107,8 +108,8 @@ def test_bad_records_are_quarantined_with_reasons_and_the_job_goes_on(corpus, ti
 
 
 def test_truncated_records_file_is_a_clear_error(corpus, tmp_path, record_outcome):
-    from pipeline.sources import SOURCES
-    from pipeline.sources.mmedit import RecordFileError
+    from pipeline.data.sources import SOURCES
+    from pipeline.data.sources.mmedit import RecordFileError
 
     _, path, images, _ = corpus
     cut = tmp_path / "truncated.json"
@@ -205,7 +206,7 @@ def test_pickle_where_a_model_checkpoint_is_expected(tmp_path, tiny_dir, record_
 
 
 def test_pickle_and_truncation_where_a_stream_checkpoint_is_expected(tmp_path, record_outcome):
-    from pipeline.checkpoints import CheckpointError, RunStore
+    from pipeline.train.checkpoints import CheckpointError, RunStore
 
     store = RunStore(str(tmp_path / "run")).ensure()
     path = store.write_checkpoint(1, {"w": torch.ones(3)}, {"dual": {"mode": "off", "net": None}}, {"next_step": 1})
@@ -227,7 +228,7 @@ def test_pickle_and_truncation_where_a_stream_checkpoint_is_expected(tmp_path, r
 
 
 def test_checkpoint_of_another_model(tiny_adapter, record_outcome):
-    from odedit.config import load_config as load
+    from odedit.loading import load_config as load
     from odedit.editing import Editor
 
     editor = Editor(tiny_adapter("llava"), load(None, ["method.name=ft", "odedit.enabled=false"]))
@@ -264,7 +265,7 @@ def test_model_directory_problems(tmp_path, tiny_dir, record_outcome):
 
 
 def test_mend_hypernetwork_for_other_shapes(tmp_path, tiny_adapter, record_outcome):
-    from odedit.config import load_config as load
+    from odedit.loading import load_config as load
     from odedit.editing import Editor
     from odedit.methods.mend.hypernet import MENDError
 

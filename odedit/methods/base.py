@@ -4,7 +4,9 @@ A method names its editable parameters phi_e (`editable`), gives its own loss on
 outputs (`host_loss`), and may act around each step (`begin_step`, `after_update`, `end_step`). The shared
 optimisation loop (`odedit.editstep.run_edit_step`) drives it under either objective, host-only or ODEdit, so
 base vs +ODEdit is one config switch and no code path branches on a method name. Methods whose update is not
-an optimisation (MEND's hypernetwork, GRACE's codebook writes) override `apply`.
+an optimisation (MEND's hypernetwork, GRACE's codebook writes) override `apply`. The loop and the objectives
+see a method only through the Protocols of `odedit.interfaces` (`StepEditor`, `LossEditor`), which
+`EditMethod` implements.
 
 `snapshot()` returns an `EditHandle` whose `restore()` puts every tensor the method may change back
 bit for bit, and replays the method's own undo callbacks (codebook entries, patch counters).
@@ -20,7 +22,9 @@ import torch
 from torch import nn
 
 from odedit.config import MethodConfig
+from odedit.editstep import DIRECT, ParamAccess, StepperFactory, StepReport, run_edit_step
 from odedit.envs import EditCase
+from odedit.objective import Objective
 from odedit.risks import reliability_risk
 
 if TYPE_CHECKING:
@@ -130,22 +134,25 @@ class EditMethod(ABC):
         o = outs["in"]
         return reliability_risk(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size)
 
+    def host_loss_is_rel(self) -> bool:
+        """Whether `host_loss` is this default R_rel on IN (not overridden by the method's class or on it)."""
+        return getattr(self.host_loss, "__func__", None) is EditMethod.host_loss
+
     def after_update(self) -> None:
         """Called after every parameter update (e.g. a norm-constraint projection)."""
 
     def end_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
         """Called after the last iteration of a step (e.g. merge, write a codebook entry)."""
 
-    def apply(self, cases: Sequence[EditCase], objective: Any, stepper_factory: Any, access: Any = None,
-              lambda_max: float = float("inf")) -> tuple[EditHandle, Any]:
+    def apply(self, cases: Sequence[EditCase], objective: Objective, stepper_factory: StepperFactory | None,
+              access: ParamAccess | None = None) -> tuple[EditHandle, StepReport]:
         """Edit the model for a step of `cases` under `objective`; returns (handle, StepReport).
 
-        `access` (an `odedit.editstep.ParamAccess`) must wrap every direct read or write of phi_e outside
-        forward/backward (DeepSpeed ZeRO keeps its own copy of the parameters).
+        `access` must wrap every direct read or write of phi_e outside forward/backward (DeepSpeed ZeRO keeps
+        its own copy of the parameters). Whether a step diverged is the loop's and the objective's call
+        (`Objective.rollback_reason`), not the method's.
         """
-        from odedit.editstep import DIRECT, run_edit_step
-
-        return run_edit_step(self, objective, cases, stepper_factory, lambda_max, access or DIRECT)
+        return run_edit_step(self, objective, cases, stepper_factory, access or DIRECT)
 
     # ------------------------------------------------------------------------------------------ persistence
 

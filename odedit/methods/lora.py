@@ -36,6 +36,7 @@ class LoRA(EditMethod):
     ADAPTER_NAME = "odedit"
 
     def install(self) -> None:
+        # deferred: peft is needed only when a LoRA editor is installed
         from peft import LoraConfig, inject_adapter_in_model
 
         names = list(self.target_modules())

@@ -118,7 +118,7 @@ class UniKEMemory(nn.Module):
     preallocated and inert.
     """
 
-    def __init__(self, d: int, pool: int, slots: int, sem_dim: int, truth_dim: int, gate_threshold: float,
+    def __init__(self, d: int, *, pool: int, slots: int, sem_dim: int, truth_dim: int, gate_threshold: float,
                  gate_temperature: float) -> None:
         super().__init__()
         self.keys = nn.Parameter(torch.zeros(pool, d))
@@ -221,8 +221,10 @@ class UniKE(EditMethod):
                     raise UniKEError(f"UniKE adds to an nn.Linear FFN output; layer {li} has {type(ffn_out).__name__}")
                 d = ffn_out.out_features
                 p = next(layer.parameters())
-                mem = UniKEMemory(d, self.cfg.pool_size, self.cfg.latent_slots, self.cfg.sem_dim, self.cfg.truth_dim,
-                                  self.cfg.gate_threshold, self.cfg.gate_temperature).to(device=p.device, dtype=p.dtype)
+                cfg = self.cfg
+                mem = UniKEMemory(d, pool=cfg.pool_size, slots=cfg.latent_slots, sem_dim=cfg.sem_dim,
+                                  truth_dim=cfg.truth_dim, gate_threshold=cfg.gate_threshold,
+                                  gate_temperature=cfg.gate_temperature).to(device=p.device, dtype=p.dtype)
                 layer.add_module(MEMORY_ATTR, mem)
                 layer.register_forward_pre_hook(mem.layer_pre_hook, with_kwargs=True)
                 ffn_in.register_forward_pre_hook(mem.ffn_in_pre_hook)

@@ -139,7 +139,7 @@ class SideMemory(nn.Module):
     memory with the highest score above its threshold x act_ratio, or keeps the main output.
     """
 
-    def __init__(self, weight: torch.Tensor, capacity: int, act_ratio: float, act_pool: str, tap: ForwardTap,
+    def __init__(self, weight: torch.Tensor, *, capacity: int, act_ratio: float, act_pool: str, tap: ForwardTap,
                  key: str) -> None:
         super().__init__()
         self.side = nn.Parameter(weight.detach().clone())
@@ -222,8 +222,9 @@ class WISE(EditMethod):
         self._tap = ForwardTap.of(self.adapter)
         ((name, module),) = self.target_modules().items()
         mem = attach_side_module(
-            module, name, ATTR, lambda: SideMemory(module.weight, self.cfg.max_memories, self.cfg.act_ratio,
-                                                   self.cfg.act_pool, self._tap, name),
+            module, name, ATTR, lambda: SideMemory(module.weight, capacity=self.cfg.max_memories,
+                                                   act_ratio=self.cfg.act_ratio, act_pool=self.cfg.act_pool,
+                                                   tap=self._tap, key=name),
             "route", self.cfg.max_memories, "max_memories")
         self._mem, self._name, self._module = mem, name, module
 

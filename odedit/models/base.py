@@ -14,6 +14,7 @@ whatever the padding side.
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
+from odedit.models.pixels import BatchedPixels
 from odedit.sample import Sample  # noqa: F401  (re-exported: adapters encode Samples)
 
 IGNORE = -100
@@ -176,6 +178,7 @@ class ModelAdapter(ABC):
 
     @classmethod
     def _load_processors(cls, name_or_path: str) -> tuple[Any, Any]:
+        # deferred: transformers is imported only when a model is loaded
         from transformers import AutoImageProcessor, AutoTokenizer
 
         return AutoTokenizer.from_pretrained(name_or_path), AutoImageProcessor.from_pretrained(name_or_path)
@@ -212,8 +215,6 @@ class ModelAdapter(ABC):
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         """The image processor's `pixel_values` for RGB images, batched (`odedit.models.pixels`; bit-identical,
         verified per image kind)."""
-        from odedit.models.pixels import BatchedPixels
-
         if self._pixels is None or self._pixels.processor is not self.image_processor:
             self._pixels = BatchedPixels(self.image_processor)
         return self._pixels(images)
@@ -479,8 +480,6 @@ def _module_name(root: nn.Module, target: nn.Module) -> str:
 
 def check_loadable(name_or_path: str, model_type: str, family: str) -> None:
     """Fail early with a clear message on a missing directory or a checkpoint of another family."""
-    import json
-
     if not name_or_path:
         raise ModelLoadError(f"model.name_or_path: empty for family {family!r}; give a hub name or a local directory")
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)

@@ -23,6 +23,7 @@ from odedit.models.tokenizer import DEFAULT_CORPUS, build_word_tokenizer
 
 
 def _blip2_class():
+    # deferred: transformers is imported only when a model is loaded
     from transformers import Blip2ForConditionalGeneration
 
     return Blip2ForConditionalGeneration
@@ -88,6 +89,7 @@ class Blip2OptAdapter(QueryTokenImages, ModelAdapter):
         The word tokenizer's `<s>` is BOS (real OPT checkpoints use `</s>`); `<image>` is a plain special token, not
         `tok.image_token` (Blip2Processor crashes on that attribute, platform.md §4.2; this adapter does not use it).
         """
+        # deferred: transformers is imported only when a tiny model is built
         from transformers import (Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor,
                                   OPTConfig)
 

@@ -23,6 +23,7 @@ QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 
 
 def _instructblip_class():
+    # deferred: transformers is imported only when a model is loaded
     from transformers import InstructBlipForConditionalGeneration
 
     return InstructBlipForConditionalGeneration
@@ -30,6 +31,7 @@ def _instructblip_class():
 
 def load_qformer_tokenizer(name_or_path: str) -> Any:
     """The Q-Former tokenizer stored under `<name_or_path>/qformer_tokenizer` (local dir or hub name)."""
+    # deferred: transformers is imported only when a model is loaded
     from transformers import AutoTokenizer
 
     try:
@@ -101,6 +103,7 @@ class InstructBlipAdapter(Blip2OptAdapter):
                    patch_size: int = 8, num_query_tokens: int = 4, **_: Any) -> str:
         """A tiny InstructBLIP (ViT 32 px / patch 8, 2-layer Q-Former with 4 queries, 2-layer LLaMA) saved to
         `out_dir`, with a word-level Q-Former tokenizer in `out_dir/qformer_tokenizer`."""
+        # deferred: transformers is imported only when a tiny model is built
         from transformers import (BlipImageProcessor, InstructBlipConfig, InstructBlipQFormerConfig,
                                   InstructBlipVisionConfig, LlamaConfig)
 

@@ -18,6 +18,7 @@ from odedit.models.tokenizer import DEFAULT_CORPUS, build_word_tokenizer
 
 
 def _llava_class():
+    # deferred: transformers is imported only when a model is loaded
     from transformers import LlavaForConditionalGeneration
 
     return LlavaForConditionalGeneration
@@ -57,6 +58,7 @@ class LlavaAdapter(ModelAdapter):
                    vision_hidden: int = 32, vision_layers: int = 2, text_hidden: int = 32, text_layers: int = 2,
                    heads: int = 2, image_size: int = 32, patch_size: int = 8, **_: Any) -> str:
         """A tiny LLaVA (CLIP 32 px / patch 8 -> 16 image tokens; 2-layer LLaMA) saved to `out_dir`."""
+        # deferred: transformers is imported only when a tiny model is built
         from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
         tok = build_word_tokenizer(corpus or DEFAULT_CORPUS, extra_specials=("<image>",),

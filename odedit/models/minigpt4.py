@@ -25,6 +25,7 @@ _EMPTY_IMG = re.compile(r"<Img>\s*</Img>\s?")
 
 
 def _minigpt4_class():
+    # deferred: minigpt4_model imports transformers at module level; load it only when a model is built
     from odedit.models.minigpt4_model import MiniGPT4ForConditionalGeneration
 
     return MiniGPT4ForConditionalGeneration
@@ -57,8 +58,10 @@ class MiniGPT4Adapter(QueryTokenImages, ModelAdapter):
     @classmethod
     def _load_processors(cls, name_or_path: str) -> tuple[Any, Any]:
         """Tokenizer and image processor; the config is passed in because AutoConfig does not know `minigpt4`."""
+        # deferred: transformers (also under minigpt4_model) is imported only when a model is loaded
         from transformers import AutoImageProcessor, AutoTokenizer
 
+        # deferred: minigpt4_model imports transformers at module level
         from odedit.models.minigpt4_model import MiniGPT4Config
 
         config = MiniGPT4Config.from_pretrained(name_or_path)
@@ -72,8 +75,10 @@ class MiniGPT4Adapter(QueryTokenImages, ModelAdapter):
                    patch_size: int = 8, num_query_tokens: int = 4, **_: Any) -> str:
         """A tiny MiniGPT-4 (ViT 32 px / patch 8, 2-layer Q-Former with 4 queries, 2-layer LLaMA) saved to
         `out_dir`; the vocabulary also covers the template's `###Human:` / `<Img>` words."""
+        # deferred: transformers (also under minigpt4_model) is imported only when a tiny model is built
         from transformers import Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor, LlamaConfig
 
+        # deferred: minigpt4_model imports transformers at module level
         from odedit.models.minigpt4_model import MiniGPT4Config
 
         words = list(corpus or DEFAULT_CORPUS) + [cls.default_template.replace(IMAGE_MARKER, " ")]

@@ -152,6 +152,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ModelLoadError(f"minigpt4 checkpoint: {path!r} is not a file; give the .pth/.safetensors weights")
     if path.endswith(".safetensors"):
+        # deferred: safetensors only for .safetensors checkpoints
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

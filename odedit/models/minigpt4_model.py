@@ -27,6 +27,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, Blip2QFormerConfig, 
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
+from odedit.models.minigpt4_checkpoint import load_minigpt4_weights
 from odedit.models.placeholders import embed_with_images
 
 
@@ -149,8 +150,6 @@ class MiniGPT4ForConditionalGeneration(PreTrainedModel):
         Raises:
             ModelLoadError: naming the keys that are unknown, missing or of the wrong shape.
         """
-        from odedit.models.minigpt4_checkpoint import load_minigpt4_weights
-
         model = cls(config)
         if language_model is not None:
             model.language_model = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)

@@ -28,6 +28,7 @@ CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>")
 
 
 def _qwen2_vl_class():
+    # deferred: transformers is imported only when a model is loaded
     from transformers import Qwen2VLForConditionalGeneration
 
     return Qwen2VLForConditionalGeneration
@@ -92,6 +93,7 @@ class Qwen2VLAdapter(ModelAdapter):
         The image processor has min_pixels = max_pixels = image_side**2, so a square image becomes a
         (1, side/14, side/14) grid: 4 image tokens at the default 56 px.
         """
+        # deferred: transformers is imported only when a tiny model is built
         from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil
 
         if image_side % 28:

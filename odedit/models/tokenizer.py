@@ -35,6 +35,7 @@ def build_word_tokenizer(
         named_specials: attribute name -> token, set as `tok.<name>` (e.g. {"image_token": "<image>"}).
         with_bos: declare `<s>` as BOS (Qwen-style tokenizers have none).
     """
+    # deferred: tokenizers/transformers only when a tiny model's tokenizer is built
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -8,10 +8,11 @@ import os
 
 import pytest
 
-from jobs.prepare import cli, main
-from odedit.config import load_config
+from jobs.prepare import cli
+from pipeline.prepare import prepare as main
+from odedit.loading import load_config
 from odedit.registry import RegistryError
-from pipeline.synthetic import write_evqa_split
+from bench.synthetic import write_evqa_split
 
 
 @pytest.fixture(scope="module")

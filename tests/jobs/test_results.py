@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from jobs.results import main, plan
-from pipeline.synthetic import write_evqa_split
+from bench.synthetic import write_evqa_split
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 import yaml
 
-from pipeline.synthetic import write_evqa_split
+from bench.synthetic import write_evqa_split
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def head(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     # A head stopped without `ray stop` leaves Ray's session file behind; drop it when it is ours.
-    from pipeline.raycluster import SESSION_FILE, recorded_cluster
+    from pipeline.cluster.session import SESSION_FILE, recorded_cluster
 
     if (recorded_cluster() or "").endswith(f":{port}"):
         os.remove(SESSION_FILE)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from testdata import make_image
-from jobs.train_editor import HYPERNET_FILE, SUMMARY_FILE, main, split_train_val, training_cases
-from odedit.config import load_config
+from pipeline.train.editor_training import HYPERNET_FILE, SUMMARY_FILE, split_train_val, training_cases
+from pipeline.train.editor_training import train_editor as main
+from odedit.loading import load_config
 from odedit.envs import EditCase
 from odedit.methods import METHODS
 from odedit.models import Sample
@@ -46,7 +47,7 @@ def test_split_train_val_is_deterministic_and_keeps_a_training_edit():
 
 
 def test_training_cases_from_mmedit_records_of_the_train_split(tmp_path):
-    from pipeline.synthetic import write_evqa_split
+    from bench.synthetic import write_evqa_split
 
     paths = write_evqa_split(str(tmp_path / "world"), n=3, min_side=24, max_side=48, seed=1)
     base = ["data.source=mmedit", f"data.path={paths['path']}", f"data.image_root={paths['image_root']}",

@@ -3,7 +3,7 @@ nested MLflow runs and a ready-to-run best config; a search whose driver is kill
 refused before anything runs.
 
 The searches run as `python -m jobs.tune` in a process of their own, which starts its own local Ray (with the
-dashboard, which Ray Train needs to free the workers of a trial ASHA stops; see `pipeline.search`).
+dashboard, which Ray Train needs to free the workers of a trial ASHA stops; see `pipeline.search.trials`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 
-from pipeline.synthetic import write_evqa_split
+from bench.synthetic import write_evqa_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_EDITS, VALIDATION_EDITS = 4, 8

@@ -8,7 +8,8 @@ import os
 import pytest
 import yaml
 
-from odedit.config import Config, ConfigError, dump_config, load_config, parse_config, with_overrides
+from odedit.config import Config, ConfigError, dump_config
+from odedit.loading import load_config, parse_config, with_overrides
 from odedit.configlib import help_table
 from odedit.methods.ft import FTConfig
 from odedit.methods.lora import LoRAConfig
@@ -138,7 +139,7 @@ def test_job_cli_prints_all_problems_and_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml"))))
 def test_every_shipped_config_loads(path):
-    from pipeline.sources.base import check_source
+    from pipeline.data.sources.base import check_source
 
     cfg = load_config(path, extra_checks=[check_source])
     with open(path, encoding="utf-8") as fh:

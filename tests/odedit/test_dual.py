@@ -9,7 +9,7 @@ from odedit.dual import DualState, LambdaNet, adaptive_step, parameter_summary
 
 
 def test_lambda_is_nonnegative_and_starts_near_softplus_bias():
-    net = LambdaNet(8, 16, init_bias=2.0)
+    net = LambdaNet(8, hidden=16, init_bias=2.0)
     lam = net(torch.randn(8) * 100)
     assert lam.item() >= 0
     assert lam.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(2.0)).item(), rel=0.2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from testdata import step_cases
-from odedit.config import load_config
+from odedit.loading import load_config
 from odedit.editstep import EnvOutputs, encode_envs, forward_envs
 from odedit.envs import attach_references
 from odedit.methods import METHODS

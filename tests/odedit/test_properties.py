@@ -10,7 +10,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from odedit.config import Config, ConfigError, parse_config
+from odedit.config import Config, ConfigError
+from odedit.loading import parse_config
 from odedit.configlib import to_dict
 from odedit.records import EditRecord, validate_record
 

@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from pipeline.synthetic import COLOURS, write_png
+from bench.synthetic import COLOURS, write_png
 
 # Two records copied in shape from MMEdit's E-VQA eval file (reference.md §1.3): every EasyEdit field, COCO
 # style paths relative to `coco_image` (edit, m_loc) and `rephrase_image` (image_rephrase), no ids.
@@ -100,7 +100,7 @@ def evqa_exact(tmp_path):
 
 def config_for(paths: dict, tmp_path, *overrides: str):
     """A Config reading `paths` with the mmedit source, shards under tmp_path."""
-    from odedit.config import load_config
+    from odedit.loading import load_config
 
     return load_config(None, [
         "data.source=mmedit", f"data.path={paths['path']}", f"data.image_root={paths['image_root']}",

@@ -16,10 +16,13 @@ from torch import nn
 
 from odedit.config import MethodConfig
 from odedit.configlib import each, non_negative, option, positive
+from odedit.editstep import DIRECT, ParamAccess, StepReport, encode_envs, forward_envs
 from odedit.envs import EditCase
 from odedit.methods.base import EditHandle, EditMethod
 from odedit.methods.mend.hypernet import HYPERNET_FORMAT, FactorCapture, Hypernet, MENDError, low_rank_edit
+from odedit.methods.mend.train import MetaTrainer, synthetic_cases
 from odedit.methods.registry import register_method
+from odedit.objective import Objective
 from odedit.risks import reliability_risk
 
 TEXT_EDIT_ENVS = ("in", "se_text")
@@ -124,8 +127,6 @@ class MEND(EditMethod):
 
     def _encode(self, cases: Sequence[EditCase], envs: Sequence[str]) -> Any:
         """All environments of the step encoded once (frozen-prefix replay from the first edited layer)."""
-        from odedit.editstep import encode_envs
-
         first = self.first_edited_layer() if self.cfg.cache_prefix else None
         encoded = encode_envs(self.adapter, cases, envs, first)
         if encoded is None or "in" not in encoded.spans:
@@ -136,8 +137,6 @@ class MEND(EditMethod):
         """One forward pass of all environments with factor capture, then the backward pass of R_rel on IN:
         (u, delta) per edited module (rows of other environments get no gradient and are dropped) and the
         forward outputs."""
-        from odedit.editstep import forward_envs
-
         modules = self.target_modules()
         capture = FactorCapture(modules)
         try:
@@ -156,11 +155,9 @@ class MEND(EditMethod):
                 w = modules[name].weight
                 w.sub_((self.hypernet.step_size(name) * (d_t.T @ u_t)).to(w.dtype))
 
-    def apply(self, cases: Sequence[EditCase], objective: Any, stepper_factory: Any, access: Any = None,
-              lambda_max: float = float("inf")) -> tuple[EditHandle, Any]:
+    def apply(self, cases: Sequence[EditCase], objective: Objective, stepper_factory: Any,
+              access: ParamAccess | None = None) -> tuple[EditHandle, StepReport]:
         """One MEND edit of `cases` (jointly): factors of R_rel on IN, hypernetwork, weight update."""
-        from odedit.editstep import DIRECT, StepReport, forward_envs
-
         access = access or DIRECT
         t0 = time.perf_counter()
         self.prepare()
@@ -207,8 +204,6 @@ class MEND(EditMethod):
             raise MENDError("MEND has no trained hypernetwork: set method.hypernet_path to a file written by "
                             "`python -m jobs.train_editor`, or method.bootstrap_steps > 0 for an in-process "
                             "meta-training on synthetic edits (tiny models, tests)")
-        from odedit.methods.mend.train import MetaTrainer, synthetic_cases
-
         cases = synthetic_cases(self.adapter, self.cfg.bootstrap_edits, seed=0)
         MetaTrainer(self, objective, cases).train(self.cfg.bootstrap_steps)
         self.trained = True
@@ -220,8 +215,6 @@ class MEND(EditMethod):
                   ) -> tuple[torch.Tensor, dict[str, float]]:
         """The editor-training loss of one batch of edits (the objective's G with the host loss of the module
         docstring), differentiable in the hypernetwork; the base weights are never written."""
-        from odedit.editstep import forward_envs
-
         self.prepare()
         envs = tuple(dict.fromkeys(TRAIN_ENVS + tuple(objective.envs)))
         encoded = self._encode(cases, envs)
@@ -248,6 +241,7 @@ class MEND(EditMethod):
 
     def save_hypernet(self, path: str | os.PathLike) -> str:
         """Write the hypernetwork (weights, steps, running statistics) and its module shapes as safetensors."""
+        # deferred: safetensors is needed only to write a hypernetwork file
         from safetensors.torch import save_file
 
         self.prepare()
@@ -261,6 +255,7 @@ class MEND(EditMethod):
     def load_hypernet(self, path: str | os.PathLike) -> None:
         """Load a hypernetwork saved by `save_hypernet`; MENDError if it was trained for other modules,
         shapes or sizes (the message names the mismatch)."""
+        # deferred: safetensors is needed only to read a hypernetwork file
         from safetensors import safe_open
 
         if self.hypernet is None:

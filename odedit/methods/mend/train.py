@@ -20,10 +20,15 @@ import random
 import time
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 
+from odedit.editstep import encode_envs, forward_envs
 from odedit.envs import OUT_ENVS, EditCase, attach_references
+from odedit.evaluation import evaluate_cases
 from odedit.models.base import ModelAdapter, Sample
+from odedit.objective import HostObjective
+from odedit.risks import reliability_risk
 
 ReduceSum = Callable[[list[torch.Tensor]], None]
 
@@ -122,9 +127,6 @@ class MetaTrainer:
 
     @torch.no_grad()
     def _edit_loss(self, cases: Sequence[EditCase]) -> float:
-        from odedit.editstep import encode_envs, forward_envs
-        from odedit.risks import reliability_risk
-
         outs = forward_envs(self.method.adapter, encode_envs(self.method.adapter, cases, ("in", "se_text", "se_image")))
         vals = [reliability_risk(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size) for o in outs.values()]
         return float(torch.stack(vals).mean())
@@ -133,9 +135,6 @@ class MetaTrainer:
         """Each held-out edit applied alone with the current hypernetwork, scored and undone: mean post-edit
         NLL on IN and SE (`edit_loss`), teacher-forced exact-match reliability (`rel`), and the pre-edit NLL.
         The edits run under the host objective, so scoring never moves ODEdit's lambda-network. Sums are reduced over workers, so every worker returns the same numbers."""
-        from odedit.evaluation import evaluate_cases
-        from odedit.objective import HostObjective
-
         host = HostObjective(self.method)  # scoring must not move the lambda-network
         cases = self.val_cases if cases is None else list(cases)
         was_trained = self.method.trained
@@ -177,7 +176,7 @@ def _vocabulary_words(adapter: ModelAdapter, limit: int = 2000) -> list[str]:
 
 
 def _random_image(rng: random.Random, size: int = 48) -> Any:
-    import numpy as np
+    # deferred: PIL is needed only for the synthetic bootstrap edits of tiny models
     from PIL import Image
 
     a = np.random.default_rng(rng.randrange(2 ** 31)).integers(0, 60, (size, size, 3), dtype=np.uint8)

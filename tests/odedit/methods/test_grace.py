@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from testdata import make_image
-from odedit.config import ConfigError, load_config
+from odedit.config import ConfigError
+from odedit.loading import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references
 from odedit.evaluation import evaluate_cases
 from odedit.methods.grace import GRACE, CodebookFull
 from odedit.models import Sample
-from pipeline.checkpoints import load_state, save_state
+from pipeline.train.checkpoints import load_state, save_state
 
 # The tiny LLaVA's FFN-output inputs at layer 1: its rephrases lie within 0.004 of the edit, OUT prompts and the
 # other edit beyond 0.008, so a radius of 0.005 covers the one and not the other.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from testdata import make_image
-from odedit.config import load_config
+from odedit.loading import load_config
 from odedit.configlib import from_dict, to_dict
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references

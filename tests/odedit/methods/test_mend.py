@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from testdata import make_image
-from odedit.config import load_config
+from odedit.loading import load_config
 from odedit.envs import EditCase, attach_references
 from odedit.methods import METHODS
 from odedit.methods.mend.hypernet import FactorCapture, FactorNet, Hypernet, MENDError

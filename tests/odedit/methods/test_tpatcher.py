@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from testdata import make_image
-from odedit.config import ConfigError, load_config
+from odedit.config import ConfigError
+from odedit.loading import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references
 from odedit.evaluation import evaluate_cases
 from odedit.methods.tpatcher import PatchPoolExhausted
 from odedit.models import Sample
-from pipeline.checkpoints import load_state, save_state
+from pipeline.train.checkpoints import load_state, save_state
 
 # Enough Adam steps for a tiny random model to take an edit while the memory loss silences the patch on OUT.
 FIT = ("method.lr=0.05", "method.n_iter=30")

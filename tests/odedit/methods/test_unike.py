@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from testdata import make_image
-from odedit.config import ConfigError, load_config
+from odedit.config import ConfigError
+from odedit.loading import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase
 from odedit.evaluation import evaluate_cases
 from odedit.methods.base import EditHandle
 from odedit.methods.unike import UniKE, UniKEError, _running_mean
 from odedit.models import Sample
+from odedit.stream import StreamRunner
 
 
 def _cfg(*overrides):
@@ -148,13 +150,14 @@ def test_edit_changes_only_the_memory_and_restore_rewinds_everything(tiny_adapte
 
 def test_sequential_edits_keep_earlier_ones_and_the_state_round_trips(tiny_adapter):
     adapter = tiny_adapter("llava")
-    editor = Editor(adapter, _cfg())
+    cfg = _cfg()
+    editor = Editor(adapter, cfg)
     method = editor.method
     first, second = _case(0, *BLUE), _case(1, *GREEN, rgb=(30, 200, 30))
-    editor.sequential([first], batch_size=1)
+    StreamRunner(editor, cfg).run([first])  # sequential mode: the edit stays
     rows = {li: (m.keys[0].clone(), m.values[0].clone(), m.latents[0].clone(), m.bias[0].clone())
             for li, m in method.memories.items()}
-    editor.sequential([second], batch_size=1)
+    StreamRunner(editor, cfg).run([second])
     assert method.fill() == {"neurons": 2, "slots": 2}
     for li, m in method.memories.items():  # the first edit's rows are untouched by the second step
         assert all(torch.equal(a, b) for a, b in zip(rows[li], (m.keys[0], m.values[0], m.latents[0], m.bias[0])))
@@ -175,8 +178,9 @@ def test_sequential_edits_keep_earlier_ones_and_the_state_round_trips(tiny_adapt
 
 def test_a_full_memory_is_refused_before_anything_changes(tiny_adapter):
     adapter = tiny_adapter("llava")
-    editor = Editor(adapter, _cfg("method.pool_size=1", "method.latent_slots=1", "method.n_iter=1"))
-    editor.sequential([_case(0, *BLUE)], batch_size=1)
+    cfg = _cfg("method.pool_size=1", "method.latent_slots=1", "method.n_iter=1")
+    editor = Editor(adapter, cfg)
+    StreamRunner(editor, cfg).run([_case(0, *BLUE)])
     state = {k: v.clone() for k, v in editor.method.state_dict().items()}
     with pytest.raises(UniKEError, match="memory full"):
         editor.edit([_case(1, *GREEN)])

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from testdata import make_image
-from odedit.config import ConfigError, load_config
+from odedit.config import ConfigError
+from odedit.loading import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references
 from odedit.evaluation import evaluate_cases
 from odedit.methods import wise
 from odedit.methods.wise import MemoryPoolFull, ties_merge
 from odedit.models import Sample
-from pipeline.checkpoints import load_state, save_state
+from pipeline.train.checkpoints import load_state, save_state
 
 # Tiny random models have activations of ~1e-2 and near-collinear prompts: routing margins scaled down, the
 # token scores max-pooled and the threshold close to the edits' own score separate the edit from OUT.

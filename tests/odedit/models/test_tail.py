@@ -89,7 +89,7 @@ def test_a_layer_that_is_not_residual_plus_module_falls_back_to_the_layer_replay
 
 
 def test_which_edits_get_a_tail(tiny_adapter):
-    from odedit.config import load_config
+    from odedit.loading import load_config
     from odedit.methods import METHODS
 
     adapter = tiny_adapter("llava")
@@ -108,7 +108,7 @@ def test_which_edits_get_a_tail(tiny_adapter):
 
 @pytest.mark.parametrize("method,odedit", [("ft", True), ("lora", True), ("ft", False)])
 def test_an_edit_step_with_the_tail_matches_the_layer_replay(method, odedit, tiny_adapter):
-    from odedit.config import load_config
+    from odedit.loading import load_config
     from odedit.editing import Editor
     from odedit.envs import attach_references
 
@@ -135,7 +135,7 @@ def test_an_edit_step_with_the_tail_matches_the_layer_replay(method, odedit, tin
 
 
 def test_mean_pooling_objectives_do_not_get_a_tail(tiny_adapter, monkeypatch):
-    from odedit.config import load_config
+    from odedit.loading import load_config
     from odedit.editing import Editor
     from odedit.envs import attach_references
 

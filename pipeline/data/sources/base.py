@@ -1,0 +1,32 @@
+"""What every record reader returns: raw records plus the image roots their relative paths resolve against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RecordSource:
+    """Raw records (our schema or EasyEdit's field names) and where their images live.
+
+    Image paths inside records are relative to the matching root: `image` and `hard_images` to
+    `image_root`, `image_rephrase` to `rephrase_image_root`, `m_loc` to `locality_image_root`.
+    """
+
+    records: list[dict] = field(default_factory=list)
+    image_root: str = ""
+    rephrase_image_root: str = ""
+    locality_image_root: str = ""
+    name: str = ""
+
+
+def check_source(raw: dict) -> list:
+    """Config check owned by `pipeline` (on the raw config dict): `data.source` names a registered reader."""
+    from odedit.configlib import ConfigIssue
+    from pipeline.data.sources import SOURCES
+
+    data = raw.get("data") if isinstance(raw, dict) else None
+    name = data.get("source", "demo") if isinstance(data, dict) else "demo"
+    if isinstance(name, str) and name in SOURCES:
+        return []
+    return [ConfigIssue("data.source", name, SOURCES.unknown_message(name), "pick a registered reader")]

@@ -1,0 +1,1 @@
+"""What a run reports: MLflow tracking, result tables, plots and the results matrix."""

@@ -1,0 +1,293 @@
+"""The search driver: a resumable Ray Tune experiment over `search.space` and its outcome.
+
+    search = Search(cfg, run_cfg, model_path)       # driver, after `pipeline.experiment.prepared`
+    outcome = search.fit()                          # new search, or the restored one of the same name
+
+
+**MLflow.** The driver creates the search's parent run; each trial creates its run nested under it
+(`mlflow.parentRunId`), into which its Ray Train rank 0 logs the stream. The trial process is killed when
+ASHA stops it, so the driver marks those runs KILLED afterwards.
+
+**Needs the Ray dashboard.** When ASHA stops a trial, Tune kills its process and with it the stream's Ray Train
+controller; the placement group holding the stream's workers is then removed by Ray Train's
+`PlacementGroupCleaner`, which watches the controller through the state API of the dashboard (see
+`StreamDriver` for how it is pointed at this cluster). A Ray started with `include_dashboard=False` keeps every
+stopped trial's worker CPUs reserved and later trials wait for them forever. `jobs.tune`'s own `ray.init()`
+and clusters taking `ray job submit` have the dashboard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from odedit.config import Config
+from odedit.configlib import flatten, to_dict
+from pipeline.storage.jsonio import read_json, write_json
+from pipeline.search.space import METRICS, Dimension, parse_space, validate_search
+from pipeline.search.trials import TRIAL_FILE, run_trial
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TrialOutcome:
+    """One trial as the search ended it."""
+
+    index: int  # creation order, from 1
+    trial_id: str
+    status: str  # completed | stopped (by ASHA) | error
+    sample: dict[str, Any]
+    metrics: dict[str, Any]
+    curve: list[tuple[int, float]]
+    run_name: str = ""
+    mlflow_run_id: str = ""
+    error: str = ""
+
+
+@dataclass
+class SearchOutcome:
+    trials: list[TrialOutcome]
+    best: TrialOutcome | None
+    parent_run_id: str
+    searcher: str
+    restored: bool
+    search_dir: str
+    edits_total: int
+    space: list[Dimension] = field(default_factory=list)
+
+
+def _fingerprint(cfg: Config, model_path: str) -> dict[str, Any]:
+    """What must not change between a search and its restoration: the config (trial concurrency, resources and
+    tracking may change) and the prepared model (the demo model is retrained when its code changes)."""
+    flat = flatten(to_dict(cfg))
+    for key in ("search.max_concurrent", "search.cpus_per_trial", "search.gpus_per_trial"):
+        flat.pop(key, None)
+    return {**{k: v for k, v in flat.items() if not k.startswith("tracking.")}, "prepared.model_path": model_path}
+
+
+def _trial_id_and_index(path: str) -> tuple[str, int]:
+    """A trial's id and creation index from its directory name (`run_trial_<id>_<index>_<params>_<date>`)."""
+    import re
+
+    found = re.match(r"run_trial_([0-9a-f]+)_(\d+)", os.path.basename(path))
+    if found is None:
+        raise ValueError(f"unexpected Tune trial directory name {os.path.basename(path)!r}")
+    return found.group(1), int(found.group(2))
+
+
+class Search:
+    """A Ray Tune search over `cfg.search.space`, resumable by name (see the module docstring).
+
+    Args:
+        cfg: the config as the user wrote it (the best config is written from it).
+        run_cfg: the prepared config (resolved model); trials get it with every path made absolute.
+        model_path: the prepared model's directory or hub name.
+    """
+
+    def __init__(self, cfg: Config, run_cfg: Config, model_path: str) -> None:
+        from pipeline.train.engine import shards_dir
+
+        validate_search(cfg)
+        self.cfg = cfg
+        self.dims = parse_space(cfg.search.space)[0]
+        self.dir = os.path.abspath(os.path.join(cfg.output_dir, "search", cfg.search.name))
+        self.tune_dir = os.path.join(self.dir, "tune")
+        self.streams_dir = os.path.join(self.dir, "streams")
+        self.run_cfg = self._absolute(run_cfg, shards_dir(run_cfg))
+        self.model_path = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
+        self.shards_dir = self.run_cfg.data.shards_dir
+
+    @staticmethod
+    def _absolute(cfg: Config, shards: str) -> Config:
+        """Trials run in another working directory (Tune's trial dir): every path and the tracking URI absolute."""
+        from pipeline.reporting.tracking import tracking_uri
+
+        model = cfg.model
+        if model.name_or_path and os.path.isdir(model.name_or_path):
+            model = dataclasses.replace(model, name_or_path=os.path.abspath(model.name_or_path))
+        tracking = dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)) if cfg.tracking.enabled else cfg.tracking
+        return dataclasses.replace(cfg, model=model, tracking=tracking, output_dir=os.path.abspath(cfg.output_dir),
+                                   data=dataclasses.replace(cfg.data, shards_dir=shards))
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def slice_length(self) -> int:
+        """Edits each trial applies; raises ValueError when the slice is empty or shorter than the grace period."""
+        from pipeline.data.casesource import ShardCaseSource
+
+        s = self.cfg.search
+        n = len(ShardCaseSource(self.shards_dir, s.split, s.num_edits, s.offset))
+        if n == 0:
+            raise ValueError(
+                f"search.split={s.split}: the shards in {self.shards_dir} hold no {s.split} edits after offset "
+                f"{s.offset}; for the demo world set data.demo.num_validation_edits > 0, for other sources mark "
+                "records split=validation or use search.split=test with search.offset >= stream.num_edits")
+        if s.grace_edits > n:
+            raise ValueError(f"search.grace_edits={s.grace_edits} exceeds the {n} edits of each trial's slice, so "
+                             f"ASHA could never stop a trial; set search.grace_edits <= {n}")
+        return n
+
+    def check_resources(self) -> None:
+        """Refuse concurrent trials whose streams cannot all be scheduled (they would wait forever).
+
+        Besides each trial's process and workers, a stream's Ray Data read starts with a file-listing task that
+        takes 1 CPU outside the workers' reservation (Ray Data 2.60 map tasks default to 1 CPU), so one CPU
+        must stay free.
+        """
+        import ray
+
+        s, r = self.cfg.search, self.cfg.resources
+        per_trial = s.cpus_per_trial + r.num_workers * r.cpus_per_worker
+        total = ray.cluster_resources().get("CPU", 0.0)
+        if s.max_concurrent * per_trial + 1.0 > total + 1e-9:
+            raise ValueError(
+                f"search.max_concurrent={s.max_concurrent} trials x {per_trial:g} CPUs (search.cpus_per_trial "
+                f"{s.cpus_per_trial:g} + resources.num_workers {r.num_workers} x resources.cpus_per_worker "
+                f"{r.cpus_per_worker:g}) + 1 CPU for Ray Data's file listing exceed the cluster's {total:g} "
+                "CPUs; lower search.max_concurrent or resources.cpus_per_worker")
+        gpus = s.max_concurrent * (s.gpus_per_trial + (r.num_workers if r.use_gpu else 0))
+        if gpus > ray.cluster_resources().get("GPU", 0.0):
+            raise ValueError(f"search: {s.max_concurrent} concurrent trials need {gpus:g} GPUs (search.gpus_per_trial "
+                             "plus one per worker with resources.use_gpu); the cluster has "
+                             f"{ray.cluster_resources().get('GPU', 0.0):g}; lower search.max_concurrent")
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _state(self, open_parent: Any) -> tuple[dict[str, Any], bool]:
+        """search.json (config fingerprint, parent run id): created, or checked against this config."""
+        path = os.path.join(self.dir, "search.json")
+        state = read_json(path, default={})
+        fingerprint = _fingerprint(self.cfg, self.model_path)
+        if state:
+            old = state["fingerprint"]
+            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            if changed:
+                shown = ", ".join(f"{k} ({old.get(k)!r} -> {fingerprint.get(k)!r})" for k in changed[:5])
+                raise ValueError(f"search.name={self.cfg.search.name!r}: {self.dir} holds a search started with "
+                                 f"another config ({shown}); pick another search.name or delete that directory")
+            return state, True
+        os.makedirs(self.dir, exist_ok=True)
+        parent = open_parent()
+        state = {"fingerprint": fingerprint, "parent_run_id": getattr(parent, "run_id", "")}
+        write_json(path, state, indent=1)
+        return state, False
+
+    def default_point(self) -> dict[str, Any] | None:
+        """The base config's own values of the space keys, when every one lies in its range."""
+        flat = flatten(to_dict(self.cfg))
+        point = {d.key: flat.get(d.key) for d in self.dims}
+        if all(d.contains(point[d.key]) for d in self.dims):
+            return {d.key: d.encode(point[d.key]) for d in self.dims}
+        return None
+
+    @property
+    def searcher_name(self) -> str:
+        """optuna when asked for and installed, else random (the documented fallback)."""
+        if self.cfg.search.searcher == "optuna":
+            try:
+                import optuna  # noqa: F401
+            except ImportError:
+                return "random"
+            return "optuna"
+        return "random"
+
+    def _searcher(self) -> Any:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        points = [p for p in [self.default_point()] if p is not None] if self.cfg.search.include_default else []
+        if self.searcher_name == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(points_to_evaluate=points or None, seed=self.cfg.seed)
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=self.cfg.seed)
+
+    def _trainable(self, parent_run_id: str, edits_total: int) -> Any:
+        from ray import tune
+
+        context = {"base": to_dict(self.run_cfg), "model_path": self.model_path, "streams_dir": self.streams_dir,
+                   "parent_run_id": parent_run_id, "edits_total": edits_total}
+        s = self.cfg.search
+        resources = {"CPU": s.cpus_per_trial, **({"GPU": s.gpus_per_trial} if s.gpus_per_trial else {})}
+        return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+
+    # ------------------------------------------------------------------------------------------ run
+
+    def fit(self, open_parent: Any) -> SearchOutcome:
+        """Run the search, or restore and finish the interrupted one of the same name.
+
+        Args:
+            open_parent: called once, for a new search, to create the MLflow parent run (returns a tracker).
+        """
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+
+        edits_total = self.slice_length()
+        self.check_resources()
+        state, existed = self._state(open_parent)
+        s = self.cfg.search
+        trainable = self._trainable(state["parent_run_id"], edits_total)
+        restored = existed and tune.Tuner.can_restore(self.tune_dir)
+        if restored:
+            tuner = tune.Tuner.restore(self.tune_dir, trainable, resume_unfinished=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={d.key: d.domain() for d in self.dims},
+                tune_config=tune.TuneConfig(
+                    metric=s.metric, mode=s.mode, search_alg=self._searcher(), num_samples=s.num_samples,
+                    max_concurrent_trials=s.max_concurrent, reuse_actors=False,
+                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=edits_total,
+                                            grace_period=s.grace_edits, reduction_factor=s.reduction_factor)),
+                run_config=tune.RunConfig(name=os.path.basename(self.tune_dir), storage_path=self.dir,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        grid = tuner.fit()
+        trials = sorted((self._outcome(r) for r in grid), key=lambda t: t.index)
+        self._close_trial_runs(trials)
+        return SearchOutcome(trials, self.best(trials), state["parent_run_id"], self.searcher_name, restored, self.dir,
+                             edits_total, list(self.dims))
+
+    def _outcome(self, result: Any) -> TrialOutcome:
+        dims = {d.key: d for d in self.dims}
+        metrics = dict(result.metrics or {})
+        trial_id, index = _trial_id_and_index(result.path)
+        sample = {k: dims[k].decode(v) for k, v in (result.config or {}).items() if k in dims}
+        curve = []
+        df = result.metrics_dataframe
+        if df is not None and self.cfg.search.metric in df:
+            curve = [(int(e), float(v)) for e, v in zip(df["training_iteration"], df[self.cfg.search.metric])]
+        run_dir = os.path.join(self.streams_dir, f"{self.cfg.search.name}-{trial_id}")
+        record = read_json(os.path.join(run_dir, TRIAL_FILE), default={})
+        if result.error is not None:
+            status = "error"
+        else:
+            status = "completed" if metrics.get("stream_done") else "stopped"
+        return TrialOutcome(index, trial_id, status, sample, {k: metrics.get(k) for k in (*METRICS, "edits")}, curve,
+                            record.get("run_name", ""), record.get("mlflow_run_id", ""),
+                            "" if result.error is None else f"{type(result.error).__name__}: {result.error}")
+
+    def _close_trial_runs(self, trials: Sequence[TrialOutcome]) -> None:
+        """Tag every trial's MLflow run with how the search ended it, and close the runs of trials whose
+        process was ended before it could (stopped by ASHA: KILLED; error: FAILED)."""
+        if not self.cfg.tracking.enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.run_cfg.tracking.uri)
+        status = {"completed": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
+        for t in trials:
+            if t.mlflow_run_id:
+                client.set_tag(t.mlflow_run_id, "odedit.search.status", t.status)
+                client.set_terminated(t.mlflow_run_id, status[t.status])
+
+    def best(self, trials: Sequence[TrialOutcome]) -> TrialOutcome | None:
+        """The best trial that edited its whole slice (a stopped trial's score is from fewer edits)."""
+        metric, sign = self.cfg.search.metric, (1.0 if self.cfg.search.mode == "max" else -1.0)
+        done = [t for t in trials if t.status == "completed" and isinstance(t.metrics.get(metric), (int, float))
+                and math.isfinite(t.metrics[metric])]
+        return max(done, key=lambda t: sign * t.metrics[metric]) if done else None

@@ -1,0 +1,1 @@
+"""Where things are kept: content-keyed caches and atomic JSON files."""

@@ -1,0 +1,317 @@
+"""The distributed edit engine: an edit stream as a Ray Train `TorchTrainer` with DeepSpeed ZeRO.
+
+    summary = run_stream(cfg, run_name, tracker)        # driver: builds the trainer, shows progress, returns
+
+Each worker loads the model, builds the in-process `Editor` (method + objective), wires DeepSpeed
+(`pipeline.train.distributed.wire_editor`), resumes from the newest complete checkpoint of the run if there is one,
+and runs `odedit.stream.StreamRunner` over the environment shards: the main pass reads the Ray Data dataset
+given to the trainer (`ray.train.get_dataset_shard("edits")`, every worker sees the whole stream and takes
+its slice of each step), retention and final scoring fetch cases from the shards by index. Rank 0 writes
+checkpoints, progress, results and MLflow records. A killed worker makes Ray Train restart the group
+(`FailureConfig`), which resumes from the last checkpoint; re-submitting a stopped job with the same
+`stream.run_name` does the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from typing import Any
+
+from odedit.config import Config, dump_config
+from odedit.loading import parse_config
+from odedit.configlib import flatten, to_dict
+from pipeline.cluster.trainer import build_trainer
+from pipeline.storage.jsonio import write_json
+from pipeline.train.checkpoints import RunStore
+from pipeline.train.runidentity import claim_run, stream_identity
+
+DATASET = "edits"
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def shards_dir(cfg: Config) -> str:
+    return os.path.abspath(cfg.data.shards_dir or os.path.join(cfg.output_dir, "shards"))
+
+
+def storage_dir(cfg: Config) -> str:
+    return os.path.abspath(cfg.stream.storage_path or os.path.join(cfg.output_dir, "storage"))
+
+
+def default_run_name(cfg: Config) -> str:
+    arm = "odedit" if cfg.odedit.enabled else "base"
+    return cfg.stream.run_name or f"{cfg.method.name}-{arm}-{cfg.stream.mode}-b{cfg.stream.batch_size}-s{cfg.seed}"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class _JoinReferences:
+    """Ray Data callable class: adds the pre-edit reference columns to environment rows (one shard file's
+    references are read once per actor)."""
+
+    def __init__(self, shards_dir: str) -> None:
+        self.shards_dir = shards_dir
+        self.cache: dict[str, list[dict]] = {}
+
+    def __call__(self, batch: Any) -> Any:
+        from pipeline.data.casesource import attach_references
+        from pipeline.data.schema import REFERENCE_SCHEMA, read_table
+        from pipeline.data.shards import reference_path
+
+        rows = batch.to_pylist()
+        for path in sorted({r["path"] for r in rows}):
+            file = os.path.basename(path)
+            if file not in self.cache:
+                ref = reference_path(self.shards_dir, file)
+                self.cache[file] = read_table(ref, REFERENCE_SCHEMA).to_pylist() if os.path.isfile(ref) else []
+            attach_references([r for r in rows if r["path"] == path], self.cache[file])
+        for r in rows:
+            r.pop("path", None)
+            for k in ("topk_ids", "topk_logprobs", "n_positions", "k"):
+                r.setdefault(k, None)
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(rows)
+
+
+def build_dataset(cfg: Config, shards: str) -> Any:
+    """The stream's environment rows (with references) as an ordered Ray Data dataset."""
+    import ray.data
+
+    from pipeline.data.shards import read_manifest
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    files = [os.path.join(shards, s["file"]) for s in read_manifest(shards)["shards"]]
+    # Zero-CPU data tasks: the edit workers may hold every CPU of a small cluster, and reading a few parquet
+    # files must not wait for them (a 2-CPU machine with 2 workers would otherwise deadlock).
+    ds = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
+    split = cfg.stream.split
+    ds = ds.filter(expr=f"split == '{split}'", num_cpus=0)
+    return ds.map_batches(_JoinReferences, fn_constructor_args=(shards,), batch_format="pyarrow", num_cpus=0,
+                          compute=ray.data.ActorPoolStrategy(size=1))
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The per-worker edit loop (see the module docstring)."""
+    import ray.train
+    import torch
+
+    from odedit.editing import Editor
+    from odedit.models import load_adapter
+    from odedit.stream import StreamHooks, StreamRunner, StreamState
+    from pipeline.data.casesource import ShardCaseSource
+    from pipeline.train.distributed import TorchComm, wire_editor
+    from pipeline.reporting.tracking import NullTracker, attach_tracker
+
+    cfg = parse_config(config["cfg"])
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows one stream bar
+    comm = TorchComm()
+    store = RunStore(config["run_dir"]).ensure()
+    store.write_pid(comm.rank)
+    torch.manual_seed(cfg.seed)
+    device = f"cuda:{ray.train.get_context().get_local_rank()}" if cfg.resources.use_gpu else "cpu"
+    adapter = load_adapter(dataclasses.replace(cfg.model, device=device), config["model_path"])
+    editor = Editor(adapter, cfg)
+    wire_editor(editor, cfg, comm)
+    # Every worker runs every step in full under ZeRO-3 (collective forward passes) and for editors whose
+    # update is not a pure average of per-edit gradients (patches, codebooks, memories, MEND's writes).
+    lockstep = cfg.stream.mode == "sequential" and (cfg.resources.zero_stage == 3 or not editor.method.sliceable)
+
+    state = None
+    latest = store.latest()
+    if latest is not None:
+        editable, objective, stream = store.read_checkpoint(latest)
+        editor.load_state_dict({"method": editable, "objective": objective})
+        state = StreamState.from_dict(stream)
+
+    shard = ray.train.get_dataset_shard(DATASET)
+    rows = (lambda: shard.iter_rows()) if shard is not None else None
+    source = ShardCaseSource(config["shards_dir"], cfg.stream.split, config["num_edits"], config["offset"], rows=rows)
+    source.prefetch()  # Ray Data starts its actors while the stream scores the edits pre-edit
+    tracker = attach_tracker(cfg, config["run_id"], store.run_dir) if comm.rank == 0 else NullTracker()
+
+    def on_checkpoint(st: StreamState) -> None:
+        # Our own atomic checkpoint is what a restarted worker resumes from; no `ray.train.report` here. Each
+        # worker's report goes through a one-slot queue that the controller drains once per health check
+        # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a report per checkpoint blocked every checkpointing step
+        # for about 2 s (bench.engine_overhead: Ray Train steps alternated 0.1 s / 1.9 s with a checkpoint
+        # every 2 steps). Progress reaches the driver through `store.write_progress`, metrics through MLflow.
+        full = editor.state_dict()  # every rank: ZeRO-3 gathers collectively
+        if comm.rank == 0:
+            store.write_checkpoint(st.next_step, full["method"], full["objective"], st.to_dict())
+
+    def on_progress(done: int, total: int) -> None:
+        if comm.rank == 0:
+            store.write_progress(done, total)
+
+    metrics_path = config.get("metrics_path") or ""
+
+    def on_metrics(values: dict[str, float], step: int) -> None:
+        tracker.log_metrics(values, step)
+        if metrics_path and comm.rank == 0:  # a line per call, read while the stream runs (pipeline.search.trials)
+            with open(metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "values": values}) + "\n")
+
+    runner = StreamRunner(editor, cfg, comm, lockstep, StreamHooks(on_checkpoint, on_metrics, on_progress))
+    result = runner.run(source, state)
+    if comm.rank == 0:
+        write_results(store, cfg, result, tracker)
+    ckpt = None
+    if comm.rank == 0:
+        ckpt = ray.train.Checkpoint.from_directory(store.results_dir)
+    ray.train.report({k: v for k, v in result.summary.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_results(store: RunStore, cfg: Config, result: Any, tracker: Any) -> None:
+    """Per-edit rows (parquet), curve, ledger, summary and plots; all logged as MLflow artifacts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.reporting.plots import plot_metrics, plot_retention
+
+    d = store.results_dir
+    rows = [{k: v for k, v in r.items()} for r in result.rows]
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(d, "rows.parquet"))
+    write_json(os.path.join(d, "curve.json"), _clean(result.curve))
+    with open(os.path.join(d, "ledger.jsonl"), "w", encoding="utf-8") as fh:
+        for e in result.ledger:
+            fh.write(json.dumps(e) + "\n")
+    write_json(os.path.join(d, "summary.json"), _clean(result.summary))
+    plot_retention(result.curve, os.path.join(d, "retention.png"))
+    plot_metrics(result.summary, os.path.join(d, "metrics.png"))
+    tracker.log_metrics({f"final/{k}": v for k, v in result.summary["final"].items()
+                         if isinstance(v, float) and math.isfinite(v)}, result.summary["edits"])
+    for name in ("rows.parquet", "curve.json", "ledger.jsonl", "summary.json", "retention.png", "metrics.png"):
+        tracker.log_artifact(os.path.join(d, name), "results")
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def build_stream_trainer(cfg: Config, run_name: str, loop_config: dict[str, Any], dataset: Any) -> Any:
+    """The `TorchTrainer` of a stream: the shared builder, with the shards handed to every worker unsplit."""
+    return build_trainer(train_loop_per_worker, loop_config, cfg.resources, name=run_name,
+                         storage_path=storage_dir(cfg), datasets={DATASET: dataset})
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    """Refuse a worker group that would leave Ray Data no CPU to read the shards with (it would hang)."""
+    import ray
+
+    r = cfg.resources
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total - r.num_workers * r.cpus_per_worker < 0.5:
+        raise ValueError(
+            f"resources: {r.num_workers} workers x {r.cpus_per_worker} CPU leave {total - r.num_workers * r.cpus_per_worker:g} "
+            f"of the cluster's {total:g} CPUs for Ray Data, which reads the shards for them; set "
+            f"resources.cpus_per_worker={max(0.1, (total - 1) / r.num_workers):g} or add CPUs")
+
+
+def for_workers(cfg: Config) -> Config:
+    """The config as the driver means it, for processes that run elsewhere.
+
+    Ray Train workers do not run in the driver's directory, so every relative location is resolved here:
+    `output_dir`, `data.shards_dir`, `stream.storage_path`, every non-empty `method.*_path` file (e.g. MEND's
+    hypernetwork), and the MLflow URI (`tracking.uri`, else `$MLFLOW_TRACKING_URI`, else the sqlite file under
+    the output directory), which the workers would otherwise resolve against their own directory and log into
+    a database nobody reads.
+    """
+    from pipeline.reporting.tracking import tracking_uri
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if path and not os.path.isabs(path) else path
+
+    method = {f.name: absolute(getattr(cfg.method, f.name)) for f in dataclasses.fields(cfg.method)
+              if f.name.endswith("_path") and isinstance(getattr(cfg.method, f.name), str)}
+    tracking = dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)) if cfg.tracking.enabled else cfg.tracking
+    return dataclasses.replace(
+        cfg, output_dir=absolute(cfg.output_dir), method=dataclasses.replace(cfg.method, **method),
+        data=dataclasses.replace(cfg.data, shards_dir=absolute(cfg.data.shards_dir)),
+        stream=dataclasses.replace(cfg.stream, storage_path=absolute(cfg.stream.storage_path)), tracking=tracking)
+
+
+def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None = None, num_edits: int | None = None,
+               offset: int = 0, progress: bool = True, metrics_path: str | None = None) -> dict[str, Any]:
+    """Run one edit stream on the Ray cluster this process is connected to; returns its summary.
+
+    `metrics_path`, when given, is a JSON-lines file to which rank 0 appends every metrics record of the
+    stream (`{"step": edits applied, "values": {...}}`) as it is emitted, so another process can follow the
+    stream while it runs (a Ray Tune trial reports its retention metrics from it); a worker group restarted
+    from a checkpoint appends the records after that checkpoint again.
+    """
+    from tqdm import tqdm
+
+    run_name = run_name or default_run_name(cfg)
+    check_cluster_fits(cfg)
+    cfg = for_workers(cfg)  # workers run in another directory: relative locations would not resolve there
+    shards = shards_dir(cfg)
+    edits = cfg.stream.num_edits if num_edits is None else num_edits
+    run_dir = os.path.join(storage_dir(cfg), run_name)
+    # Resume only the same stream: a checkpoint of other settings is never loaded (pipeline/train/runidentity.py).
+    claim_run(run_dir, stream_identity(cfg, model_path, shards, edits, offset), cfg.stream.on_change)
+    store = RunStore(run_dir).ensure()
+    tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})
+    config_path = os.path.join(store.run_dir, "config.yaml")  # the resolved config, as an artifact
+    with open(config_path, "w", encoding="utf-8") as fh:
+        fh.write(dump_config(cfg))
+    tracker.log_artifact(config_path)
+    loop_config = {"cfg": to_dict(cfg), "run_dir": store.run_dir, "model_path": model_path, "shards_dir": shards,
+                   "run_id": getattr(tracker, "run_id", ""), "num_edits": edits, "offset": offset,
+                   "metrics_path": metrics_path or ""}
+    trainer = build_stream_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
+    done = threading.Event()
+
+    def poll() -> None:
+        bar = tqdm(desc=run_name, unit="edit", disable=not progress)
+        while not done.is_set():
+            p = store.read_progress()
+            if p:
+                bar.total = p["total"]
+                bar.n = p["done"]
+                bar.refresh()
+            done.wait(1.0)
+        p = store.read_progress()
+        if p:
+            bar.total, bar.n = p["total"], p["done"]
+        bar.close()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    finally:
+        done.set()
+        thread.join()
+    with open(os.path.join(store.results_dir, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    summary.update(run_name=run_name, run_dir=store.run_dir, wall_seconds=time.perf_counter() - t0,
+                   mlflow_run_id=getattr(tracker, "run_id", ""))
+    return summary

@@ -1,0 +1,217 @@
+"""The demo model: batches equal the adapter's encoding, a short training beats the answer prior on every
+question type, save/load round-trips, and the cache trains once (pipeline.demo.model, pipeline.demo.train)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from odedit.loading import load_config
+from odedit.models.base import Sample
+from pipeline.demo import model as demo_model
+from pipeline.storage.cache import MARKER
+from pipeline.demo.model import REPORT_FILE, demo_model_key, ensure_demo_model, load_demo_adapter
+from pipeline.demo.questions import QUESTION_TYPES
+from pipeline.demo.train import DemoData, Recipe, new_demo_adapter, train_demo
+from pipeline.demo.world import load_split
+
+pytest.importorskip("easy_vqa")
+
+# A short run on 1,500 of the 4,000 training images: 200 tower pre-training steps, then 500 joint steps (about
+# 75 s on an idle 2-core machine). Steps, not minutes, bound it, so the outcome does not depend on the
+# machine's load (the minutes are set far above what the steps take, so they never end the run). It is scored
+# on a 1,500-question sample of the test set, and each question type must beat its answer prior (always giving
+# the type's most frequent answer) by MARGIN.
+SHORT = ["data.demo.train_minutes=600", "data.demo.pretrain_minutes=60", "data.demo.pretrain_steps=200",
+         "data.demo.train_steps=500", "data.demo.train_images=1500"]
+EVAL_LIMIT = 1500
+MARGIN = 0.15
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo_cache")
+
+
+@pytest.fixture(scope="module")
+def short_model(cache_root):
+    cfg = load_config(None, SHORT)
+    path, report = ensure_demo_model(cfg, cache_root=cache_root, progress=False, eval_limit=EVAL_LIMIT)
+    return cfg, path, report
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    adapter = new_demo_adapter(tmp_path_factory.mktemp("init"), seed=0)
+    return adapter, DemoData.build(adapter, train_images=60, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def test_collated_batches_equal_the_adapters_encoding(small_data):
+    adapter, data = small_data
+    split = load_split("train")
+    ids = sorted(random.Random("demo-train-images:0").sample(split.image_ids(), 60))
+    rows = data.epoch()[:48]
+    assert any(i < 0 for _, _, i in rows) and any(i >= 0 for _, _, i in rows)
+    inputs, targets, _ = data.collate(rows, augment=False)
+    samples = [Sample(p, a, split.load_image(ids[i]) if i >= 0 else None) for p, a, i in rows]
+    enc = adapter.encode(samples, append_eos=True)
+    assert torch.equal(inputs["input_ids"], enc.inputs["input_ids"])
+    assert torch.equal(inputs["attention_mask"], enc.inputs["attention_mask"])
+    assert torch.equal(targets, enc.targets)
+    assert torch.allclose(inputs["pixel_values"], enc.inputs["pixel_values"])
+
+
+def test_epoch_mixes_paraphrases_and_about_ten_percent_facts(small_data):
+    _, data = small_data
+    rows = data.epoch()
+    facts = sum(1 for _, _, i in rows if i < 0)
+    assert abs(facts / len(rows) - 0.10) < 0.01
+    questions = {q for q, _, _ in data.items}
+    asked = [p for p, _, i in rows if i >= 0]
+    share = sum(p not in questions for p in asked) / len(asked)
+    assert 0.35 < share < 0.65
+
+
+def test_augmentation_shifts_and_flips_only(small_data):
+    _, data = small_data
+    pixels = data.pixels[:16]
+    still = DemoData(data.adapter, data.pixels, data.shape_labels, data.color_labels, data.items, data.facts,
+                     Recipe(flip_p=0.0, max_shift=0), seed=0)
+    assert torch.equal(still.augment(pixels), pixels)
+    flips = DemoData(data.adapter, data.pixels, data.shape_labels, data.color_labels, data.items, data.facts,
+                     Recipe(flip_p=1.0, max_shift=0), seed=0)
+    assert torch.equal(flips.augment(pixels), pixels.flip(-1))
+    moved = data.augment(pixels, torch.Generator().manual_seed(1))
+    assert moved.shape == pixels.shape
+    assert not torch.equal(moved, pixels)
+    # a shift keeps the multiset of interior values up to the border fill: per-image means stay close
+    assert (moved.mean((1, 2, 3)) - pixels.mean((1, 2, 3))).abs().max() < 0.5
+
+
+def test_aux_labels_cover_most_images(small_data):
+    _, data = small_data
+    assert (data.shape_labels >= 0).float().mean() > 0.8
+    assert (data.color_labels >= 0).float().mean() > 0.8
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_short_training_beats_the_answer_prior_on_every_type(short_model):
+    _, _, report = short_model
+    prior = report["answer_prior_by_type"]
+    got = report["vqa_accuracy_by_type"]
+    assert set(got) == set(QUESTION_TYPES)
+    for qtype in QUESTION_TYPES:
+        assert got[qtype] >= prior[qtype] + MARGIN, (qtype, got[qtype], prior[qtype], report)
+    assert report["text_accuracy"] >= 0.5
+    assert report["vqa_questions"] == EVAL_LIMIT
+    assert report["pretrain_steps"] == 200 and report["joint_steps"] == 500
+
+
+def test_saved_model_round_trips_with_identical_logits(small_data, tmp_path):
+    adapter, data = small_data
+    train_demo(adapter, data, budget_s=3.0, pretrain_s=1.0, progress=False)
+    adapter.save_pretrained(tmp_path / "model")
+    loaded = load_demo_adapter(tmp_path / "model")
+    split = load_split("test")
+    samples = [Sample(it.question, it.answer, split.load_image(it.image_id)) for it in split.items[:6]]
+    samples.append(Sample("what color is grass?", "green", None))
+    with torch.no_grad():
+        before = adapter.run(samples).logits
+        after = loaded.run(samples).logits
+    assert torch.equal(before, after)
+    assert type(loaded.model).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_cached_model_holds_exactly_the_llava_weights(short_model):
+    """The auxiliary head is training-only: the checkpoint has a plain LLaVA's tensors and nothing else.
+
+    transformers saves LLaVA under its published key layout (`language_model.model.*`), so names are compared
+    through loading: nothing missing, nothing unexpected, and one saved tensor per untied parameter/buffer.
+    """
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    _, path, report = short_model
+    with safe_open(f"{path}/model.safetensors", framework="pt") as fh:
+        saved = set(fh.keys())
+    model, info = LlavaForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not any("aux" in name for name in saved)
+    assert len(saved) == len(set(model.state_dict()) - _tied(model))
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def _tied(model) -> set[str]:
+    """State-dict names that share storage with an earlier name (not written by save_pretrained)."""
+    seen, tied = {}, set()
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            tied.add(name)
+        seen.setdefault(ptr, name)
+    return tied
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+def test_key_follows_the_fields_the_model_depends_on():
+    base = load_config(None, SHORT)
+    key = demo_model_key(base)
+    assert demo_model_key(load_config(None, SHORT)) == key
+    for change in ("data.demo.train_minutes=601", "data.demo.pretrain_minutes=0.5", "data.demo.train_images=10",
+                   "data.demo.train_steps=501", "data.demo.pretrain_steps=3", "seed=1"):
+        assert demo_model_key(load_config(None, SHORT + [change])) != key, change
+    assert demo_model_key(base, eval_limit=10) != key
+    # sizes of the edit world do not change the model
+    assert demo_model_key(load_config(None, SHORT + ["data.demo.num_edits=7"])) == key
+
+
+def test_second_call_reuses_the_cache_without_training(short_model, cache_root, monkeypatch):
+    cfg, path, report = short_model
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("ensure_demo_model trained although a complete cache entry exists")
+
+    monkeypatch.setattr(demo_model, "train_demo_model", refuse)
+    again_path, again = ensure_demo_model(cfg, cache_root=cache_root, progress=False, eval_limit=EVAL_LIMIT)
+    assert again_path == path and again == report
+
+
+def test_incomplete_cache_entry_is_rebuilt(short_model, tmp_path, monkeypatch):
+    cfg, path, report = short_model
+    root = tmp_path / "cache"
+    copy = root / "demo_model" / demo_model_key(cfg, EVAL_LIMIT)
+    shutil.copytree(path, copy)
+    trained_files = [p for p in Path(path).iterdir() if p.name != MARKER]
+    calls = []
+
+    def fake_train(cfg_, out_dir, *_args, **_kwargs):
+        """Stands in for the short training: publishes the already trained files."""
+        calls.append(out_dir)
+        for f in trained_files:
+            shutil.copy(f, out_dir)
+        return dict(report)
+
+    monkeypatch.setattr(demo_model, "train_demo_model", fake_train)
+
+    assert ensure_demo_model(cfg, cache_root=root, progress=False, eval_limit=EVAL_LIMIT)[0] == str(copy)
+    assert calls == []  # the intact copy is complete
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    ensure_demo_model(cfg, cache_root=root, progress=False, eval_limit=EVAL_LIMIT)
+    assert len(calls) == 1
+    (copy / MARKER).unlink()  # a run killed before its marker
+    ensure_demo_model(cfg, cache_root=root, progress=False, eval_limit=EVAL_LIMIT)
+    assert len(calls) == 2
+    assert (copy / REPORT_FILE).is_file() and (copy / MARKER).is_file()
+    load_demo_adapter(copy)

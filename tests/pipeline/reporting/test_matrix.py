@@ -1,0 +1,85 @@
+"""The results matrix: shape checks, every cell validated by the config loader, filters, the Markdown table."""
+
+from __future__ import annotations
+
+import pytest
+
+from odedit.configlib import to_dict
+from odedit.loading import load_config
+from pipeline.reporting.matrix import MatrixError, cells, load_matrix, parse_matrix
+from pipeline.reporting.tables import results_markdown
+
+MATRIX = {
+    "editors": {"ft": {"method": {"name": "ft", "lr": 0.01}},
+                "grace": {"method": {"name": "grace", "eps": 2.0}, "overrides": ["odedit.penalty=fixed"]}},
+    "settings": {"single": ["stream.mode=single"], "seq2": ["stream.sequence_length=2"]},
+}
+
+
+def test_cells_cross_every_setting_editor_and_arm_in_order():
+    got = cells(to_dict(load_config(None)), parse_matrix(MATRIX))
+    assert [c.key for c in got][:4] == ["single/ft/base", "single/ft/odedit", "single/grace/base", "single/grace/odedit"]
+    assert len(got) == 8
+    grace = next(c for c in got if c.key == "seq2/grace/odedit")
+    assert grace.config.method.eps == 2.0 and grace.config.odedit.enabled and grace.config.stream.sequence_length == 2
+    assert grace.config.odedit.penalty == "fixed"
+    assert next(c for c in got if c.key == "seq2/ft/odedit").config.odedit.penalty != "fixed"
+    assert grace.run_name == "results-seq2-grace-odedit"
+
+
+def test_the_editor_block_replaces_the_base_method():
+    base = to_dict(load_config(None, ["method.name=lora", "method.rank=4"]))
+    got = cells(base, parse_matrix(MATRIX), only=["single/ft/base"])
+    assert [c.key for c in got] == ["single/ft/base"] and got[0].config.method.name == "ft"
+
+
+def test_every_bad_cell_is_reported_with_its_key_before_anything_runs():
+    bad = {"editors": {"ft": {"method": {"name": "ft", "lrr": 0.1}}, "grace": {"method": {"name": "grace"}}},
+           "settings": {"seq3": ["stream.sequence_length=3", "stream.batch_size=2"], "ok": []}}
+    with pytest.raises(MatrixError) as err:
+        cells(to_dict(load_config(None)), parse_matrix(bad))
+    text = str(err.value)
+    assert "seq3/ft/base: method.lrr" in text and "did you mean 'lr'" in text
+    assert "seq3/grace/odedit: stream.sequence_length" in text and "ok/ft/base: method.lrr" in text
+
+
+@pytest.mark.parametrize("data, where", [
+    ({"editors": {}, "settings": {"a": []}}, "editors: expected a non-empty mapping"),
+    ({"editors": {"ft": {"name": "ft"}}, "settings": {"a": []}}, "editors.ft: expected {method:"),
+    ({"editors": {"ft": {"method": {}}}, "settings": {"a": "stream.mode=single"}}, "settings.a: expected a list"),
+    ({"editors": {"ft": {"method": {}}}, "settings": {"a": []}, "extra": 1}, "extra: unknown section"),
+    ({"editors": {"ft": {"method": {}}}, "settings": {"a": []}, "arms": {"x": ["odedit.enabled"]}}, "arms.x:"),
+])
+def test_matrix_shape_problems_name_the_section(data, where):
+    with pytest.raises(MatrixError, match="problem") as err:
+        parse_matrix(data, "m.yaml")
+    assert where in str(err.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(MatrixError, match="no file at"):
+        load_matrix(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("editors: [\n")
+    with pytest.raises(MatrixError, match="not valid YAML"):
+        load_matrix(tmp_path / "bad.yaml")
+
+
+def test_shipped_matrix_validates_against_the_shipped_base():
+    import os
+
+    from pipeline.data.sources.base import check_source
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    base = load_config(os.path.join(root, "jobs", "configs", "results.yaml"), extra_checks=[check_source])
+    got = cells(to_dict(base), load_matrix(os.path.join(root, "jobs", "matrices", "results.yaml")), [check_source])
+    assert {c.editor for c in got} == {"ft", "lora", "tpatcher", "wise", "grace", "mend", "unike"}
+    assert len(got) == 7 * 2 * 3
+
+
+def test_markdown_table_per_setting_with_run_ids():
+    rows = [{"setting": "single", "editor": "ft", "arm": "base", "rel": 0.5, "t_gen": None, "m_gen": 1.0,
+             "t_loc": 0.9, "m_loc": 0.8, "m_loc_hard": float("nan"), "edits_applied": 4, "edits_failed": 0,
+             "wall_seconds": 12.3, "mlflow_run_id": "abc123"}]
+    md = results_markdown(rows)
+    assert md.startswith("### single")
+    assert "| ft | base | 50.0 | n/a | 100.0 | 90.0 | 80.0 | n/a | 4 | 0 | 12 | `abc123` |" in md
