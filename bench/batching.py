@@ -35,8 +35,8 @@ BATCH = 16
 def _arm(cfg, model_path: str, batch_size: int):
     import torch
 
-    from odedit.loading import with_overrides
     from odedit.editing import Editor
+    from odedit.loading import with_overrides
     from odedit.models import load_adapter
 
     cfg = with_overrides(cfg, [f"stream.batch_size={batch_size}"])
@@ -60,21 +60,32 @@ def _run(cfg, model_path: str, shards: str) -> dict:
         handle.restore()
     t0 = time.perf_counter()
     for s in range(0, len(cases), BATCH):
-        chunk = cases[s:s + BATCH]
+        chunk = cases[s : s + BATCH]
         order = (BATCH, 1) if (s // BATCH) % 2 == 0 else (1, BATCH)
         for b in order:
             for i in range(0, len(chunk), b):
-                _, report = arms[b].edit(chunk[i:i + b])
+                _, report = arms[b].edit(chunk[i : i + b])
                 seconds[b] += report.seconds
                 step_s[b].append(report.seconds)
                 failed[b] += report.failed is not None
-                rel[b] += [r["rel"] for r in evaluate_cases(arms[b].adapter, chunk[i:i + b], metrics=["rel"])]
+                rel[b] += [r["rel"] for r in evaluate_cases(arms[b].adapter, chunk[i : i + b], metrics=["rel"])]
     wall = time.perf_counter() - t0
-    final = {b: statistics.fmean(r["rel"] for r in evaluate_cases(a.adapter, cases, metrics=["rel"]))
-             for b, a in arms.items()}
-    return {b: {"edits": len(cases), "edit_seconds": seconds[b], "edits_per_s": len(cases) / seconds[b],
-                "median_step_s": statistics.median(step_s[b]), "rel_immediate": statistics.fmean(rel[b]),
-                "rel_final": final[b], "failed": failed[b]} for b in arms} | {"wall_s": wall}
+    final = {
+        b: statistics.fmean(r["rel"] for r in evaluate_cases(a.adapter, cases, metrics=["rel"]))
+        for b, a in arms.items()
+    }
+    return {
+        b: {
+            "edits": len(cases),
+            "edit_seconds": seconds[b],
+            "edits_per_s": len(cases) / seconds[b],
+            "median_step_s": statistics.median(step_s[b]),
+            "rel_immediate": statistics.fmean(rel[b]),
+            "rel_final": final[b],
+            "failed": failed[b],
+        }
+        for b in arms
+    } | {"wall_s": wall}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,14 +101,31 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {
         "edits_per_s_ratio_b16_b1": b16["edits_per_s"] / b1["edits_per_s"],
         "rel_drop_points": 100 * (b1["rel_immediate"] - b16["rel_immediate"]),
-        "edits_per_s_b1": b1["edits_per_s"], "edits_per_s_b16": b16["edits_per_s"],
-        "step_ms_median_b1": 1000 * b1["median_step_s"], "step_ms_median_b16": 1000 * b16["median_step_s"],
-        "rel_b1": b1["rel_immediate"], "rel_b16": b16["rel_immediate"],
-        "final_rel_b1": b1["rel_final"], "final_rel_b16": b16["rel_final"],
+        "edits_per_s_b1": b1["edits_per_s"],
+        "edits_per_s_b16": b16["edits_per_s"],
+        "step_ms_median_b1": 1000 * b1["median_step_s"],
+        "step_ms_median_b16": 1000 * b16["median_step_s"],
+        "rel_b1": b1["rel_immediate"],
+        "rel_b16": b16["rel_immediate"],
+        "final_rel_b1": b1["rel_final"],
+        "final_rel_b16": b16["rel_final"],
     }
-    return write_result("batching", args.quick, figures, TARGETS, {
-        "batch_1": b1, "batch_16": b16, "edits": n, "wall_s": res["wall_s"], "interleaved": True,
-        "method": cfg.method.name, "odedit": cfg.odedit.enabled, "tail_replay": cfg.method.cache_tail})
+    return write_result(
+        "batching",
+        args.quick,
+        figures,
+        TARGETS,
+        {
+            "batch_1": b1,
+            "batch_16": b16,
+            "edits": n,
+            "wall_s": res["wall_s"],
+            "interleaved": True,
+            "method": cfg.method.name,
+            "odedit": cfg.odedit.enabled,
+            "tail_replay": cfg.method.cache_tail,
+        },
+    )
 
 
 if __name__ == "__main__":

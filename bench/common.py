@@ -12,7 +12,8 @@ import operator
 import os
 import subprocess
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULT_PREFIX = "BENCH_RESULT "
@@ -29,8 +30,13 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def write_result(name: str, quick: bool, figures: Mapping[str, float], targets: Mapping[str, str],
-                 details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def write_result(
+    name: str,
+    quick: bool,
+    figures: Mapping[str, float],
+    targets: Mapping[str, str],
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Print the ratio table and write `bench/results/<name>.json`; returns the result dict."""
     result = {
         "name": name,
@@ -57,13 +63,20 @@ def write_result(name: str, quick: bool, figures: Mapping[str, float], targets: 
 
 def run_child(module: str, args: list[str], env: Mapping[str, str] | None = None, timeout: float = 3600) -> dict:
     """Run `python -m <module> <args>` in a fresh process and return the JSON it prints after RESULT_PREFIX."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(f"{module} {' '.join(args)} printed no result (exit {proc.returncode}):\n"
-                       f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            return json.loads(line[len(RESULT_PREFIX) :])
+    raise RuntimeError(
+        f"{module} {' '.join(args)} printed no result (exit {proc.returncode}):\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )
 
 
 def emit(result: Mapping[str, Any]) -> None:

@@ -10,7 +10,7 @@ edits (cached by `jobs.prepare`), and returns a config pointing at them, for in-
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from odedit.loading import load_config
 from pipeline.cluster.session import ray_session
@@ -23,9 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def demo_stream_setup(num_edits: int, overrides: Sequence[str] = (), name: str = "bench"):
     """(config, model path, shards dir) for a demo-world stream of `num_edits` test edits."""
     out = os.path.join(ROOT, ".cache", "bench", f"{name}-{num_edits}")
-    cfg = load_config(os.path.join(ROOT, "jobs", "configs", "demo.yaml"), [
-        f"data.demo.num_edits={num_edits}", "data.demo.num_validation_edits=0", f"stream.num_edits={num_edits}",
-        f"output_dir={out}", "tracking.enabled=false", *overrides])
+    cfg = load_config(
+        os.path.join(ROOT, "jobs", "configs", "demo.yaml"),
+        [
+            f"data.demo.num_edits={num_edits}",
+            "data.demo.num_validation_edits=0",
+            f"stream.num_edits={num_edits}",
+            f"output_dir={out}",
+            "tracking.enabled=false",
+            *overrides,
+        ],
+    )
     with ray_session(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False):
         cfg, model_path, _ = prepared(cfg)
     return cfg, model_path, shards_dir(cfg)

@@ -39,9 +39,17 @@ from bench.common import write_result
 
 TARGETS = {"step_time_ratio_raytrain_inprocess": "<= 1.3"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STREAM = ["stream.batch_size=4", "stream.eval_every=0", "stream.checkpoint_every=2", "stream.generation_eval=false",
-          "odedit.enabled=true", "resources.num_workers=1", "resources.cpus_per_worker=1", "resources.zero_stage=2",
-          "tracking.enabled=false"]
+STREAM = [
+    "stream.batch_size=4",
+    "stream.eval_every=0",
+    "stream.checkpoint_every=2",
+    "stream.generation_eval=false",
+    "odedit.enabled=true",
+    "resources.num_workers=1",
+    "resources.cpus_per_worker=1",
+    "resources.zero_stage=2",
+    "tracking.enabled=false",
+]
 
 
 def _firsts(rows: list[dict]) -> set[str]:
@@ -95,8 +103,8 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
     drifts linearly in speed during the measurement moves both sides alike."""
     import pyarrow.parquet as pq
 
-    from pipeline.train.engine import run_stream, storage_dir
     from pipeline.reporting.tracking import NullTracker
+    from pipeline.train.engine import run_stream, storage_dir
 
     before, summary_local = _in_process(cfg, model_path, shards, n, scratch)
     # Ray Train + DeepSpeed, in a fresh run directory
@@ -112,40 +120,62 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
     edit_ray = _steps(rows, "edit_seconds")
     edit_local = [(x + y) / 2 for x, y in zip(_steps(before, "edit_seconds"), _steps(after, "edit_seconds"))]
     a, b = statistics.mean(raytrain[2:]), statistics.mean(in_proc[2:])
-    return {"ratio": a / b, "step_s_raytrain": a, "step_s_inprocess": b,
-            "step_s_inprocess_before": statistics.mean(_steps(before, "step_wall")[2:]),
-            "step_s_inprocess_after": statistics.mean(_steps(after, "step_wall")[2:]),
-            "edit_s_raytrain": statistics.mean(edit_ray[2:]), "edit_s_inprocess": statistics.mean(edit_local[2:]),
-            "median_ratio": statistics.median(raytrain[2:]) / statistics.median(in_proc[2:]),
-            "steps": len(in_proc), "edits": n, "in_process_steps": in_proc, "raytrain_steps": raytrain,
-            "rel_in_process": summary_local["rel"], "rel_raytrain": summary["rel"]}
+    return {
+        "ratio": a / b,
+        "step_s_raytrain": a,
+        "step_s_inprocess": b,
+        "step_s_inprocess_before": statistics.mean(_steps(before, "step_wall")[2:]),
+        "step_s_inprocess_after": statistics.mean(_steps(after, "step_wall")[2:]),
+        "edit_s_raytrain": statistics.mean(edit_ray[2:]),
+        "edit_s_inprocess": statistics.mean(edit_local[2:]),
+        "median_ratio": statistics.median(raytrain[2:]) / statistics.median(in_proc[2:]),
+        "steps": len(in_proc),
+        "edits": n,
+        "in_process_steps": in_proc,
+        "raytrain_steps": raytrain,
+        "rel_in_process": summary_local["rel"],
+        "rel_raytrain": summary["rel"],
+    }
 
 
 def tiny_setup(n: int) -> tuple[Any, str, str]:
     """(config, model path, shards dir) of the tiny random LLaVA on a synthetic E-VQA split."""
+    from bench.synthetic import write_evqa_split
     from odedit.loading import load_config
     from odedit.models import build_tiny
-    from pipeline.train.engine import shards_dir
     from pipeline.experiment import prepared
-    from bench.synthetic import write_evqa_split
+    from pipeline.train.engine import shards_dir
 
     base = os.path.join(ROOT, ".cache", "bench", "engine")
     model = os.path.join(base, "tiny_llava")
     if not os.path.isfile(os.path.join(model, "config.json")):
         build_tiny("llava", model, seed=0)
     paths = write_evqa_split(os.path.join(base, f"world{n}"), n=n, min_side=32, max_side=64, seed=1)
-    cfg = load_config(None, [
-        "data.source=mmedit", f"data.path={paths['path']}", f"data.image_root={paths['image_root']}",
-        "model.family=llava", f"model.name_or_path={model}", f"output_dir={os.path.join(base, f'out{n}')}",
-        "method.name=ft", "method.lr=0.05", "method.n_iter=10", f"stream.num_edits={n}", *STREAM])
+    cfg = load_config(
+        None,
+        [
+            "data.source=mmedit",
+            f"data.path={paths['path']}",
+            f"data.image_root={paths['image_root']}",
+            "model.family=llava",
+            f"model.name_or_path={model}",
+            f"output_dir={os.path.join(base, f'out{n}')}",
+            "method.name=ft",
+            "method.lr=0.05",
+            "method.n_iter=10",
+            f"stream.num_edits={n}",
+            *STREAM,
+        ],
+    )
     cfg, model_path, _ = prepared(cfg)
     return cfg, model_path, shards_dir(cfg)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="24 edits per model (under 2 minutes once the demo model exists)")
+    parser.add_argument(
+        "--quick", action="store_true", help="24 edits per model (under 2 minutes once the demo model exists)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from bench.demo_setup import demo_stream_setup  # deferred: torch, Ray and the demo world; `--help` needs none
@@ -156,13 +186,20 @@ def main(argv: list[str] | None = None) -> dict:
     with ray_session(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False):
         demo = measure(*demo_stream_setup(n, STREAM, name="engine"), n, scratch)
         tiny = measure(*tiny_setup(n), n, scratch)
-    figures = {"step_time_ratio_raytrain_inprocess": demo["ratio"], "step_s_raytrain": demo["step_s_raytrain"],
-               "step_s_inprocess": demo["step_s_inprocess"], "median_ratio": demo["median_ratio"],
-               "step_time_ratio_tiny_model": tiny["ratio"], "step_s_raytrain_tiny": tiny["step_s_raytrain"],
-               "step_s_inprocess_tiny": tiny["step_s_inprocess"], "median_ratio_tiny": tiny["median_ratio"],
-               "steps": float(demo["steps"])}
-    return write_result("engine_overhead", args.quick, figures, TARGETS,
-                        {"demo_model": demo, "tiny_model": tiny, "batch_size": 4})
+    figures = {
+        "step_time_ratio_raytrain_inprocess": demo["ratio"],
+        "step_s_raytrain": demo["step_s_raytrain"],
+        "step_s_inprocess": demo["step_s_inprocess"],
+        "median_ratio": demo["median_ratio"],
+        "step_time_ratio_tiny_model": tiny["ratio"],
+        "step_s_raytrain_tiny": tiny["step_s_raytrain"],
+        "step_s_inprocess_tiny": tiny["step_s_inprocess"],
+        "median_ratio_tiny": tiny["median_ratio"],
+        "steps": float(demo["steps"]),
+    }
+    return write_result(
+        "engine_overhead", args.quick, figures, TARGETS, {"demo_model": demo, "tiny_model": tiny, "batch_size": 4}
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bench.demo_setup import demo_stream_setup
-    from odedit.loading import with_overrides
     from odedit.editing import Editor
+    from odedit.loading import with_overrides
     from odedit.models import load_adapter
     from odedit.stream import StreamHooks, StreamRunner
     from pipeline.data.casesource import ShardCaseSource
@@ -71,9 +71,16 @@ def main(argv: list[str] | None = None) -> dict:
     first = n // 10
     unique = min(n, UNIQUE_MAX)
     cfg, model_path, shards = demo_stream_setup(unique, name="lifelong")
-    cfg = with_overrides(cfg, ["stream.batch_size=16", f"stream.eval_every={max(16, n // 10)}",
-                               "stream.retention_sample=200", "stream.generation_eval=false",
-                               "stream.checkpoint_every=0"])
+    cfg = with_overrides(
+        cfg,
+        [
+            "stream.batch_size=16",
+            f"stream.eval_every={max(16, n // 10)}",
+            "stream.retention_sample=200",
+            "stream.generation_eval=false",
+            "stream.checkpoint_every=0",
+        ],
+    )
     torch.manual_seed(cfg.seed)
     adapter = load_adapter(cfg.model, model_path)
     source = RepeatingSource(ShardCaseSource(shards, "test", unique), n)
@@ -82,22 +89,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     def on_progress(done: int, total: int) -> None:
         if done >= first and "first" not in rss:
-            rss["first"] = proc.memory_info().rss / 2 ** 20
+            rss["first"] = proc.memory_info().rss / 2**20
         if done >= total:
-            rss["end"] = proc.memory_info().rss / 2 ** 20
+            rss["end"] = proc.memory_info().rss / 2**20
 
     t0 = time.perf_counter()
     result = StreamRunner(Editor(adapter, cfg), cfg, hooks=StreamHooks(on_progress=on_progress)).run(source)
     wall = time.perf_counter() - t0
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    plot_retention(result.curve, os.path.join(RESULTS_DIR, "lifelong_curve.png"),
-                   f"Demo world: retention over a {n}-edit stream (batch 16)")
-    figures = {"rss_growth_1k_10k": rss["end"] / rss["first"] - 1, "edits": float(len(result.ledger)),
-               "rss_mb_at_first": rss["first"], "rss_mb_at_end": rss["end"], "wall_s": wall,
-               "final_rel": result.summary["rel"], "final_t_loc": result.summary["t_loc"],
-               "final_m_loc": result.summary["m_loc"]}
-    details = {"curve": result.curve, "rss_read_at_edits": [first, n], "summary": result.summary,
-               "unique_edits": unique}
+    plot_retention(
+        result.curve,
+        os.path.join(RESULTS_DIR, "lifelong_curve.png"),
+        f"Demo world: retention over a {n}-edit stream (batch 16)",
+    )
+    figures = {
+        "rss_growth_1k_10k": rss["end"] / rss["first"] - 1,
+        "edits": float(len(result.ledger)),
+        "rss_mb_at_first": rss["first"],
+        "rss_mb_at_end": rss["end"],
+        "wall_s": wall,
+        "final_rel": result.summary["rel"],
+        "final_t_loc": result.summary["t_loc"],
+        "final_m_loc": result.summary["m_loc"],
+    }
+    details = {
+        "curve": result.curve,
+        "rss_read_at_edits": [first, n],
+        "summary": result.summary,
+        "unique_edits": unique,
+    }
     return write_result("lifelong", args.quick, figures, TARGETS, details)
 
 

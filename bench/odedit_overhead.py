@@ -37,14 +37,17 @@ import time
 from bench.common import emit, run_child, write_result
 
 TARGETS = {"time_ratio": "<= 2.0", "memory_ratio": "<= 1.5"}
-METHODS = {"ft": ["method.lr=0.05", "method.n_iter=10"], "lora": ["method.lr=0.05", "method.n_iter=10", "method.rank=8"]}
+METHODS = {
+    "ft": ["method.lr=0.05", "method.n_iter=10"],
+    "lora": ["method.lr=0.05", "method.n_iter=10", "method.rank=8"],
+}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rss_mb() -> float:
     import psutil
 
-    return psutil.Process().memory_info().rss / 2 ** 20
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def _reset_peak_rss() -> bool:
@@ -84,13 +87,19 @@ def _synthetic_cases(n: int):
 
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
     answers = ["blue", "green", "red", "yellow"]
-    return [EditCase(f"e{i}", {
-        "in": [Sample("what color is the shape ?", answers[i % 4], img(i, colours[i % 4]))],
-        "se_text": [Sample("what is the color of the shape ?", answers[i % 4], img(i, colours[i % 4]))],
-        "se_image": [Sample("what color is the shape ?", answers[i % 4], img(1000 + i, colours[i % 4]))],
-        "out_text": [Sample("which city is the capital of france ?", "paris")],
-        "out_mm": [Sample("is there a circle ?", "yes", img(2000 + i, colours[(i + 1) % 4]))],
-    }) for i in range(n)]
+    return [
+        EditCase(
+            f"e{i}",
+            {
+                "in": [Sample("what color is the shape ?", answers[i % 4], img(i, colours[i % 4]))],
+                "se_text": [Sample("what is the color of the shape ?", answers[i % 4], img(i, colours[i % 4]))],
+                "se_image": [Sample("what color is the shape ?", answers[i % 4], img(1000 + i, colours[i % 4]))],
+                "out_text": [Sample("which city is the capital of france ?", "paris")],
+                "out_mm": [Sample("is there a circle ?", "yes", img(2000 + i, colours[(i + 1) % 4]))],
+            },
+        )
+        for i in range(n)
+    ]
 
 
 def _demo_cases(cfg, n: int):
@@ -100,8 +109,11 @@ def _demo_cases(cfg, n: int):
     from pipeline.data.sources import SOURCES
 
     source = SOURCES.get("demo")(cfg)
-    roots = {"edit": source.image_root, "rephrase": source.rephrase_image_root or source.image_root,
-             "locality": source.locality_image_root or source.image_root}
+    roots = {
+        "edit": source.image_root,
+        "rephrase": source.rephrase_image_root or source.image_root,
+        "locality": source.locality_image_root or source.image_root,
+    }
     limits = ImageLimits(cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.stored_image_size)
 
     def load(path, kind):
@@ -115,15 +127,22 @@ def child(spec: dict) -> None:
     """One measurement process: load, warm up, time `edits` single edits."""
     import torch
 
-    from odedit.loading import load_config
     from odedit.editing import Editor
     from odedit.envs import attach_references
+    from odedit.loading import load_config
     from odedit.models import ADAPTERS
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    cfg = load_config(None, [f"method.name={spec['method']}", f"odedit.enabled={str(spec['odedit']).lower()}",
-                             f"model.family=llava", *spec["overrides"]])
+    cfg = load_config(
+        None,
+        [
+            f"method.name={spec['method']}",
+            f"odedit.enabled={str(spec['odedit']).lower()}",
+            "model.family=llava",
+            *spec["overrides"],
+        ],
+    )
     adapter = ADAPTERS.get("llava").from_pretrained(spec["model"], template=spec["template"])
     cases = _synthetic_cases(spec["edits"] + 1) if spec["synthetic"] else _demo_cases(cfg, spec["edits"] + 1)
     attach_references(adapter, cases, k=64)
@@ -139,8 +158,16 @@ def child(spec: dict) -> None:
         times.append(time.perf_counter() - t0)
         handle.restore()
     peak = _peak_rss_mb()
-    emit({"median_s": statistics.median(times), "mean_s": statistics.mean(times), "peak_rss_mb": peak,
-          "base_rss_mb": base_rss, "growth_mb": max(0.0, peak - base_rss), "peak_reset": reset})
+    emit(
+        {
+            "median_s": statistics.median(times),
+            "mean_s": statistics.mean(times),
+            "peak_rss_mb": peak,
+            "base_rss_mb": base_rss,
+            "growth_mb": max(0.0, peak - base_rss),
+            "peak_reset": reset,
+        }
+    )
 
 
 def child_interleaved(spec: dict) -> None:
@@ -148,15 +175,25 @@ def child_interleaved(spec: dict) -> None:
     (host then ODEdit on one case, ODEdit then host on the next), so both arms run under the same load."""
     import torch
 
-    from odedit.loading import load_config
     from odedit.editing import Editor
     from odedit.envs import attach_references
+    from odedit.loading import load_config
     from odedit.models import ADAPTERS
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    arms = {on: load_config(None, [f"method.name={spec['method']}", f"odedit.enabled={str(on).lower()}",
-                                   "model.family=llava", *spec["overrides"]]) for on in (False, True)}
+    arms = {
+        on: load_config(
+            None,
+            [
+                f"method.name={spec['method']}",
+                f"odedit.enabled={str(on).lower()}",
+                "model.family=llava",
+                *spec["overrides"],
+            ],
+        )
+        for on in (False, True)
+    }
     adapter = ADAPTERS.get("llava").from_pretrained(spec["model"], template=spec["template"])
     cases = _synthetic_cases(spec["edits"] + 1) if spec["synthetic"] else _demo_cases(arms[False], spec["edits"] + 1)
     attach_references(adapter, cases, k=64)
@@ -166,7 +203,7 @@ def child_interleaved(spec: dict) -> None:
         handle.restore()
     times: dict[bool, list[float]] = {False: [], True: []}
     for i, case in enumerate(cases[1:]):
-        for on in ((False, True) if i % 2 == 0 else (True, False)):
+        for on in (False, True) if i % 2 == 0 else (True, False):
             t0 = time.perf_counter()
             handle, _ = editors[on].edit([case])
             times[on].append(time.perf_counter() - t0)
@@ -204,19 +241,33 @@ def main(argv: list[str] | None = None) -> dict:
     edits = args.edits or (6 if args.quick else 30)
     figures, details = {}, {}
     for method, overrides in METHODS.items():
-        spec = {"method": method, "overrides": overrides, "model": model, "template": template, "edits": edits,
-                "synthetic": synthetic, "threads": 2}
+        spec = {
+            "method": method,
+            "overrides": overrides,
+            "model": model,
+            "template": template,
+            "edits": edits,
+            "synthetic": synthetic,
+            "threads": 2,
+        }
         # time: both arms in one process, edits alternating
         timed = run_child("bench.odedit_overhead", ["--child", json.dumps({**spec, "interleaved": True})])
         host_s, ode_s = statistics.median(timed["host"]), statistics.median(timed["odedit"])
         # memory: each arm in a fresh process (a peak is a property of the whole process)
-        mem = {arm: run_child("bench.odedit_overhead", ["--child", json.dumps({**spec, "odedit": on})])
-               for arm, on in (("host", False), ("odedit", True))}
+        mem = {
+            arm: run_child("bench.odedit_overhead", ["--child", json.dumps({**spec, "odedit": on})])
+            for arm, on in (("host", False), ("odedit", True))
+        }
         figures[f"time_ratio_{method}"] = ode_s / host_s
         figures[f"memory_ratio_{method}"] = mem["odedit"]["peak_rss_mb"] / mem["host"]["peak_rss_mb"]
         figures[f"growth_ratio_{method}"] = (mem["odedit"]["growth_mb"] + 1.0) / (mem["host"]["growth_mb"] + 1.0)
-        details[method] = {"median_s_host": host_s, "median_s_odedit": ode_s, "edit_s_host": timed["host"],
-                           "edit_s_odedit": timed["odedit"], "separate_processes": mem}
+        details[method] = {
+            "median_s_host": host_s,
+            "median_s_odedit": ode_s,
+            "edit_s_host": timed["host"],
+            "edit_s_odedit": timed["odedit"],
+            "separate_processes": mem,
+        }
     figures["time_ratio"] = max(figures[f"time_ratio_{m}"] for m in METHODS)
     figures["memory_ratio"] = max(figures[f"memory_ratio_{m}"] for m in METHODS)
     details.update(model=os.path.relpath(model, ROOT) if model.startswith(ROOT) else model, edits=edits)

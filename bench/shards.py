@@ -36,7 +36,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 TARGETS = {"throughput_ratio_2w_1w": ">= 1.6", "peak_memory_ratio_stream_eager": "<= 0.3"}
 RESULT_PREFIX = "BENCH_RESULT "
@@ -67,7 +68,7 @@ class TreeMemory:
                 continue
         return total
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self.peak = self.now()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -96,22 +97,39 @@ def settle_baseline(memory: TreeMemory, seconds: float = 1.0) -> int:
 
 def world_paths(n: int) -> dict[str, str]:
     """The cached synthetic split of `n` records (written on first use)."""
-    from pipeline.storage.cache import cache_dir, content_key, ensure_dir
     from bench.synthetic import write_evqa_split
+    from pipeline.storage.cache import cache_dir, content_key, ensure_dir
 
     params = {"n": n, "min_side": 160, "max_side": 320, "seed": 0, "version": 1}
-    path, info, _ = ensure_dir(cache_dir("bench", f"shards-{content_key(params)}"),
-                               lambda tmp: {"n": n, **{k: os.path.relpath(v, tmp) for k, v in write_evqa_split(
-                                   str(tmp), n, params["min_side"], params["max_side"], params["seed"]).items()}})
+    path, info, _ = ensure_dir(
+        cache_dir("bench", f"shards-{content_key(params)}"),
+        lambda tmp: {
+            "n": n,
+            **{
+                k: os.path.relpath(v, tmp)
+                for k, v in write_evqa_split(
+                    str(tmp), n, params["min_side"], params["max_side"], params["seed"]
+                ).items()
+            },
+        },
+    )
     return {k: os.path.join(str(path), info[k]) for k in ("path", "image_root", "rephrase_image_root")}
 
 
 def bench_config(world: dict, workers: int, limit: int = 0) -> Any:
     from odedit.loading import load_config
 
-    return load_config(None, ["data.source=mmedit", f"data.path={world['path']}",
-                              f"data.image_root={world['image_root']}", "data.rows_per_shard=40",
-                              f"data.build_workers={workers}", f"data.limit={limit}"])
+    return load_config(
+        None,
+        [
+            "data.source=mmedit",
+            f"data.path={world['path']}",
+            f"data.image_root={world['image_root']}",
+            "data.rows_per_shard=40",
+            f"data.build_workers={workers}",
+            f"data.limit={limit}",
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- children
@@ -128,8 +146,9 @@ def child_stream(world: dict, memory_world: dict, repeats: int) -> dict:
     from pipeline.data.shards import build_shards
     from pipeline.data.sources import SOURCES
 
-    with ray_session(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     logging_level="WARNING"):
+    with ray_session(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+    ):
         ray.data.DataContext.get_current().enable_progress_bars = False
         tmp = tempfile.mkdtemp(prefix="bench-shards-")
         warm = bench_config(world, 2, limit=24)
@@ -150,9 +169,16 @@ def child_stream(world: dict, memory_world: dict, repeats: int) -> dict:
         cfg = bench_config(memory_world, 2)
         with memory:
             manifest, _ = build_shards(SOURCES.get("mmedit")(cfg), cfg, os.path.join(tmp, "memory"), reuse=False)
-    return {"records": records, "seconds_1w": min(seconds[1]), "seconds_2w": min(seconds[2]),
-            "all_seconds_1w": seconds[1], "all_seconds_2w": seconds[2], "memory_records": manifest["kept"],
-            "baseline_bytes": baseline, "peak_bytes": memory.peak}
+    return {
+        "records": records,
+        "seconds_1w": min(seconds[1]),
+        "seconds_2w": min(seconds[2]),
+        "all_seconds_1w": seconds[1],
+        "all_seconds_2w": seconds[2],
+        "memory_records": manifest["kept"],
+        "baseline_bytes": baseline,
+        "peak_bytes": memory.peak,
+    }
 
 
 def child_eager(world: dict) -> dict:
@@ -169,14 +195,22 @@ def child_eager(world: dict) -> dict:
     with memory:
         for rec in records:
             item = dict(rec)
-            for field, root in (("image", world["image_root"]), ("image_rephrase", world["rephrase_image_root"]),
-                                ("m_loc", world["image_root"])):
+            for field, root in (
+                ("image", world["image_root"]),
+                ("image_rephrase", world["rephrase_image_root"]),
+                ("m_loc", world["image_root"]),
+            ):
                 with Image.open(os.path.join(root, rec[field])) as im:
                     item[field] = np.asarray(im.convert("RGB"))
             kept.append(item)
     pixels = sum(item[f].nbytes for item in kept for f in ("image", "image_rephrase", "m_loc"))
-    return {"records": len(kept), "seconds": time.perf_counter() - t0, "decoded_bytes": pixels,
-            "baseline_bytes": baseline, "peak_bytes": memory.peak}
+    return {
+        "records": len(kept),
+        "seconds": time.perf_counter() - t0,
+        "decoded_bytes": pixels,
+        "baseline_bytes": baseline,
+        "peak_bytes": memory.peak,
+    }
 
 
 def _decode_all(args: tuple[str, list[str]]) -> float:
@@ -206,14 +240,24 @@ def raw_scaling(world: dict, images: int) -> float:
 
 
 def run_child(kind: str, worlds: list[dict], repeats: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.shards", "--child", kind, "--world", json.dumps(worlds),
-           "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.shards",
+        "--child",
+        kind,
+        "--world",
+        json.dumps(worlds),
+        "--repeats",
+        str(repeats),
+    ]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     raise RuntimeError(f"bench child {kind!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -235,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         worlds = json.loads(args.world)
-        result = child_stream(worlds[0], worlds[1], args.repeats) if args.child == "stream" \
-            else child_eager(worlds[0])
+        result = child_stream(worlds[0], worlds[1], args.repeats) if args.child == "stream" else child_eager(worlds[0])
         print(RESULT_PREFIX + json.dumps(result))
         return 0
 
@@ -284,15 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(out + ".tmp", out)
 
     width = max(len(k) for k in figures)
-    print(f"bench.shards ({'quick' if args.quick else 'full'}): throughput on {n} records ({3 * n} PNGs), "
-          f"memory on {n_memory} records")
+    print(
+        f"bench.shards ({'quick' if args.quick else 'full'}): throughput on {n} records ({3 * n} PNGs), "
+        f"memory on {n_memory} records"
+    )
     print(f"{'figure':<{width}}  {'value':>12}  target")
     for key, value in figures.items():
         target = TARGETS.get(key, "")
         mark = ("  met" if met[key] else "  NOT met") if key in met else ""
         print(f"{key:<{width}}  {value:>12}  {target}{mark}")
-    print(f"1-worker builds (s): {[round(s, 2) for s in stream['all_seconds_1w']]}; "
-          f"2-worker builds (s): {[round(s, 2) for s in stream['all_seconds_2w']]}")
+    print(
+        f"1-worker builds (s): {[round(s, 2) for s in stream['all_seconds_1w']]}; "
+        f"2-worker builds (s): {[round(s, 2) for s in stream['all_seconds_2w']]}"
+    )
     print(f"wrote {os.path.relpath(out)}")
     return 0
 

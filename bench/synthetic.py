@@ -16,8 +16,16 @@ import json
 import os
 from typing import Any
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40),
-           "purple": (150, 40, 190), "orange": (240, 140, 20), "gray": (128, 128, 128), "brown": (130, 80, 30)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 60),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 40),
+    "purple": (150, 40, 190),
+    "orange": (240, 140, 20),
+    "gray": (128, 128, 128),
+    "brown": (130, 80, 30),
+}
 
 
 def write_png(path: str, side_w: int, side_h: int, colour: tuple[int, int, int], seed: int) -> None:
@@ -27,7 +35,7 @@ def write_png(path: str, side_w: int, side_h: int, colour: tuple[int, int, int],
 
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 90, (side_h, side_w, 3), dtype=np.uint8)
-    a[side_h // 4: 3 * side_h // 4, side_w // 4: 3 * side_w // 4] = colour
+    a[side_h // 4 : 3 * side_h // 4, side_w // 4 : 3 * side_w // 4] = colour
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(a).save(path, format="PNG")
 
@@ -50,8 +58,9 @@ def evqa_record(i: int, colours: list[str], edit_rel: str, rephrase_rel: str, lo
     }
 
 
-def write_evqa_split(out_dir: str, n: int, min_side: int = 64, max_side: int = 320, seed: int = 0,
-                     file_name: str = "vqa_eval.json") -> dict[str, str]:
+def write_evqa_split(
+    out_dir: str, n: int, min_side: int = 64, max_side: int = 320, seed: int = 0, file_name: str = "vqa_eval.json"
+) -> dict[str, str]:
     """Write `n` records and their 3n images under `out_dir`; return the paths a config needs.
 
     Returns:
@@ -65,8 +74,11 @@ def write_evqa_split(out_dir: str, n: int, min_side: int = 64, max_side: int = 3
     root = os.path.join(out_dir, "images")
     records = []
     for i in range(n):
-        rels = (f"val2014/COCO_val2014_{i:012d}.png", f"val2014_image_rephrase/COCO_val2014_{i:012d}.png",
-                f"val2014/COCO_val2014_{100000 + i:012d}.png")
+        rels = (
+            f"val2014/COCO_val2014_{i:012d}.png",
+            f"val2014_image_rephrase/COCO_val2014_{i:012d}.png",
+            f"val2014/COCO_val2014_{100000 + i:012d}.png",
+        )
         record = evqa_record(i, names, *rels)
         colours = (record["pred"], record["pred"], record["m_loc_a"])
         for j, (rel, colour) in enumerate(zip(rels, colours)):

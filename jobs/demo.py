@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jobs.common import parse_job_args
-from pipeline.storage.jsonio import write_json
 from pipeline.reporting.tracking import tracking_uri
+from pipeline.storage.jsonio import write_json
 
 
 def main(cfg: Any) -> dict:
@@ -28,14 +29,28 @@ def main(cfg: Any) -> dict:
     runs = {}
     for arm, s in out["results"].items():
         runs[arm] = {k: s.get(k) for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "m_loc_hard")}
-        runs[arm].update(edits_applied=s.get("edits_applied"), edits_failed=s.get("edits_failed"),
-                         wall_seconds=s.get("wall_seconds"), mlflow_run_id=s.get("mlflow_run_id"),
-                         immediate=s.get("immediate"), pre=s.get("pre"), run_dir=s.get("run_dir"))
-    summary = {"runs": runs, "parent_run_id": out["parent_run_id"], "model": out["prepare"]["model"],
-               "edits": cfg.stream.num_edits, "batch_size": cfg.stream.batch_size}
+        runs[arm].update(
+            edits_applied=s.get("edits_applied"),
+            edits_failed=s.get("edits_failed"),
+            wall_seconds=s.get("wall_seconds"),
+            mlflow_run_id=s.get("mlflow_run_id"),
+            immediate=s.get("immediate"),
+            pre=s.get("pre"),
+            run_dir=s.get("run_dir"),
+        )
+    summary = {
+        "runs": runs,
+        "parent_run_id": out["parent_run_id"],
+        "model": out["prepare"]["model"],
+        "edits": cfg.stream.num_edits,
+        "batch_size": cfg.stream.batch_size,
+    }
     path = write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-    plot_comparison({arm: s for arm, s in runs.items()}, os.path.join(cfg.output_dir, "comparison.png"),
-                    "Demo world: end-of-stream metrics")
+    plot_comparison(
+        {arm: s for arm, s in runs.items()},
+        os.path.join(cfg.output_dir, "comparison.png"),
+        "Demo world: end-of-stream metrics",
+    )
     print()
     print("End-of-stream metrics (x100) after the lifelong stream:")
     print(comparison_table(out["results"]))

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jobs.common import parse_job_args
-from pipeline.storage.jsonio import write_json
 from odedit.loading import with_overrides
+from pipeline.storage.jsonio import write_json
 
 
 def main(cfg: Any) -> dict:

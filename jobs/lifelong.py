@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jobs.common import parse_job_args
 from pipeline.storage.jsonio import write_json
@@ -23,8 +24,10 @@ def main(cfg: Any) -> dict:
     from pipeline.reporting.tables import comparison_table
 
     if cfg.stream.mode != "sequential":
-        raise SystemExit("error: stream.mode: jobs.lifelong runs sequential streams (got 'single'); "
-                         "use jobs.edit for single edits, or set stream.mode=sequential")
+        raise SystemExit(
+            "error: stream.mode: jobs.lifelong runs sequential streams (got 'single'); "
+            "use jobs.edit for single edits, or set stream.mode=sequential"
+        )
     out = run_experiment(cfg, {"": []}, name="lifelong")
     summary = {"runs": out["results"], "prepare": out["prepare"]}
     write_json(os.path.join(cfg.output_dir, "summary.json"), summary)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from jobs.common import parse_job_args
 
@@ -25,13 +25,19 @@ def cli(argv: Sequence[str] | None = None) -> int:
     from pipeline.prepare import prepare  # deferred: pulls in Ray, torch and transformers; `--help` needs none
 
     summary = prepare(cfg)
-    print(f"records {summary['records']}: kept {summary['kept']}, quarantined {summary['quarantined']} "
-          f"{summary['quarantine_by_reason']}")
-    print(f"shards {summary['shards']['count']} ({summary['shards']['rows']} rows "
-          f"{summary['shards']['rows_by_env']}) in {summary['paths']['shards_dir']}"
-          f"{' (reused)' if summary['shards']['reused'] else ''}")
-    print(f"references {summary['references']['rows']} rows, k={summary['references']['k']}"
-          f"{' (reused)' if summary['references']['reused'] else ''}")
+    print(
+        f"records {summary['records']}: kept {summary['kept']}, quarantined {summary['quarantined']} "
+        f"{summary['quarantine_by_reason']}"
+    )
+    print(
+        f"shards {summary['shards']['count']} ({summary['shards']['rows']} rows "
+        f"{summary['shards']['rows_by_env']}) in {summary['paths']['shards_dir']}"
+        f"{' (reused)' if summary['shards']['reused'] else ''}"
+    )
+    print(
+        f"references {summary['references']['rows']} rows, k={summary['references']['k']}"
+        f"{' (reused)' if summary['references']['reused'] else ''}"
+    )
     print(f"wrote {os.path.join(cfg.output_dir, 'prepare.json')}")
     return 0
 

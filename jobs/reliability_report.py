@@ -1,7 +1,7 @@
 """Render docs/reliability.md from the outcomes the fault and bad-input tests recorded in their last run.
 
-    make test                                   # writes outputs/reliability/outcomes.json
-    python -m jobs.reliability_report           # -> docs/reliability.md
+make test                                   # writes outputs/reliability/outcomes.json
+python -m jobs.reliability_report           # -> docs/reliability.md
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -26,24 +26,47 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+from pipeline.reporting.matrix import Cell, MatrixError, cells, load_matrix
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.outputs import prepare_output_dir
-from pipeline.reporting.matrix import Cell, MatrixError, cells, load_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MATRIX = os.path.join(ROOT, "jobs", "matrices", "results.yaml")
-KEEP = ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "m_loc_hard", "edits", "edits_applied", "edits_failed",
-        "seconds", "wall_seconds", "mlflow_run_id", "immediate", "pre", "mode", "batch_size", "run_dir")
+KEEP = (
+    "rel",
+    "t_gen",
+    "m_gen",
+    "t_loc",
+    "m_loc",
+    "m_loc_hard",
+    "edits",
+    "edits_applied",
+    "edits_failed",
+    "seconds",
+    "wall_seconds",
+    "mlflow_run_id",
+    "immediate",
+    "pre",
+    "mode",
+    "batch_size",
+    "run_dir",
+)
 
 
 def parse_args(argv: Sequence[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="base config YAML (model, data, resources, tracking)")
     parser.add_argument("--matrix", default=DEFAULT_MATRIX, help="editors / settings / arms YAML")
-    parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
-                        help="run only cells whose setting/editor/arm starts with PREFIX (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="run only cells whose setting/editor/arm starts with PREFIX (repeatable)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
     return parser.parse_args(argv)
 
@@ -51,8 +74,8 @@ def parse_args(argv: Sequence[str] | None):
 def plan(argv: Sequence[str] | None = None) -> tuple[Any, list[Cell], Any]:
     """(base config, cells, args); every problem of the base config, the matrix and each cell, or exit 2."""
     from odedit.config import ConfigError
-    from odedit.loading import load_config
     from odedit.configlib import to_dict
+    from odedit.loading import load_config
     from pipeline.data.sources.base import check_source
 
     args = parse_args(argv)
@@ -81,8 +104,10 @@ def _trained_editor(cell: Cell, model_cfg: Any, shards: str, out: str) -> str:
     from pipeline.train.editor_training import HYPERNET_FILE, train_editor
 
     # Keyed by everything the trained editor depends on, so a changed recipe trains again.
-    key = content_key({k: to_dict(getattr(cell.config, k)) for k in ("method", "odedit", "data")}
-                      | {"model": model_cfg.name_or_path, "seed": cell.config.seed})
+    key = content_key(
+        {k: to_dict(getattr(cell.config, k)) for k in ("method", "odedit", "data")}
+        | {"model": model_cfg.name_or_path, "seed": cell.config.seed}
+    )
     target = os.path.join(out, "editors", f"{cell.editor}-{cell.arm}-{key}")
     path = os.path.join(target, HYPERNET_FILE)
     if os.path.isfile(path):
@@ -100,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # deferred: torch, transformers and Ray; `plan` (config checks) and `--help` need none of them
     from odedit.loading import with_overrides
     from pipeline.cluster.session import ray_session
-    from pipeline.train.engine import run_stream, shards_dir
     from pipeline.experiment import prepared, run_info
     from pipeline.reporting.tables import results_markdown
     from pipeline.reporting.tracking import open_tracker
+    from pipeline.train.engine import run_stream, shards_dir
 
     out = prepare_output_dir(base)
     with ray_session():  # joins the cluster under `ray job submit`, or starts a local one
@@ -116,24 +141,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if os.path.isfile(path):
                 print(f"[{i}/{len(todo)}] {cell.key}: done earlier, kept")
                 continue
-            cfg = dataclasses.replace(cell.config, model=base.model, output_dir=out,
-                                      data=dataclasses.replace(cell.config.data, shards_dir=shards))
+            cfg = dataclasses.replace(
+                cell.config,
+                model=base.model,
+                output_dir=out,
+                data=dataclasses.replace(cell.config.data, shards_dir=shards),
+            )
             if hasattr(cfg.method, "hypernet_path") and not cfg.method.hypernet_path:
                 cfg = with_overrides(cfg, [f"method.hypernet_path={_trained_editor(cell, base.model, shards, out)}"])
             print(f"[{i}/{len(todo)}] {cell.key}")
-            tracker = open_tracker(cfg, cell.run_name, parent_run_id=getattr(parent, "run_id", None) or None,
-                                   tags={"odedit.setting": cell.setting, "odedit.editor": cell.editor,
-                                         "odedit.arm": cell.arm},
-                                   outbox_dir=os.path.join(out, "runs", cell.run_name))
+            tracker = open_tracker(
+                cfg,
+                cell.run_name,
+                parent_run_id=getattr(parent, "run_id", None) or None,
+                tags={"odedit.setting": cell.setting, "odedit.editor": cell.editor, "odedit.arm": cell.arm},
+                outbox_dir=os.path.join(out, "runs", cell.run_name),
+            )
             tracker.log_params({**run_info(cfg), "cell": cell.key})
             summary = run_stream(cfg, model_path, tracker, cell.run_name)
             tracker.set_terminated("FINISHED")
-            write_json(path, {"setting": cell.setting, "editor": cell.editor, "arm": cell.arm,
-                              **{k: summary.get(k) for k in KEEP}})
+            write_json(
+                path,
+                {"setting": cell.setting, "editor": cell.editor, "arm": cell.arm, **{k: summary.get(k) for k in KEEP}},
+            )
         parent.set_terminated("FINISHED")
     results = collect(out)
-    write_json(os.path.join(out, "results.json"), {"parent_run_id": getattr(parent, "run_id", ""),
-                                                   "model": prep["model"], "cells": results})
+    write_json(
+        os.path.join(out, "results.json"),
+        {"parent_run_id": getattr(parent, "run_id", ""), "model": prep["model"], "cells": results},
+    )
     md = results_markdown(results)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as fh:
         fh.write(md + "\n")

@@ -1,6 +1,6 @@
 """Replay an MLflow outbox (written while the tracking server was unreachable) into MLflow.
 
-    python -m jobs.sync_mlflow <storage_path>/<run_name>/mlflow_outbox.jsonl [--uri http://head:5000]
+python -m jobs.sync_mlflow <storage_path>/<run_name>/mlflow_outbox.jsonl [--uri http://head:5000]
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

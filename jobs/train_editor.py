@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from jobs.common import parse_job_args
 
@@ -36,8 +36,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
     summary = train_editor(cfg)
     m = summary["metrics"]
-    print(f"{summary['method']}: {m['steps']} steps on {m['world_size']} workers; held-out edit loss "
-          f"{m['before_edit_loss']:.4f} -> {m['after_edit_loss']:.4f}, rel {m['before_rel']:.3f} -> {m['after_rel']:.3f}")
+    print(
+        f"{summary['method']}: {m['steps']} steps on {m['world_size']} workers; held-out edit loss "
+        f"{m['before_edit_loss']:.4f} -> {m['after_edit_loss']:.4f}, rel {m['before_rel']:.3f} -> {m['after_rel']:.3f}"
+    )
     print(f"wrote {summary['hypernet_path']} and {os.path.join(cfg.output_dir, SUMMARY_FILE)}")
     return 0
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from odedit.config import ConfigError
 from odedit.loading import load_config
@@ -42,7 +42,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     summary, outcome = run_search(cfg)
     print(trials_table(outcome, cfg.search.metric))
     if summary["best_yaml"]:
-        print(f"\nbest config: {summary['best_yaml']}\nrun it:      python -m jobs.lifelong --config {summary['best_yaml']}")
+        print(
+            f"\nbest config: {summary['best_yaml']}\nrun it:      python -m jobs.lifelong --config {summary['best_yaml']}"
+        )
     return 0
 
 

@@ -14,8 +14,9 @@ that `odedit.loading.load_config` reads back to an equal object.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -45,17 +46,37 @@ class ModelConfig:
 
     # Checked against odedit.models.ADAPTERS by odedit.loading (this module imports no registry).
     family: str = option("llava", help="adapter family: llava, blip2_opt, instructblip, minigpt4, qwen2_vl")
-    name_or_path: str = option("", help="hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local directory saved by save_pretrained; empty means the demo model")
+    name_or_path: str = option(
+        "",
+        help="hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local directory saved by save_pretrained; empty means the demo model",
+    )
     dtype: Dtype = option("auto", help="parameter dtype; auto = bfloat16 on GPU, float32 on CPU")
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N", check=lambda v: None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else "must be auto, cpu, cuda or cuda:N")
-    pooling: Literal["last", "mean"] = option("last", help="last hidden state used by R_gen: the last prompt token, or the mean over prompt tokens")
+    device: str = option(
+        "auto",
+        help="auto, cpu, cuda or cuda:N",
+        check=lambda v: (
+            None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else "must be auto, cpu, cuda or cuda:N"
+        ),
+    )
+    pooling: Literal["last", "mean"] = option(
+        "last", help="last hidden state used by R_gen: the last prompt token, or the mean over prompt tokens"
+    )
     prompt_template: str = option("", help="prompt template with one {} for the question; empty = the family's default")
-    max_prompt_tokens: int = option(96, help="prompts longer than this (in tokens, images excluded) are truncated from the left", check=positive)
-    image_size: int = option(0, help="resize images to this square size before the processor; 0 = processor default", check=non_negative)
+    max_prompt_tokens: int = option(
+        96, help="prompts longer than this (in tokens, images excluded) are truncated from the left", check=positive
+    )
+    image_size: int = option(
+        0, help="resize images to this square size before the processor; 0 = processor default", check=non_negative
+    )
 
     def _cross_checks(self) -> Iterable[Problem]:
         if self.prompt_template and self.prompt_template.count("{}") != 1:
-            yield Problem("prompt_template", self.prompt_template, "must contain exactly one {}", "e.g. 'Question: {} Short answer:'")
+            yield Problem(
+                "prompt_template",
+                self.prompt_template,
+                "must contain exactly one {}",
+                "e.g. 'Question: {} Short answer:'",
+            )
 
 
 @dataclass(frozen=True)
@@ -63,19 +84,47 @@ class DemoWorldConfig:
     """Sizes of the embedded easy-vqa demo world (design.md §7)."""
 
     num_edits: int = option(400, help="edit records drawn from the easy-vqa test images", check=positive)
-    num_validation_edits: int = option(64, help="extra edit records for hyperparameter search, disjoint from the test stream", check=non_negative)
-    num_train_edits: int = option(0, help="edit records of split 'train' on images of their own, for meta-training editors (MEND: jobs.train_editor)", check=non_negative)
-    hard_per_edit: int = option(4, help="OUT-hard rows per edit: the edit's question on other images sharing its old answer", check=non_negative)
-    train_minutes: float = option(7.5, help="time cap of the demo model's training on CPU, tower pre-training included; with the default step counts it is reached only on a machine about 1.5x slower than 2 quiet cores (design.md §7: 8 min on 2 cores gave 99.95%)", check=positive)
-    pretrain_minutes: float = option(1.0, help="part of train_minutes spent pre-training the vision tower with the auxiliary shape/colour head (design.md §7: 60 s)", check=non_negative)
-    train_steps: int = option(2100, help="joint training steps (2,100: about 5 min on 2 cores, 98.7% on the easy-vqa test set); 0 = as many as fit in train_minutes. When set, training stops after this many (or at train_minutes, whichever comes first) and the learning-rate schedule follows steps, not time, so the model no longer depends on the machine's speed and load", check=non_negative)
-    pretrain_steps: int = option(600, help="tower pre-training steps (600: 10-20 s on 2 cores); 0 = as many as fit in pretrain_minutes (same rule as train_steps)", check=non_negative)
+    num_validation_edits: int = option(
+        64, help="extra edit records for hyperparameter search, disjoint from the test stream", check=non_negative
+    )
+    num_train_edits: int = option(
+        0,
+        help="edit records of split 'train' on images of their own, for meta-training editors (MEND: jobs.train_editor)",
+        check=non_negative,
+    )
+    hard_per_edit: int = option(
+        4, help="OUT-hard rows per edit: the edit's question on other images sharing its old answer", check=non_negative
+    )
+    train_minutes: float = option(
+        7.5,
+        help="time cap of the demo model's training on CPU, tower pre-training included; with the default step counts it is reached only on a machine about 1.5x slower than 2 quiet cores (design.md §7: 8 min on 2 cores gave 99.95%)",
+        check=positive,
+    )
+    pretrain_minutes: float = option(
+        1.0,
+        help="part of train_minutes spent pre-training the vision tower with the auxiliary shape/colour head (design.md §7: 60 s)",
+        check=non_negative,
+    )
+    train_steps: int = option(
+        2100,
+        help="joint training steps (2,100: about 5 min on 2 cores, 98.7% on the easy-vqa test set); 0 = as many as fit in train_minutes. When set, training stops after this many (or at train_minutes, whichever comes first) and the learning-rate schedule follows steps, not time, so the model no longer depends on the machine's speed and load",
+        check=non_negative,
+    )
+    pretrain_steps: int = option(
+        600,
+        help="tower pre-training steps (600: 10-20 s on 2 cores); 0 = as many as fit in pretrain_minutes (same rule as train_steps)",
+        check=non_negative,
+    )
     train_images: int = option(0, help="easy-vqa training images used; 0 = all 4,000", check=non_negative)
 
     def _cross_checks(self) -> Iterable[Problem]:
         if self.pretrain_minutes >= self.train_minutes:
-            yield Problem("pretrain_minutes", self.pretrain_minutes, f"must be below train_minutes ({self.train_minutes})",
-                          "leave most of the budget to joint training, e.g. pretrain_minutes = train_minutes / 7")
+            yield Problem(
+                "pretrain_minutes",
+                self.pretrain_minutes,
+                f"must be below train_minutes ({self.train_minutes})",
+                "leave most of the budget to joint training, e.g. pretrain_minutes = train_minutes / 7",
+            )
 
 
 @dataclass(frozen=True)
@@ -91,16 +140,34 @@ class DataConfig:
     shards_dir: str = option("", help="output dir of environment shards; empty = <output_dir>/shards")
     limit: int = option(0, help="read at most this many records; 0 = all", check=non_negative)
     rows_per_shard: int = option(256, help="rows per parquet shard", check=positive)
-    max_image_pixels: int = option(4096 * 4096, help="images with more pixels are quarantined (decompression bombs)", check=positive)
+    max_image_pixels: int = option(
+        4096 * 4096, help="images with more pixels are quarantined (decompression bombs)", check=positive
+    )
     max_image_bytes: int = option(32 * 1024 * 1024, help="image files larger than this are quarantined", check=positive)
     max_text_chars: int = option(2000, help="prompts/targets longer than this are quarantined", check=positive)
-    stored_image_size: int = option(224, help="images are resized so their longer side is at most this before storage", check=positive)
-    with_hard_in_training: bool = option(False, help="[EXTENSION] also use OUT-hard rows in R_loc and the penalty (default: evaluation only, paper-faithful)")
+    stored_image_size: int = option(
+        224, help="images are resized so their longer side is at most this before storage", check=positive
+    )
+    with_hard_in_training: bool = option(
+        False,
+        help="[EXTENSION] also use OUT-hard rows in R_loc and the penalty (default: evaluation only, paper-faithful)",
+    )
     demo: DemoWorldConfig = option(factory=DemoWorldConfig, help="demo world sizes")
-    task: Literal["auto", "vqa", "caption"] = option("auto", help="task of records that name none; auto = caption when the records file name contains 'caption' (EasyEdit's E-IC files), else vqa")
-    split: Literal["test", "validation", "train"] = option("test", help="split of records that name none (EasyEdit's *_eval files are the test stream)")
-    reference_k: int = option(64, help="top-K token ids/log-probs stored per OUT answer position as the pre-edit reference (>= 10: M-Loc compares top-10)", check=lambda v: None if v >= 10 else "must be >= 10")
-    build_workers: int = option(0, help="Ray Data tasks building shards at once; 0 = as many as the cluster has CPUs", check=non_negative)
+    task: Literal["auto", "vqa", "caption"] = option(
+        "auto",
+        help="task of records that name none; auto = caption when the records file name contains 'caption' (EasyEdit's E-IC files), else vqa",
+    )
+    split: Literal["test", "validation", "train"] = option(
+        "test", help="split of records that name none (EasyEdit's *_eval files are the test stream)"
+    )
+    reference_k: int = option(
+        64,
+        help="top-K token ids/log-probs stored per OUT answer position as the pre-edit reference (>= 10: M-Loc compares top-10)",
+        check=lambda v: None if v >= 10 else "must be >= 10",
+    )
+    build_workers: int = option(
+        0, help="Ray Data tasks building shards at once; 0 = as many as the cluster has CPUs", check=non_negative
+    )
 
 
 @dataclass(frozen=True)
@@ -109,13 +176,21 @@ class MethodConfig:
     `odedit.loading` builds the subclass `method.name` registers."""
 
     name: str = option("ft", help="host editor: see odedit.methods.METHODS")
-    layers: tuple[int, ...] = option((), help="language-model layers to edit; empty = the editor's default (last layers)", check=each(non_negative))
+    layers: tuple[int, ...] = option(
+        (), help="language-model layers to edit; empty = the editor's default (last layers)", check=each(non_negative)
+    )
     modules: tuple[str, ...] = option(("ffn_out",), help="module kinds to edit: ffn_in, ffn_out, attn_out")
     lr: float = option(0.01, help="step size of the host editor's own optimisation", check=positive)
     n_iter: int = option(10, help="optimisation iterations per edit step", check=positive)
     optimizer: Literal["sgd", "adam"] = option("adam", help="optimiser of the editable parameters")
-    cache_prefix: bool = option(True, help="within a step, run the frozen layers below the first edited layer once and replay only the layers above (exact, much faster)")
-    cache_tail: bool = option(True, help="for FT/LoRA on the last layer's ffn_out: replay only that module, the final norm and the LM head at the positions the losses read (equal to the full replay up to float rounding; needs cache_prefix)")
+    cache_prefix: bool = option(
+        True,
+        help="within a step, run the frozen layers below the first edited layer once and replay only the layers above (exact, much faster)",
+    )
+    cache_tail: bool = option(
+        True,
+        help="for FT/LoRA on the last layer's ffn_out: replay only that module, the final norm and the LM head at the positions the losses read (equal to the full replay up to float rounding; needs cache_prefix)",
+    )
 
 
 @dataclass(frozen=True)
@@ -125,50 +200,105 @@ class ODEditConfig:
     enabled: bool = option(True, help="false runs the host editor alone through the same code (the 'base' arm)")
     w_loc: float = option(1.0, help="weight of R_loc (Eq. 3); the paper uses 1", check=non_negative)
     w_gen: float = option(1.0, help="weight of R_gen (Eq. 6); the paper uses 1", check=non_negative)
-    penalty: Literal["learned", "fixed", "off"] = option("learned", help="TV-l1 penalty coefficient: learned lambda-network (paper), a fixed lambda, or no penalty")
+    penalty: Literal["learned", "fixed", "off"] = option(
+        "learned", help="TV-l1 penalty coefficient: learned lambda-network (paper), a fixed lambda, or no penalty"
+    )
     fixed_lambda: float = option(1.0, help="lambda when penalty=fixed", check=non_negative)
-    penalty_reduction: Literal["mean", "sum"] = option("mean", help="[INFERENCE] E_omega over environments: mean (default) or sum of |dR_e/domega|")
-    penalty_smoothing: float = option(1e-3, help="[INFERENCE] eps of the smoothed |s| = sqrt(s^2 + eps^2) - eps in the TV-l1 penalty, so an environment at its optimum (slope 0 up to rounding) adds no gradient; 0 = plain |s|", check=non_negative)
-    environments: tuple[str, ...] = option(("in", "se_text", "se_image", "out_text", "out_mm"), help="environments of the penalty", check=each(lambda v: None if v in ("in", "se_text", "se_image", "out_text", "out_mm", "out_hard") else "unknown environment"))
+    penalty_reduction: Literal["mean", "sum"] = option(
+        "mean", help="[INFERENCE] E_omega over environments: mean (default) or sum of |dR_e/domega|"
+    )
+    penalty_smoothing: float = option(
+        1e-3,
+        help="[INFERENCE] eps of the smoothed |s| = sqrt(s^2 + eps^2) - eps in the TV-l1 penalty, so an environment at its optimum (slope 0 up to rounding) adds no gradient; 0 = plain |s|",
+        check=non_negative,
+    )
+    environments: tuple[str, ...] = option(
+        ("in", "se_text", "se_image", "out_text", "out_mm"),
+        help="environments of the penalty",
+        check=each(
+            lambda v: (
+                None if v in ("in", "se_text", "se_image", "out_text", "out_mm", "out_hard") else "unknown environment"
+            )
+        ),
+    )
     mmd_kernels: int = option(5, help="[INFERENCE] number of Gaussian kernels in R_gen", check=positive)
-    mmd_bandwidth_base: float = option(0.0, help="[INFERENCE] base bandwidth sigma; 0 = median heuristic on the batch", check=non_negative)
-    mmd_bandwidth_mult: float = option(2.0, help="[INFERENCE] ratio between consecutive bandwidths (5 kernels, ratio 2 -> x{1/4..4})", check=positive)
+    mmd_bandwidth_base: float = option(
+        0.0, help="[INFERENCE] base bandwidth sigma; 0 = median heuristic on the batch", check=non_negative
+    )
+    mmd_bandwidth_mult: float = option(
+        2.0, help="[INFERENCE] ratio between consecutive bandwidths (5 kernels, ratio 2 -> x{1/4..4})", check=positive
+    )
     lambda_hidden: int = option(32, help="[INFERENCE] width of the lambda-network (TV2 uses 32)", check=positive)
-    lambda_init_bias: float = option(0.0, help="[INFERENCE] initial output bias of the lambda-network: lambda starts near softplus(bias)")
-    lambda_cap: float = option(1.0e3, help="[INFERENCE] projected dual ascent: a dual step never takes the learned "
-                               "lambda above this (the paper's lambda is unbounded and runs away on routed editors "
-                               "such as WISE and UniKE); 0 = the paper's unbounded ascent", check=non_negative)
+    lambda_init_bias: float = option(
+        0.0, help="[INFERENCE] initial output bias of the lambda-network: lambda starts near softplus(bias)"
+    )
+    lambda_cap: float = option(
+        1.0e3,
+        help="[INFERENCE] projected dual ascent: a dual step never takes the learned "
+        "lambda above this (the paper's lambda is unbounded and runs away on routed editors "
+        "such as WISE and UniKE); 0 = the paper's unbounded ascent",
+        check=non_negative,
+    )
     lambda_max: float = option(1.0e4, help="a lambda above this is a runaway: the step is rolled back", check=positive)
     dual_lr: float = option(1.0e-3, help="[INFERENCE] dual ascent step gamma_2 (TV2 default 1e-3)", check=positive)
-    step_rule: Literal["optimizer", "adaptive"] = option("optimizer", help="[INFERENCE] primal/dual steps: the host optimiser and fixed dual_lr, or the adaptive 1/(k^p ||g||) rule of method.md §3.3")
-    adaptive_p: float = option(1.1, help="[INFERENCE] exponent p > 1 of the adaptive rule", check=lambda v: None if v > 1 else "must be > 1")
-    adaptive_scale: float = option(1.0, help="[INFERENCE] scale c of the adaptive rule: gamma_k = c / (k^p ||g||)", check=positive)
-    warmup_iters: int = option(0, help="[INFERENCE] inner iterations per step with the penalty off (TV2 penalty_anneal_iters)", check=non_negative)
+    step_rule: Literal["optimizer", "adaptive"] = option(
+        "optimizer",
+        help="[INFERENCE] primal/dual steps: the host optimiser and fixed dual_lr, or the adaptive 1/(k^p ||g||) rule of method.md §3.3",
+    )
+    adaptive_p: float = option(
+        1.1, help="[INFERENCE] exponent p > 1 of the adaptive rule", check=lambda v: None if v > 1 else "must be > 1"
+    )
+    adaptive_scale: float = option(
+        1.0, help="[INFERENCE] scale c of the adaptive rule: gamma_k = c / (k^p ||g||)", check=positive
+    )
+    warmup_iters: int = option(
+        0,
+        help="[INFERENCE] inner iterations per step with the penalty off (TV2 penalty_anneal_iters)",
+        check=non_negative,
+    )
 
     def _cross_checks(self) -> Iterable[Problem]:
         if self.penalty == "learned" and self.lambda_max < self.lambda_cap:
-            yield Problem("lambda_cap", self.lambda_cap, f"must not exceed lambda_max ({self.lambda_max}): every "
-                          "lambda between them would roll its step back",
-                          f"set lambda_cap <= {self.lambda_max}, or raise lambda_max")
+            yield Problem(
+                "lambda_cap",
+                self.lambda_cap,
+                f"must not exceed lambda_max ({self.lambda_max}): every lambda between them would roll its step back",
+                f"set lambda_cap <= {self.lambda_max}, or raise lambda_max",
+            )
 
 
 @dataclass(frozen=True)
 class StreamConfig:
     """How edits are applied and evaluated."""
 
-    mode: Literal["single", "sequential"] = option("sequential", help="single: each edit undone; sequential: edits accumulate (lifelong)")
+    mode: Literal["single", "sequential"] = option(
+        "sequential", help="single: each edit undone; sequential: edits accumulate (lifelong)"
+    )
     batch_size: int = option(1, help="edits per step", check=positive)
     num_edits: int = option(0, help="edits in the stream; 0 = all records of the split", check=non_negative)
-    sequence_length: int = option(0, help="sequential mode: the pre-edit model is restored after every this many "
-                                  "edits, each sequence scored at its end (the paper's T); 0 = one lifelong "
-                                  "sequence", check=non_negative)
+    sequence_length: int = option(
+        0,
+        help="sequential mode: the pre-edit model is restored after every this many "
+        "edits, each sequence scored at its end (the paper's T); 0 = one lifelong "
+        "sequence",
+        check=non_negative,
+    )
     split: Literal["test", "validation"] = option("test", help="which slice of the records to edit")
-    eval_every: int = option(0, help="retention evaluation every this many edits; 0 = only at the end", check=non_negative)
+    eval_every: int = option(
+        0, help="retention evaluation every this many edits; 0 = only at the end", check=non_negative
+    )
     retention_sample: int = option(64, help="earlier edits re-evaluated at each retention evaluation", check=positive)
     checkpoint_every: int = option(0, help="checkpoint every this many steps; 0 = never", check=non_negative)
-    storage_path: str = option("", help="checkpoints, ledger and results; empty = <output_dir>/storage (shared storage on clusters)")
-    run_name: str = option("", help="stream name; resubmitting with the same name resumes it; empty = derived from the config")
-    on_change: Literal["error", "replace"] = option("error", help="when the run directory of run_name holds a stream with other settings (pipeline/train/runidentity.py): error, or replace (move the old run aside, start afresh)")
+    storage_path: str = option(
+        "", help="checkpoints, ledger and results; empty = <output_dir>/storage (shared storage on clusters)"
+    )
+    run_name: str = option(
+        "", help="stream name; resubmitting with the same name resumes it; empty = derived from the config"
+    )
+    on_change: Literal["error", "replace"] = option(
+        "error",
+        help="when the run directory of run_name holds a stream with other settings (pipeline/train/runidentity.py): error, or replace (move the old run aside, start afresh)",
+    )
     generation_eval: bool = option(True, help="also score greedy-decoding exact match")
 
 
@@ -179,8 +309,14 @@ class ResourcesConfig:
     num_workers: int = option(1, help="Ray Train workers", check=positive)
     use_gpu: bool = option(False, help="one GPU per worker (NCCL, bf16) instead of CPU (gloo, fp32)")
     cpus_per_worker: float = option(1.0, help="CPUs reserved per worker", check=positive)
-    zero_stage: int = option(2, help="DeepSpeed ZeRO stage (2 or 3); 0 = plain data parallel without DeepSpeed", check=lambda v: None if v in (0, 2, 3) else "must be 0, 2 or 3")
-    max_failures: int = option(2, help="worker restarts from the last checkpoint before the stream fails", check=non_negative)
+    zero_stage: int = option(
+        2,
+        help="DeepSpeed ZeRO stage (2 or 3); 0 = plain data parallel without DeepSpeed",
+        check=lambda v: None if v in (0, 2, 3) else "must be 0, 2 or 3",
+    )
+    max_failures: int = option(
+        2, help="worker restarts from the last checkpoint before the stream fails", check=non_negative
+    )
 
 
 @dataclass(frozen=True)
@@ -196,32 +332,57 @@ class TrackingConfig:
 class SearchConfig:
     """Ray Tune search (jobs/tune.py). The space's grammar and keys are checked by `pipeline.search.search`."""
 
-    space: dict[str, Any] = option(factory=dict, help="dotted config key -> {type: uniform|loguniform, low, high} | "
-                                   "{type: randint, low, high} (both inclusive) | {type: choice, values: [...]}")
-    name: str = option("search", help="search name: its directory <output_dir>/search/<name> and MLflow parent run; "
-                       "re-running with the same name restores an interrupted search", check=lambda v: None if v and all(
-                           c.isalnum() or c in "-_." for c in v) else "must be non-empty: letters, digits, - _ .")
+    space: dict[str, Any] = option(
+        factory=dict,
+        help="dotted config key -> {type: uniform|loguniform, low, high} | "
+        "{type: randint, low, high} (both inclusive) | {type: choice, values: [...]}",
+    )
+    name: str = option(
+        "search",
+        help="search name: its directory <output_dir>/search/<name> and MLflow parent run; "
+        "re-running with the same name restores an interrupted search",
+        check=lambda v: (
+            None if v and all(c.isalnum() or c in "-_." for c in v) else "must be non-empty: letters, digits, - _ ."
+        ),
+    )
     num_samples: int = option(8, help="trials", check=positive)
-    metric: str = option("objective", help="metric to optimise: objective (mean of Rel, Gen, Loc), gen, loc or a "
-                         "metric name such as rel or m_loc_hard")
+    metric: str = option(
+        "objective",
+        help="metric to optimise: objective (mean of Rel, Gen, Loc), gen, loc or a "
+        "metric name such as rel or m_loc_hard",
+    )
     mode: Literal["max", "min"] = option("max", help="maximise or minimise the metric")
     searcher: Literal["optuna", "random"] = option("optuna", help="optuna (random if not installed) or random")
-    include_default: bool = option(True, help="the first trial evaluates the config's own values of the space keys "
-                                   "(a baseline on the validation slice)")
-    split: Literal["validation", "test"] = option("validation", help="split the trials edit; test needs "
-                                                  "offset >= stream.num_edits so trials never touch the test stream")
+    include_default: bool = option(
+        True,
+        help="the first trial evaluates the config's own values of the space keys (a baseline on the validation slice)",
+    )
+    split: Literal["validation", "test"] = option(
+        "validation",
+        help="split the trials edit; test needs offset >= stream.num_edits so trials never touch the test stream",
+    )
     offset: int = option(0, help="edits of the split skipped before the trials' slice", check=non_negative)
-    num_edits: int = option(0, help="edits per trial (the validation slice); 0 = all of the split after offset",
-                            check=non_negative)
+    num_edits: int = option(
+        0, help="edits per trial (the validation slice); 0 = all of the split after offset", check=non_negative
+    )
     grace_edits: int = option(16, help="ASHA grace period in edits applied", check=positive)
-    reduction_factor: float = option(2.0, help="ASHA reduction factor: a rung keeps the best 1/reduction_factor",
-                                     check=lambda v: None if v > 1 else "must be > 1")
+    reduction_factor: float = option(
+        2.0,
+        help="ASHA reduction factor: a rung keeps the best 1/reduction_factor",
+        check=lambda v: None if v > 1 else "must be > 1",
+    )
     max_concurrent: int = option(1, help="trials at once", check=positive)
-    cpus_per_trial: float = option(0.1, help="CPUs of each trial's own process, which drives the stream's Ray Train "
-                                   "workers (they reserve resources.num_workers x cpus_per_worker on top)",
-                                   check=positive)
-    gpus_per_trial: float = option(0.0, help="GPUs of each trial's own process (its workers take theirs through "
-                                   "resources.use_gpu)", check=non_negative)
+    cpus_per_trial: float = option(
+        0.1,
+        help="CPUs of each trial's own process, which drives the stream's Ray Train "
+        "workers (they reserve resources.num_workers x cpus_per_worker on top)",
+        check=positive,
+    )
+    gpus_per_trial: float = option(
+        0.0,
+        help="GPUs of each trial's own process (its workers take theirs through resources.use_gpu)",
+        check=non_negative,
+    )
 
 
 @dataclass(frozen=True)
@@ -243,19 +404,38 @@ class Config:
         r = self.resources
         st = self.stream
         if st.sequence_length and st.mode != "sequential":
-            yield Problem("stream.sequence_length", st.sequence_length, "sequences only exist in sequential mode",
-                          "set stream.mode=sequential, or stream.sequence_length=0")
+            yield Problem(
+                "stream.sequence_length",
+                st.sequence_length,
+                "sequences only exist in sequential mode",
+                "set stream.mode=sequential, or stream.sequence_length=0",
+            )
         if st.sequence_length % st.batch_size:
-            yield Problem("stream.sequence_length", st.sequence_length,
-                          f"must be a multiple of stream.batch_size ({st.batch_size}) so no step straddles two "
-                          "sequences", f"use {max(st.batch_size, st.sequence_length // st.batch_size * st.batch_size)}")
+            yield Problem(
+                "stream.sequence_length",
+                st.sequence_length,
+                f"must be a multiple of stream.batch_size ({st.batch_size}) so no step straddles two sequences",
+                f"use {max(st.batch_size, st.sequence_length // st.batch_size * st.batch_size)}",
+            )
         if self.stream.mode == "single" and r.zero_stage == 3:
-            yield Problem("resources.zero_stage", 3, "single mode runs edits on independent model replicas; ZeRO-3 "
-                          "shards one model over all workers", "use stream.mode=sequential, or zero_stage 0 or 2")
-        if self.odedit.enabled and self.odedit.step_rule == "adaptive" and r.zero_stage != 0 \
-                and self.stream.mode == "sequential":
-            yield Problem("odedit.step_rule", "adaptive", "the adaptive step rule needs the whole gradient norm, "
-                          "which DeepSpeed's optimiser hides", "use resources.zero_stage=0 or step_rule=optimizer")
+            yield Problem(
+                "resources.zero_stage",
+                3,
+                "single mode runs edits on independent model replicas; ZeRO-3 shards one model over all workers",
+                "use stream.mode=sequential, or zero_stage 0 or 2",
+            )
+        if (
+            self.odedit.enabled
+            and self.odedit.step_rule == "adaptive"
+            and r.zero_stage != 0
+            and self.stream.mode == "sequential"
+        ):
+            yield Problem(
+                "odedit.step_rule",
+                "adaptive",
+                "the adaptive step rule needs the whole gradient norm, which DeepSpeed's optimiser hides",
+                "use resources.zero_stage=0 or step_rule=optimizer",
+            )
 
 
 def dump_config(cfg: Config) -> str:

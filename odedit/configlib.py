@@ -20,8 +20,9 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -204,7 +205,9 @@ def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue], hooks: H
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            issues.append(ConfigIssue(path, value, f"expected a list ({_type_name(tp)})", "write a YAML list, e.g. [1, 2]"))
+            issues.append(
+                ConfigIssue(path, value, f"expected a list ({_type_name(tp)})", "write a YAML list, e.g. [1, 2]")
+            )
             return _MISSING
         if len(args) == 2 and args[1] is Ellipsis:
             item_types = [args[0]] * len(value)
@@ -267,7 +270,9 @@ def _build(cls: type, data: Any, path: str, issues: list[ConfigIssue], hooks: Ho
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        issues.append(ConfigIssue(path, data, f"expected a mapping for section {cls.__name__}", "write `key: value` lines"))
+        issues.append(
+            ConfigIssue(path, data, f"expected a mapping for section {cls.__name__}", "write `key: value` lines")
+        )
         return _MISSING
     resolver = hooks.resolver(cls)
     if resolver is not None:
@@ -422,8 +427,12 @@ def help_table(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(help_table(tp, key))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>"  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>"  # type: ignore[misc]
+            )
         )
         rows.append((key, repr(default), f.metadata.get("help", "")))
     return rows

@@ -28,7 +28,7 @@ The first iteration of an edit step has no previous primal step, so it takes no 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -61,8 +61,9 @@ class LambdaNet(nn.Module):
         cap: lambda saturates here (its gradient is zero above), see the module docstring.
     """
 
-    def __init__(self, in_dim: int, *, hidden: int = 32, init_bias: float = 0.0, seed: int = 0,
-                 cap: float = float("inf")) -> None:
+    def __init__(
+        self, in_dim: int, *, hidden: int = 32, init_bias: float = 0.0, seed: int = 0, cap: float = float("inf")
+    ) -> None:
         super().__init__()
         self.cap = cap
         self.fc1 = nn.Linear(in_dim, hidden)
@@ -104,7 +105,7 @@ def adaptive_step(k: int, grad_norm: float, p: float, scale: float) -> float:
     """gamma_k = scale / (k^p ||g||), 0 when ||g|| = 0  ([TV2] Theorem 3; p > 1 makes sum gamma_k ||g|| finite)."""
     if grad_norm <= 0 or not math.isfinite(grad_norm):
         return 0.0
-    return scale / (k ** p * grad_norm)
+    return scale / (k**p * grad_norm)
 
 
 class DualState:
@@ -115,10 +116,22 @@ class DualState:
     config section by `from_config`; the knobs are keywords (named as `ODEditConfig`'s fields they come from).
     """
 
-    def __init__(self, mode: str, n_tensors: int, *, hidden: int = 32, init_bias: float = 0.0,
-                 fixed_lambda: float = 1.0, dual_lr: float = 1e-3, step_rule: str = "optimizer",
-                 adaptive_p: float = 1.1, adaptive_scale: float = 1.0, device: torch.device | str = "cpu",
-                 seed: int = 0, cap: float = float("inf")) -> None:
+    def __init__(
+        self,
+        mode: str,
+        n_tensors: int,
+        *,
+        hidden: int = 32,
+        init_bias: float = 0.0,
+        fixed_lambda: float = 1.0,
+        dual_lr: float = 1e-3,
+        step_rule: str = "optimizer",
+        adaptive_p: float = 1.1,
+        adaptive_scale: float = 1.0,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        cap: float = float("inf"),
+    ) -> None:
         self.mode = mode
         self.fixed_lambda = fixed_lambda
         self.dual_lr = dual_lr
@@ -127,19 +140,31 @@ class DualState:
         self.adaptive_scale = adaptive_scale
         self.net: LambdaNet | None = None
         if mode == "learned":
-            self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden=hidden, init_bias=init_bias, seed=seed,
-                                 cap=cap).to(device)
+            self.net = LambdaNet(SUMMARY_STATS * n_tensors, hidden=hidden, init_bias=init_bias, seed=seed, cap=cap).to(
+                device
+            )
         # s(phi_e); ZeRO-3 replaces it with a gathered, gradient-free summary (parameters are partitioned).
         self.summary_fn = parameter_summary
 
     @classmethod
-    def from_config(cls, cfg: ODEditConfig, n_tensors: int, *, device: torch.device | str = "cpu",
-                    seed: int = 0) -> "DualState":
+    def from_config(
+        cls, cfg: ODEditConfig, n_tensors: int, *, device: torch.device | str = "cpu", seed: int = 0
+    ) -> DualState:
         """The dual state of the `odedit` section for `n_tensors` editable tensors (`lambda_cap: 0` = no cap)."""
-        return cls(cfg.penalty, n_tensors, hidden=cfg.lambda_hidden, init_bias=cfg.lambda_init_bias,
-                   fixed_lambda=cfg.fixed_lambda, dual_lr=cfg.dual_lr, step_rule=cfg.step_rule,
-                   adaptive_p=cfg.adaptive_p, adaptive_scale=cfg.adaptive_scale, device=device, seed=seed,
-                   cap=cfg.lambda_cap or float("inf"))
+        return cls(
+            cfg.penalty,
+            n_tensors,
+            hidden=cfg.lambda_hidden,
+            init_bias=cfg.lambda_init_bias,
+            fixed_lambda=cfg.fixed_lambda,
+            dual_lr=cfg.dual_lr,
+            step_rule=cfg.step_rule,
+            adaptive_p=cfg.adaptive_p,
+            adaptive_scale=cfg.adaptive_scale,
+            device=device,
+            seed=seed,
+            cap=cfg.lambda_cap or float("inf"),
+        )
 
     @property
     def active(self) -> bool:
@@ -164,8 +189,9 @@ class DualState:
             return 0.0
         return self._ascent_at(penalty, self.summary_fn([p.detach() for p in params]), k)
 
-    def ascend_then_lam(self, penalty: float | None, params: Sequence[torch.Tensor], k: int
-                        ) -> tuple[float, torch.Tensor]:
+    def ascend_then_lam(
+        self, penalty: float | None, params: Sequence[torch.Tensor], k: int
+    ) -> tuple[float, torch.Tensor]:
         """`ascent` (when `penalty` is given) then `lam` at the new delta, sharing one s(phi_e) (one iteration's
         dual bookkeeping, Eq. 13). Returns (step length, lambda)."""
         if self.net is None:
@@ -180,7 +206,11 @@ class DualState:
         params = list(self.net.parameters())
         grads = self.net.parameter_grads(summary)  # grad_delta G = penalty * grad_delta lambda
         norm = penalty * float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        lr = self.dual_lr if self.step_rule == "optimizer" else adaptive_step(k, norm, self.adaptive_p, self.adaptive_scale)
+        lr = (
+            self.dual_lr
+            if self.step_rule == "optimizer"
+            else adaptive_step(k, norm, self.adaptive_p, self.adaptive_scale)
+        )
         with torch.no_grad():
             torch._foreach_add_(params, grads, alpha=lr * penalty)
         return lr * norm
@@ -190,6 +220,8 @@ class DualState:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mode") != self.mode:
-            raise ValueError(f"odedit.penalty: checkpoint has penalty mode {state.get('mode')!r}, config has {self.mode!r}")
+            raise ValueError(
+                f"odedit.penalty: checkpoint has penalty mode {state.get('mode')!r}, config has {self.mode!r}"
+            )
         if self.net is not None:
             self.net.load_state_dict(state["net"])

@@ -9,8 +9,9 @@ Train workers use exactly this class (with a DeepSpeed stepper and their slice o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 from odedit.config import Config
 from odedit.editstep import DIRECT, ParamAccess, StepperFactory, StepReport, torch_stepper_factory
@@ -36,9 +37,9 @@ class Editor:
         spec = METHODS.get(cfg.method.name)
         self.method: EditMethod = spec.method_cls(adapter, cfg.method)
         self.method.prepare()
-        self.objective: Objective = build_objective(cfg.odedit, self.method,
-                                                    with_hard=cfg.data.with_hard_in_training,
-                                                    pooling=cfg.model.pooling, seed=cfg.seed)
+        self.objective: Objective = build_objective(
+            cfg.odedit, self.method, with_hard=cfg.data.with_hard_in_training, pooling=cfg.model.pooling, seed=cfg.seed
+        )
         self.stepper_factory = stepper_factory or torch_stepper_factory(cfg.method, cfg.odedit)
         self.access: ParamAccess = DIRECT  # replaced by the distributed engine under DeepSpeed ZeRO
         # Streams of sequences of T edits (stream.sequence_length) go back to this state after each sequence.

@@ -19,8 +19,9 @@ import collections.abc
 import contextlib
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
+from typing import Any, ContextManager, Protocol
 
 import torch
 
@@ -67,8 +68,15 @@ class TorchStepper:
         adaptive_p, adaptive_scale: parameters of the adaptive rule.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: str = "adam", lr: float = 1e-2,
-                 rule: str = "optimizer", adaptive_p: float = 1.1, adaptive_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        optimizer: str = "adam",
+        lr: float = 1e-2,
+        rule: str = "optimizer",
+        adaptive_p: float = 1.1,
+        adaptive_scale: float = 1.0,
+    ) -> None:
         self.params = list(params)
         self.rule = rule
         self.p, self.scale = adaptive_p, adaptive_scale
@@ -101,8 +109,9 @@ def torch_stepper_factory(method_cfg, odedit_cfg=None) -> StepperFactory:
     rule = odedit_cfg.step_rule if odedit_cfg is not None and odedit_cfg.enabled else "optimizer"
     p = odedit_cfg.adaptive_p if odedit_cfg is not None else 1.1
     c = odedit_cfg.adaptive_scale if odedit_cfg is not None else 1.0
-    return lambda params: TorchStepper(params, optimizer=method_cfg.optimizer, lr=method_cfg.lr, rule=rule,
-                                       adaptive_p=p, adaptive_scale=c)
+    return lambda params: TorchStepper(
+        params, optimizer=method_cfg.optimizer, lr=method_cfg.lr, rule=rule, adaptive_p=p, adaptive_scale=c
+    )
 
 
 @dataclass
@@ -169,8 +178,13 @@ class EnvOutputs(collections.abc.Mapping):
         return len(self.spans)
 
 
-def encode_envs(adapter: ModelAdapter, cases: Sequence[EditCase], envs: Sequence[str],
-                first_layer: int | None = None, tail: tuple | None = None) -> EnvBatch | None:
+def encode_envs(
+    adapter: ModelAdapter,
+    cases: Sequence[EditCase],
+    envs: Sequence[str],
+    first_layer: int | None = None,
+    tail: tuple | None = None,
+) -> EnvBatch | None:
     """Tokenise and preprocess all environments' samples of a step once (images are the costly part).
 
     With `first_layer`, forward passes after the first replay the decoder layers from there on only; with
@@ -208,8 +222,13 @@ def forward_envs(adapter: ModelAdapter, encoded: EnvBatch | None) -> Mapping[str
     return EnvOutputs(merged, encoded)
 
 
-def run_edit_step(method: StepEditor, objective: Objective, cases: Sequence[EditCase],
-                  stepper_factory: StepperFactory, access: ParamAccess = DIRECT) -> tuple[UndoHandle, StepReport]:
+def run_edit_step(
+    method: StepEditor,
+    objective: Objective,
+    cases: Sequence[EditCase],
+    stepper_factory: StepperFactory,
+    access: ParamAccess = DIRECT,
+) -> tuple[UndoHandle, StepReport]:
     """Edit the model for `cases` (a step of one or more edits); see the module docstring."""
     t0 = time.perf_counter()
     method.prepare()
@@ -225,8 +244,11 @@ def run_edit_step(method: StepEditor, objective: Objective, cases: Sequence[Edit
     try:
         # Encoded once per step; the frozen layers below the editor's first layer run once per step too.
         first = method.first_edited_layer() if method.cfg.cache_prefix else None
-        tail = (method.position_tail() if first is not None and method.cfg.cache_tail
-                and not objective.reads_all_positions else None)
+        tail = (
+            method.position_tail()
+            if first is not None and method.cfg.cache_tail and not objective.reads_all_positions
+            else None
+        )
         encoded = encode_envs(method.adapter, cases, objective.envs, first, tail)
         if hasattr(objective, "owners"):
             objective.owners = encoded.owners if encoded is not None else {}

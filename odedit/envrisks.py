@@ -16,8 +16,9 @@ functions `reliability_risk_and_slope` / `locality_risk_and_slope` per environme
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,7 @@ from odedit.risks import _EPS, position_risks
 
 if TYPE_CHECKING:
     from odedit.models.base import ForwardOutput
+
 
 @dataclass
 class EnvPlan:
@@ -64,8 +66,9 @@ class EnvPlan:
         return int(self.seg_env.shape[0])
 
 
-def build_plan(outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase], owners: Mapping[str, Sequence],
-               envs: Sequence[str]) -> EnvPlan:
+def build_plan(
+    outs: Mapping[str, ForwardOutput], cases: Sequence[EditCase], owners: Mapping[str, Sequence], envs: Sequence[str]
+) -> EnvPlan:
     """Gather the step's constants for `envs` (those absent from `outs` are skipped)."""
     rel = [e for e in envs if e in outs and e not in OUT_ENVS]
     out = [e for e in envs if e in outs and e in OUT_ENVS]
@@ -128,7 +131,8 @@ def _mean_weights(seg: torch.Tensor, seg_env: torch.Tensor, n_env: int) -> torch
     mean of x over each sample's positions: W[e, i] = 1 / (positions of i's sample * such samples of e).
     Constant within a step, so the two-level mean of every iteration is one matrix product."""
     count = torch.zeros(seg_env.shape[0], dtype=torch.float32, device=seg.device).index_add(
-        0, seg, torch.ones(seg.shape[0], dtype=torch.float32, device=seg.device))
+        0, seg, torch.ones(seg.shape[0], dtype=torch.float32, device=seg.device)
+    )
     present = torch.zeros(n_env, dtype=torch.float32, device=seg.device).index_add(0, seg_env, (count > 0).float())
     env_of = seg_env[seg]
     w = torch.zeros(n_env, seg.shape[0], dtype=torch.float32, device=seg.device)
@@ -136,7 +140,7 @@ def _mean_weights(seg: torch.Tensor, seg_env: torch.Tensor, n_env: int) -> torch
     return w
 
 
-def env_risks(plan: EnvPlan, outs: Mapping[str, "ForwardOutput"]) -> tuple[torch.Tensor, torch.Tensor]:
+def env_risks(plan: EnvPlan, outs: Mapping[str, ForwardOutput]) -> tuple[torch.Tensor, torch.Tensor]:
     """(R_e, dR_e/domega at omega = 1) for every environment of `plan`, as two (E,) tensors.
 
     Per position: `odedit.risks.nll_and_slope` on the reliability environments, `kl_and_slope` on the OUT
@@ -153,7 +157,8 @@ def env_risks(plan: EnvPlan, outs: Mapping[str, "ForwardOutput"]) -> tuple[torch
     else:
         z = torch.cat([outs[e].answer_logits() for e in plan.envs]).float()
     logq = torch.log_softmax(z, -1)
-    value, slope = position_risks(z, logq, plan.ids, plan.ref_all, plan.log_p_tail, plan.is_rel,
-                                  plan.ref_ids is not None, plan.n_rel > 0)
+    value, slope = position_risks(
+        z, logq, plan.ids, plan.ref_all, plan.log_p_tail, plan.is_rel, plan.ref_ids is not None, plan.n_rel > 0
+    )
     w = plan.weights.to(value.dtype)  # per-sample means, then over each environment's samples
     return w @ value, w @ slope

@@ -13,8 +13,9 @@ pre-edit `Reference` of each sample, computed once with the unedited model (`com
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from odedit.records import EditRecord
 from odedit.sample import Sample
@@ -43,8 +44,8 @@ class Reference:
     coarse-grained distributions, a lower bound of the full KL that keeps stored references small).
     """
 
-    topk_ids: "torch.Tensor"
-    topk_logprobs: "torch.Tensor"
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
 
     @property
     def k(self) -> int:
@@ -81,13 +82,15 @@ def case_from_record(record: EditRecord, load_image: Callable[[str | None, str],
     if record.m_loc and record.m_loc_q and record.m_loc_a:
         s["out_mm"] = [Sample(record.m_loc_q, record.m_loc_a, load_image(record.m_loc, "locality"))]
     if record.hard_images:
-        s["out_hard"] = [Sample(record.prompt, a, load_image(p, "edit"))
-                         for p, a in zip(record.hard_images, record.hard_answers)]
+        s["out_hard"] = [
+            Sample(record.prompt, a, load_image(p, "edit")) for p, a in zip(record.hard_images, record.hard_answers)
+        ]
     return EditCase(record.id, s)
 
 
-def compute_references(adapter: "ModelAdapter", samples: Sequence[Sample], k: int = 64,
-                       batch_size: int = 32) -> list[Reference]:
+def compute_references(
+    adapter: ModelAdapter, samples: Sequence[Sample], k: int = 64, batch_size: int = 32
+) -> list[Reference]:
     """Pre-edit top-K references of `samples` (run this with the unedited model)."""
     # deferred: torch only where references are computed; data workers build cases without it
     import torch
@@ -96,13 +99,13 @@ def compute_references(adapter: "ModelAdapter", samples: Sequence[Sample], k: in
         return _references(adapter, samples, k, batch_size)
 
 
-def _references(adapter: "ModelAdapter", samples: Sequence[Sample], k: int, batch_size: int) -> list[Reference]:
+def _references(adapter: ModelAdapter, samples: Sequence[Sample], k: int, batch_size: int) -> list[Reference]:
     # deferred: torch only where references are computed; data workers build cases without it
     import torch
 
     refs: list[Reference] = []
     for i in range(0, len(samples), batch_size):
-        out = adapter.run(list(samples[i:i + batch_size]))
+        out = adapter.run(list(samples[i : i + batch_size]))
         logp = torch.log_softmax(out.answer_logits().float(), -1)
         kk = min(k, logp.shape[-1])
         vals, ids = logp.topk(kk, dim=-1)
@@ -113,8 +116,9 @@ def _references(adapter: "ModelAdapter", samples: Sequence[Sample], k: int, batc
     return refs
 
 
-def attach_references(adapter: "ModelAdapter", cases: Sequence[EditCase], k: int = 64,
-                      envs: Sequence[str] = OUT_ENVS) -> None:
+def attach_references(
+    adapter: ModelAdapter, cases: Sequence[EditCase], k: int = 64, envs: Sequence[str] = OUT_ENVS
+) -> None:
     """Compute and attach pre-edit references for the OUT environments of `cases` (in place)."""
     for env in envs:
         flat = [(c, s) for c in cases for s in c.env(env)]

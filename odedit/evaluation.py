@@ -10,7 +10,7 @@ forward passes, not 16 x 6.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,9 +30,15 @@ from odedit.models.base import ModelAdapter
 
 
 @torch.no_grad()
-def evaluate_cases(adapter: ModelAdapter, cases: Sequence[EditCase], *, exact_match: bool = False,
-                   generation: bool = False, batch_size: int = 32,
-                   metrics: Sequence[str] | None = None) -> list[dict[str, float]]:
+def evaluate_cases(
+    adapter: ModelAdapter,
+    cases: Sequence[EditCase],
+    *,
+    exact_match: bool = False,
+    generation: bool = False,
+    batch_size: int = 32,
+    metrics: Sequence[str] | None = None,
+) -> list[dict[str, float]]:
     """Per case, the mean score of each metric over that case's samples (nan where it has none).
 
     Args:
@@ -54,14 +60,14 @@ def evaluate_cases(adapter: ModelAdapter, cases: Sequence[EditCase], *, exact_ma
         scores = torch.full((len(flat),), float("nan"))
         p = PROTOCOLS[name]
         for start in range(0, len(flat), batch_size):
-            chunk = flat[start:start + batch_size]
+            chunk = flat[start : start + batch_size]
             out = adapter.run([s for _, _, s in chunk])
             if p.scorer == TF:
                 sc = token_accuracy(out, exact_match)
             else:
                 refs = [cases[i].references[env][j] for i, j, _ in chunk]
                 sc = topk_agreement(out, [r.topk_ids for r in refs], p.k)
-            scores[start:start + len(chunk)] = sc
+            scores[start : start + len(chunk)] = sc
         _fold(rows, flat, scores, name)
     if generation:
         for env in ("in", "se_text", "se_image"):
@@ -72,10 +78,10 @@ def evaluate_cases(adapter: ModelAdapter, cases: Sequence[EditCase], *, exact_ma
             flat = [(i, j, s) for i, c in enumerate(cases) for j, s in enumerate(c.env(env))]
             scores = torch.full((len(flat),), float("nan"))
             for start in range(0, len(flat), batch_size):
-                chunk = [s for _, _, s in flat[start:start + batch_size]]
+                chunk = [s for _, _, s in flat[start : start + batch_size]]
                 n_new = max(len(adapter._tok(" " + s.target)) for s in chunk) + 2
                 preds = adapter.generate(chunk, max_new_tokens=n_new)
-                scores[start:start + len(chunk)] = generation_exact_match(preds, [s.target for s in chunk])
+                scores[start : start + len(chunk)] = generation_exact_match(preds, [s.target for s in chunk])
             _fold(rows, flat, scores, name)
     adapter.model.train(was_training)
     return rows

@@ -8,7 +8,8 @@ through these, so they never import `odedit.methods`: the editors sit above them
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import torch

@@ -10,7 +10,8 @@ must name an adapter of `odedit.models.ADAPTERS`. Every problem is reported at o
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from odedit.config import Config, ConfigError, MethodConfig, ModelConfig
 from odedit.configlib import ConfigIssue, Hooks, Problem, apply_overrides, from_dict, read_yaml, to_dict
@@ -40,8 +41,9 @@ def _known_family(name: str) -> str | None:
 REGISTRY_HOOKS = Hooks(resolvers={MethodConfig: _method_class}, checks={(ModelConfig, "family"): _known_family})
 
 
-def parse_config(data: dict, overrides: Iterable[str] = (), source: str = "config",
-                 extra_checks: Sequence[ExtraCheck] = ()) -> Config:
+def parse_config(
+    data: dict, overrides: Iterable[str] = (), source: str = "config", extra_checks: Sequence[ExtraCheck] = ()
+) -> Config:
     """Build a `Config` from a dict plus dotted overrides; raise `ConfigError` listing every problem.
 
     `extra_checks` are checks owned by higher layers (e.g. `pipeline` knows the record sources); their
@@ -60,8 +62,9 @@ def parse_config(data: dict, overrides: Iterable[str] = (), source: str = "confi
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (),
-                extra_checks: Sequence[ExtraCheck] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike | None, overrides: Iterable[str] = (), extra_checks: Sequence[ExtraCheck] = ()
+) -> Config:
     """Load a YAML config (or the defaults when `path` is None) with dotted `key=value` overrides."""
     issues: list[ConfigIssue] = []
     data = read_yaml(str(path), issues) if path else {}

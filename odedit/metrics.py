@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -137,8 +137,10 @@ def topk_agreement(out: ForwardOutput, reference: Sequence[torch.Tensor], k: int
         if p.numel() == 0 or r.numel() == 0:
             continue
         if p.shape != r.shape:
-            raise ValueError(f"sample {b}: reference top-k {tuple(r.shape)} does not match {tuple(p.shape)}; "
-                             "references must be computed on the same inputs")
+            raise ValueError(
+                f"sample {b}: reference top-k {tuple(r.shape)} does not match {tuple(p.shape)}; "
+                "references must be computed on the same inputs"
+            )
         scores[b] = (p == r).float().mean()
     return scores
 

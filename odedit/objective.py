@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -74,8 +75,14 @@ class Objective(ABC):
     reads_all_positions: bool = False
 
     @abstractmethod
-    def loss(self, method: LossEditor, outs: Mapping[str, ForwardOutput], cases: Sequence[EditCase], k: int,
-             params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self,
+        method: LossEditor,
+        outs: Mapping[str, ForwardOutput],
+        cases: Sequence[EditCase],
+        k: int,
+        params: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss at inner iteration k (1-based) and its named parts."""
 
     def rollback_reason(self, parts: Mapping[str, float]) -> str | None:
@@ -117,8 +124,9 @@ class ODEditObjective(Objective):
     `owners` is filled by the step runner: env -> [(case index, sample index)] in forward order.
     """
 
-    def __init__(self, cfg: ODEditConfig, method: LossEditor, *, with_hard: bool = False, pooling: str = "last",
-                 seed: int = 0) -> None:
+    def __init__(
+        self, cfg: ODEditConfig, method: LossEditor, *, with_hard: bool = False, pooling: str = "last", seed: int = 0
+    ) -> None:
         self.cfg = cfg
         self.pooling = pooling
         self.reads_all_positions = pooling != "last"  # mean pooling reads every prompt position
@@ -153,8 +161,9 @@ class ODEditObjective(Objective):
         # re-estimated every iteration makes MMD^2 invariant to a uniform shrinking of the distances, so
         # R_gen could never pull rephrases towards the edit prompt.
         if k == 1 or self._sigmas is None:
-            self._sigmas = kernel_bandwidths(z[:n], z[n:], self.cfg.mmd_kernels, self.cfg.mmd_bandwidth_base,
-                                             self.cfg.mmd_bandwidth_mult)
+            self._sigmas = kernel_bandwidths(
+                z[:n], z[n:], self.cfg.mmd_kernels, self.cfg.mmd_bandwidth_base, self.cfg.mmd_bandwidth_mult
+            )
             self._signs = mmd_signs(n, z.shape[0] - n, z.device) if z.shape[0] > n > 0 else None
         return generality_risk_stacked(z, n, self._sigmas, self._signs)
 
@@ -172,8 +181,9 @@ class ODEditObjective(Objective):
             pool = self._pool = PoolPlan(self.owners, envs, flat.to(merged.hidden.device))
         return merged.take_hidden(pool.positions)
 
-    def _env_risks(self, outs, cases, with_penalty: bool,
-                   rel_host: bool) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
+    def _env_risks(
+        self, outs, cases, with_penalty: bool, rel_host: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
         """(R_e, dR_e/domega at omega = 1) of the OUT environments (R_loc), of IN for a default-R_rel host and,
         when the penalty is on, of every penalty environment, as two (E,) tensors from one vectorised pass
         (`odedit.envrisks`), with the step's `StepPlan` (which says where the penalty's, R_loc's and IN's
@@ -182,16 +192,19 @@ class ODEditObjective(Objective):
         The slopes are closed-form: the same numbers as differentiating R_e(omega o phi_e) in omega with a
         second-order graph, without building one. The step's constants are gathered on its first call.
         """
-        envs = tuple(dict.fromkeys((("in",) if rel_host else ()) + (self.penalty_envs if with_penalty else ())
-                                   + self.out_envs))
+        envs = tuple(
+            dict.fromkeys((("in",) if rel_host else ()) + (self.penalty_envs if with_penalty else ()) + self.out_envs)
+        )
         step = self._plan
         if step is None or not step.fits(self.owners, envs):
             plan = build_plan(outs, cases, self.owners, envs)
             device = plan.seg.device
-            pen = torch.tensor([i for i, e in enumerate(plan.envs) if e in self.penalty_envs], dtype=torch.long,
-                               device=device)
-            loc = torch.tensor([i for i, e in enumerate(plan.envs) if e in self.out_envs], dtype=torch.long,
-                               device=device)
+            pen = torch.tensor(
+                [i for i, e in enumerate(plan.envs) if e in self.penalty_envs], dtype=torch.long, device=device
+            )
+            loc = torch.tensor(
+                [i for i, e in enumerate(plan.envs) if e in self.out_envs], dtype=torch.long, device=device
+            )
             rel = plan.envs.index("in") if "in" in plan.envs else None
             step = self._plan = StepPlan(self.owners, envs, plan, penalty_index=pen, loc_index=loc, rel_index=rel)
         values, slopes = env_risks(step.plan, outs)
@@ -212,8 +225,11 @@ class ODEditObjective(Objective):
         total = host
         parts = {"host": host.detach()}
         if with_penalty:
-            pen = (penalty_from_slopes(slopes[pen_index], cfg.penalty_reduction, cfg.penalty_smoothing)
-                   if len(pen_index) else host * 0.0)
+            pen = (
+                penalty_from_slopes(slopes[pen_index], cfg.penalty_reduction, cfg.penalty_smoothing)
+                if len(pen_index)
+                else host * 0.0
+            )
         # R_loc: the OUT environments' KL (the same values the penalty's slopes were taken at, omega = 1).
         if len(loc_index):
             r_loc = values[loc_index].mean()
@@ -258,14 +274,19 @@ def _floats(parts: dict) -> dict[str, float]:
     """The logged parts as plain floats, read from their tensors in one go."""
     keys = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
     if keys:
-        values = torch.stack([t if t.dim() == 0 and t.dtype == torch.float32 else t.float().reshape(())
-                              for t in (parts[k] for k in keys)]).tolist()
+        values = torch.stack(
+            [
+                t if t.dim() == 0 and t.dtype == torch.float32 else t.float().reshape(())
+                for t in (parts[k] for k in keys)
+            ]
+        ).tolist()
         parts.update(zip(keys, values))
     return {k: float(v) for k, v in parts.items()}
 
 
-def build_objective(odedit_cfg: ODEditConfig, method: LossEditor, with_hard: bool = False,
-                    pooling: str = "last", seed: int = 0) -> Objective:
+def build_objective(
+    odedit_cfg: ODEditConfig, method: LossEditor, with_hard: bool = False, pooling: str = "last", seed: int = 0
+) -> Objective:
     """ODEdit when `odedit.enabled`, else the host editor alone: the same loop runs either."""
     if odedit_cfg.enabled:
         return ODEditObjective(odedit_cfg, method, with_hard=with_hard, pooling=pooling, seed=seed)

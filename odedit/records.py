@@ -12,9 +12,10 @@ whether the file exists and decodes is checked where images are read (`pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Any, Mapping
+from typing import Any
 
 TASKS = ("vqa", "caption")
 SPLITS = ("test", "validation", "train")
@@ -54,7 +55,7 @@ class EditRecord:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_raw(cls, raw: Mapping[str, Any], max_chars: int = DEFAULT_MAX_CHARS) -> "EditRecord":
+    def from_raw(cls, raw: Mapping[str, Any], max_chars: int = DEFAULT_MAX_CHARS) -> EditRecord:
         """Build from a raw dict that `validate_record` accepted (aliases resolved, empty optionals -> None)."""
         reasons = validate_record(raw, max_chars)
         if reasons:

@@ -11,7 +11,7 @@ which the TV-l1 penalty measures how each environment's risk reacts to the envir
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,9 @@ def _sample_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch
     return means.reshape(values.shape[1:])
 
 
-def reliability_risk(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int,
-                     omega: torch.Tensor | float = 1.0) -> torch.Tensor:
+def reliability_risk(
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int, omega: torch.Tensor | float = 1.0
+) -> torch.Tensor:
     """R_rel = -log p_{phi_e}(y_e | m_e, x_e)  (method.md Eq. 2).
 
     Teacher-forced NLL of the target tokens given the edit prompt, averaged per sample then over samples.
@@ -51,8 +52,14 @@ def reliability_risk(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Te
     return _sample_mean(nll, rows, n_rows)
 
 
-def locality_risk(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor, rows: torch.Tensor,
-                  n_rows: int, omega: torch.Tensor | float = 1.0) -> torch.Tensor:
+def locality_risk(
+    logits: torch.Tensor,
+    ref_ids: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rows: torch.Tensor,
+    n_rows: int,
+    omega: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
     """R_loc = KL(p_{phi_e}(.|m_t, x_t) || p_phi(.|m_t, x_t))  (method.md Eq. 3), direction edited || original.
 
     Computed per answer position against pre-edit references computed once (`odedit.envs.Reference`):
@@ -87,7 +94,9 @@ def nll_and_slope(z: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor) ->
     return torch.stack([value, slope], 1)
 
 
-def kl_and_slope(z: torch.Tensor, logq: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_and_slope(
+    z: torch.Tensor, logq: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor
+) -> torch.Tensor:
     """(N, 2): per position, the tail-bucket KL of `locality_risk` and its omega-slope at omega = 1.
 
     With q = softmax(omega z): dq_i/domega = q_i (z_i - E_q[z]). For the K stored tokens and the tail bucket t
@@ -100,9 +109,16 @@ def kl_and_slope(z: torch.Tensor, logq: torch.Tensor, ref_ids: torch.Tensor, ref
     return torch.stack([value, slope], 1)
 
 
-def position_risks(z: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor, ref_logprobs: torch.Tensor | None = None,
-                   log_p_tail: torch.Tensor | None = None, is_rel: torch.Tensor | None = None, any_out: bool = True,
-                   any_rel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def position_risks(
+    z: torch.Tensor,
+    logq: torch.Tensor,
+    ids: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    log_p_tail: torch.Tensor | None = None,
+    is_rel: torch.Tensor | None = None,
+    any_out: bool = True,
+    any_rel: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position (N,), the risk and its omega-slope at omega = 1: the NLL of `nll_and_slope` on reliability
     rows (`is_rel`, target id in column 0 of `ids`), the tail-bucket KL of `kl_and_slope` on OUT rows (`ids` /
     `ref_logprobs` the K references, `log_p_tail` log of their tail mass), computed for all rows at once and
@@ -133,8 +149,9 @@ def position_risks(z: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor, ref_l
     return torch.where(is_rel, nll, kl), torch.where(is_rel, nll_slope, kl_slope)
 
 
-def reliability_risk_and_slope(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def reliability_risk_and_slope(
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(R_rel, dR_rel/domega) at omega = 1, both differentiable in the logits, without double backward.
 
     The penalty only needs each risk's derivative in the logit scale omega at omega = 1, and for a scale it is
@@ -144,17 +161,20 @@ def reliability_risk_and_slope(logits: torch.Tensor, targets: torch.Tensor, rows
     backward.
     """
     z = logits.float()
-    value, slope = _sample_mean(nll_and_slope(z, torch.log_softmax(z, -1), targets.to(z.device).long()),
-                                rows, n_rows).unbind(0)
+    value, slope = _sample_mean(
+        nll_and_slope(z, torch.log_softmax(z, -1), targets.to(z.device).long()), rows, n_rows
+    ).unbind(0)
     return value, slope
 
 
-def locality_risk_and_slope(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor,
-                            rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def locality_risk_and_slope(
+    logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor, rows: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(R_loc, dR_loc/domega) at omega = 1 in closed form (`kl_and_slope`; see `reliability_risk_and_slope`)."""
     z = logits.float()
-    per_position = kl_and_slope(z, torch.log_softmax(z, -1), ref_ids.to(z.device).long(),
-                                ref_logprobs.to(z.device).float())
+    per_position = kl_and_slope(
+        z, torch.log_softmax(z, -1), ref_ids.to(z.device).long(), ref_logprobs.to(z.device).float()
+    )
     value, slope = _sample_mean(per_position, rows, n_rows).unbind(0)
     return value, slope
 
@@ -168,8 +188,9 @@ def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return med.clamp_min(_EPS).sqrt()
 
 
-def kernel_bandwidths(x: torch.Tensor, y: torch.Tensor, n_kernels: int = 5, base: float = 0.0,
-                      mult: float = 2.0) -> torch.Tensor:
+def kernel_bandwidths(
+    x: torch.Tensor, y: torch.Tensor, n_kernels: int = 5, base: float = 0.0, mult: float = 2.0
+) -> torch.Tensor:
     """The sigma_q of the multi-scale Gaussian kernel ([INFERENCE] method.md §2.4: DAN/MK-MMD practice).
 
     Bandwidths base * mult^(q - (n-1)/2) for q = 0..n-1, centred on `base` (median heuristic when 0):
@@ -177,7 +198,7 @@ def kernel_bandwidths(x: torch.Tensor, y: torch.Tensor, n_kernels: int = 5, base
     """
     sigma = median_bandwidth(x, y) if base <= 0 else torch.tensor(float(base), device=x.device)
     exps = torch.arange(n_kernels, dtype=torch.float32, device=x.device) - (n_kernels - 1) / 2
-    return sigma * (mult ** exps)
+    return sigma * (mult**exps)
 
 
 def multi_gaussian_kernel(a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -207,8 +228,9 @@ def mmd_signs(n: int, m: int, device: torch.device | str = "cpu") -> torch.Tenso
     return torch.cat([torch.full((n,), 1.0 / n, device=device), torch.full((m,), -1.0 / m, device=device)])
 
 
-def generality_risk_stacked(z: torch.Tensor, n: int, sigmas: torch.Tensor,
-                            signs: torch.Tensor | None = None) -> torch.Tensor:
+def generality_risk_stacked(
+    z: torch.Tensor, n: int, sigmas: torch.Tensor, signs: torch.Tensor | None = None
+) -> torch.Tensor:
     """`generality_risk` of z[:n] (edit prompts) vs z[n:] (rephrases), from one kernel matrix over both.
 
     With s = `mmd_signs(n, m)` (pass it to reuse it), s^T K s = mean K_ee + mean K_rr - 2 mean K_er: the
@@ -230,8 +252,9 @@ def omega_gradients(env_risks: Sequence[EnvRisk], omega: torch.Tensor) -> list[t
     return risks_and_omega_gradients(env_risks, omega)[1]
 
 
-def risks_and_omega_gradients(env_risks: Sequence[EnvRisk], omega: torch.Tensor
-                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def risks_and_omega_gradients(
+    env_risks: Sequence[EnvRisk], omega: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(R_e(omega), dR_e/domega) for each environment; both differentiable.
 
     Each environment gets its own copy of omega (all at the same value), so one backward pass through the
@@ -248,8 +271,9 @@ def risks_and_omega_gradients(env_risks: Sequence[EnvRisk], omega: torch.Tensor
     return values, grads
 
 
-def penalty_from_gradients(grads: Sequence[torch.Tensor], reduction: str = "mean",
-                           smoothing: float = 0.0) -> torch.Tensor:
+def penalty_from_gradients(
+    grads: Sequence[torch.Tensor], reduction: str = "mean", smoothing: float = 0.0
+) -> torch.Tensor:
     """(reduce_e |dR_e/domega|)^2 with reduce = mean or sum (the TV-l1 penalty of `tv_l1_penalty`)."""
     return penalty_from_slopes(torch.stack([x.reshape(()) for x in grads]), reduction, smoothing)
 
@@ -265,12 +289,13 @@ def penalty_from_slopes(slopes: torch.Tensor, reduction: str = "mean", smoothing
     batched, which kernel ran the forward pass). With eps = 1e-3 such an environment contributes about
     |s| / eps of its gradient, nothing in practice, while slopes above ~1e-2 keep over 99% of theirs.
     """
-    g = (slopes.square() + smoothing ** 2).sqrt() - smoothing if smoothing > 0 else slopes.abs()
+    g = (slopes.square() + smoothing**2).sqrt() - smoothing if smoothing > 0 else slopes.abs()
     return (g.mean() if reduction == "mean" else g.sum()).pow(2)
 
 
-def tv_l1_penalty(env_risks: Sequence[EnvRisk], omega: torch.Tensor | None = None,
-                  reduction: str = "mean") -> torch.Tensor:
+def tv_l1_penalty(
+    env_risks: Sequence[EnvRisk], omega: torch.Tensor | None = None, reduction: str = "mean"
+) -> torch.Tensor:
     """TV-l1 invariance penalty (E_omega |grad_omega R_edit(omega o phi_e)|)^2  (method.md Eq. 9, §2.5).
 
     [INFERENCE] from [TV1]/[TV2]: omega is a dummy scalar logit scale at 1.0; the expectation runs over the

@@ -27,8 +27,9 @@ import itertools
 import math
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from odedit.config import Config
 from odedit.editing import Editor, step_report_fields
@@ -114,13 +115,25 @@ class StreamState:
     pre: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"next_step": self.next_step, "edits_applied": self.edits_applied, "ledger": self.ledger,
-                "rows": self.rows, "curve": self.curve, "pre": self.pre}
+        return {
+            "next_step": self.next_step,
+            "edits_applied": self.edits_applied,
+            "ledger": self.ledger,
+            "rows": self.rows,
+            "curve": self.curve,
+            "pre": self.pre,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StreamState":
-        return cls(d["next_step"], d["edits_applied"], list(d["ledger"]), list(d["rows"]), list(d["curve"]),
-                   dict(d.get("pre", {})))
+    def from_dict(cls, d: dict[str, Any]) -> StreamState:
+        return cls(
+            d["next_step"],
+            d["edits_applied"],
+            list(d["ledger"]),
+            list(d["rows"]),
+            list(d["curve"]),
+            dict(d.get("pre", {})),
+        )
 
 
 @dataclass
@@ -151,8 +164,14 @@ class StreamRunner:
         hooks: checkpoint, metrics and progress callbacks.
     """
 
-    def __init__(self, editor: Editor, cfg: Config, comm: Comm | None = None, lockstep: bool = False,
-                 hooks: StreamHooks | None = None) -> None:
+    def __init__(
+        self,
+        editor: Editor,
+        cfg: Config,
+        comm: Comm | None = None,
+        lockstep: bool = False,
+        hooks: StreamHooks | None = None,
+    ) -> None:
         self.editor = editor
         self.cfg = cfg
         self.comm = comm or LocalComm()
@@ -165,7 +184,7 @@ class StreamRunner:
         """This worker's slice; a step with fewer edits than workers is processed by all (identical grads)."""
         if self.lockstep or self.comm.world == 1 or len(items) < self.comm.world:
             return list(items)
-        return list(items[self.comm.rank::self.comm.world])
+        return list(items[self.comm.rank :: self.comm.world])
 
     def _evaluate(self, cases: Sequence[EditCase], generation: bool) -> list[dict[str, Any]]:
         """Score `cases` split over workers; every rank gets all rows, in the order of `cases`."""
@@ -173,7 +192,7 @@ class StreamRunner:
             return []
         if self.lockstep or self.comm.world == 1:
             return evaluate_cases(self.editor.adapter, cases, generation=generation)
-        mine = list(cases[self.comm.rank::self.comm.world])
+        mine = list(cases[self.comm.rank :: self.comm.world])
         rows = evaluate_cases(self.editor.adapter, mine, generation=generation) if mine else []
         by_id = {r["edit_id"]: r for part in self.comm.gather(rows) for r in part}
         return [by_id[c.edit_id] for c in cases]
@@ -223,7 +242,7 @@ class StreamRunner:
             if self.lockstep or world == 1:
                 mine = round_cases[:1]
             else:
-                mine = round_cases[self.comm.rank:self.comm.rank + 1]
+                mine = round_cases[self.comm.rank : self.comm.rank + 1]
             local = []
             for case in mine:
                 handle, report = self.editor.edit([case])
@@ -263,13 +282,18 @@ class StreamRunner:
             t_prev = now
             self._record(state, step_cases, rows, s)
             state.next_step = s + 1
-            self._metrics({**{f"immediate/{k}": v for k, v in _means(rows).items()},
-                           **{f"edit/{k}": v for k, v in report.final.items()}}, state.edits_applied)
+            self._metrics(
+                {
+                    **{f"immediate/{k}": v for k, v in _means(rows).items()},
+                    **{f"edit/{k}": v for k, v in report.final.items()},
+                },
+                state.edits_applied,
+            )
             if cfg.sequence_length and (len(state.ledger) % cfg.sequence_length == 0 or s + 1 == n_steps):
                 self._end_sequence(source, state)
             elif next_eval is not None and state.edits_applied >= next_eval and s + 1 < n_steps:
                 applied = {e["edit_id"] for e in state.ledger if e["status"] == APPLIED}
-                sample_idx = sorted([i for i in order if ids[i] in applied][:cfg.retention_sample])
+                sample_idx = sorted([i for i in order if ids[i] in applied][: cfg.retention_sample])
                 point = _means(self._evaluate(source.fetch(sample_idx), False))
                 state.curve.append({"edits": state.edits_applied, "n": len(sample_idx), **point})
                 self._metrics({f"retention/{k}": v for k, v in point.items()}, state.edits_applied)
@@ -279,8 +303,10 @@ class StreamRunner:
             if cfg.checkpoint_every and (state.next_step % cfg.checkpoint_every == 0 or state.next_step == n_steps):
                 self._checkpoint(state)
         if cfg.sequence_length:
-            final = [{"edit_id": r["edit_id"], **{k[len("final_"):]: v for k, v in r.items() if k.startswith("final_")}}
-                     for r in state.rows]
+            final = [
+                {"edit_id": r["edit_id"], **{k[len("final_") :]: v for k, v in r.items() if k.startswith("final_")}}
+                for r in state.rows
+            ]
         else:
             final = self._score_all(source, n, cfg.generation_eval)
             self._set_final(state, final)

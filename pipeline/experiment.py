@@ -12,7 +12,8 @@ import dataclasses
 import importlib.metadata
 import os
 import subprocess
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from odedit.config import Config
 from odedit.loading import with_overrides
@@ -34,8 +35,13 @@ def run_info(cfg: Config) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             info[f"version.{pkg}"] = "absent"
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         info["git_commit"] = commit.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = "unknown"
@@ -46,13 +52,22 @@ def prepared(cfg: Config) -> tuple[Config, str, dict[str, Any]]:
     """Run (or reuse) the preparation; return the config pointing at the resolved model, its path, prepare.json."""
     prep = prepare(cfg)
     model = prep["model"]
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=model["name_or_path"],
-                                    prompt_template=model.get("prompt_template") or cfg.model.prompt_template)
+    model_cfg = dataclasses.replace(
+        cfg.model,
+        name_or_path=model["name_or_path"],
+        prompt_template=model.get("prompt_template") or cfg.model.prompt_template,
+    )
     return dataclasses.replace(cfg, model=model_cfg), model["name_or_path"], prep
 
 
-def run_experiment(cfg: Config, arms: Mapping[str, Sequence[str]], name: str, num_edits: int | None = None,
-                   offset: int = 0, progress: bool = True) -> dict[str, Any]:
+def run_experiment(
+    cfg: Config,
+    arms: Mapping[str, Sequence[str]],
+    name: str,
+    num_edits: int | None = None,
+    offset: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Prepare, then run every arm (config overrides) as its own stream; returns {arm: summary}."""
     prepare_output_dir(cfg)
     with ray_session():  # joins the cluster under `ray job submit`, or starts a local one
@@ -65,8 +80,12 @@ def run_experiment(cfg: Config, arms: Mapping[str, Sequence[str]], name: str, nu
         for arm, overrides in arms.items():
             arm_cfg = with_overrides(cfg, list(overrides)) if overrides else cfg
             run_name = arm_cfg.stream.run_name or (f"{name}-{arm}" if arm else default_run_name(arm_cfg))
-            tracker = open_tracker(arm_cfg, run_name, parent_run_id=getattr(parent, "run_id", None) or None,
-                                   outbox_dir=os.path.join(arm_cfg.output_dir, "runs", run_name))
+            tracker = open_tracker(
+                arm_cfg,
+                run_name,
+                parent_run_id=getattr(parent, "run_id", None) or None,
+                outbox_dir=os.path.join(arm_cfg.output_dir, "runs", run_name),
+            )
             tracker.log_params({**run_info(arm_cfg), "arm": arm or run_name})
             summary = run_stream(arm_cfg, model_path, tracker, run_name, num_edits, offset, progress)
             summary["arm"] = arm or run_name

@@ -33,8 +33,11 @@ def resolve_model(cfg: Config) -> tuple[ModelConfig, str, dict]:
     if cfg.model.name_or_path:
         return cfg.model, cfg.model.name_or_path, {}
     model_dir, report = ensure_demo_model(cfg)
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(model_dir),
-                                    prompt_template=cfg.model.prompt_template or report.get("prompt_template", ""))
+    model_cfg = dataclasses.replace(
+        cfg.model,
+        name_or_path=str(model_dir),
+        prompt_template=cfg.model.prompt_template or report.get("prompt_template", ""),
+    )
     keep = ("vqa_accuracy", "vqa_accuracy_by_type", "text_accuracy", "train_seconds")
     return model_cfg, str(model_dir), {k: report[k] for k in keep if k in report}
 
@@ -54,8 +57,13 @@ def prepare(cfg: Config) -> dict:
         model_cfg, model_path, model_report = resolve_model(cfg)
         t0 = time.perf_counter()
         refs, refs_reused = build_references(
-            shards_dir, model_cfg, model_path, cfg.data.reference_k, workers=cfg.resources.num_workers,
-            num_gpus=1.0 if cfg.resources.use_gpu else 0.0)
+            shards_dir,
+            model_cfg,
+            model_path,
+            cfg.data.reference_k,
+            workers=cfg.resources.num_workers,
+            num_gpus=1.0 if cfg.resources.use_gpu else 0.0,
+        )
         ref_seconds = time.perf_counter() - t0
 
     # ---- summary
@@ -64,16 +72,34 @@ def prepare(cfg: Config) -> dict:
         "kept": manifest["kept"],
         "quarantined": manifest["quarantined"],
         "quarantine_by_reason": manifest["quarantine_by_reason"],
-        "shards": {"count": len(manifest["shards"]), "rows": manifest["rows"],
-                   "rows_by_env": manifest["rows_by_env"], "edits_by_split": manifest["edits_by_split"],
-                   "reused": shards_reused, "seconds": round(shard_seconds, 3)},
-        "references": {"rows": refs["rows"], "rows_by_env": refs["rows_by_env"], "k": refs["k"],
-                       "reused": refs_reused, "seconds": round(ref_seconds, 3)},
-        "paths": {"shards_dir": shards_dir, "manifest": os.path.join(shards_dir, MANIFEST),
-                  "quarantine": os.path.join(shards_dir, manifest["quarantine_files"]["jsonl"]),
-                  "references": os.path.join(shards_dir, REFERENCES_DIR)},
-        "model": {"family": model_cfg.family, "name_or_path": model_path, "demo": not cfg.model.name_or_path,
-                  "prompt_template": model_cfg.prompt_template, **model_report},
+        "shards": {
+            "count": len(manifest["shards"]),
+            "rows": manifest["rows"],
+            "rows_by_env": manifest["rows_by_env"],
+            "edits_by_split": manifest["edits_by_split"],
+            "reused": shards_reused,
+            "seconds": round(shard_seconds, 3),
+        },
+        "references": {
+            "rows": refs["rows"],
+            "rows_by_env": refs["rows_by_env"],
+            "k": refs["k"],
+            "reused": refs_reused,
+            "seconds": round(ref_seconds, 3),
+        },
+        "paths": {
+            "shards_dir": shards_dir,
+            "manifest": os.path.join(shards_dir, MANIFEST),
+            "quarantine": os.path.join(shards_dir, manifest["quarantine_files"]["jsonl"]),
+            "references": os.path.join(shards_dir, REFERENCES_DIR),
+        },
+        "model": {
+            "family": model_cfg.family,
+            "name_or_path": model_path,
+            "demo": not cfg.model.name_or_path,
+            "prompt_template": model_cfg.prompt_template,
+            **model_report,
+        },
     }
     write_json(os.path.join(out_dir, "prepare.json"), summary)
     return summary

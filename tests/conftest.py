@@ -10,11 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions"))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from testdata import FAMILIES, make_image  # noqa: E402,F401  (shared by test modules)
 
 
@@ -74,8 +75,9 @@ def record_outcome(request):
     """`record_outcome(kind, case, outcome, detail="")`: log an observed outcome of a fault or bad input."""
 
     def record(kind: str, case: str, outcome: str, detail: str = "") -> None:
-        _OUTCOMES.append({"kind": kind, "case": case, "outcome": outcome, "detail": detail[:300],
-                          "test": request.node.nodeid})
+        _OUTCOMES.append(
+            {"kind": kind, "case": case, "outcome": outcome, "detail": detail[:300], "test": request.node.nodeid}
+        )
 
     return record
 

@@ -34,8 +34,9 @@ def imports_of(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str,
     """(imported project module, line, function-local) for every import statement of a project module."""
     tree = ast.parse(path.read_text(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f)}
+    local = {
+        id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+    }
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -62,10 +63,15 @@ def layer(module: str) -> int:
 
 def test_no_import_runs_upward():
     known = modules()
-    upward = [f"{name}:{line} imports {target}" for name, path in known.items()
-              for target, line, _ in imports_of(name, path, known) if layer(target) > layer(name)]
-    assert upward == [], "lower layers must not import higher ones (odedit <- pipeline <- jobs, bench):\n" + \
-        "\n".join(upward)
+    upward = [
+        f"{name}:{line} imports {target}"
+        for name, path in known.items()
+        for target, line, _ in imports_of(name, path, known)
+        if layer(target) > layer(name)
+    ]
+    assert upward == [], "lower layers must not import higher ones (odedit <- pipeline <- jobs, bench):\n" + "\n".join(
+        upward
+    )
 
 
 def test_no_import_circles():
@@ -87,8 +93,10 @@ def test_function_local_project_imports_say_why_they_are_deferred():
             block = _import_block_comment(lines, line)
             if DEFERRED not in here and DEFERRED not in above and DEFERRED not in block:
                 silent.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
-    assert silent == [], ("a function-local import of project code is a deliberate deferral of a heavy "
-                          f"dependency and says so with a '# {DEFERRED}: <why>' comment:\n" + "\n".join(sorted(set(silent))))
+    assert silent == [], (
+        "a function-local import of project code is a deliberate deferral of a heavy "
+        f"dependency and says so with a '# {DEFERRED}: <why>' comment:\n" + "\n".join(sorted(set(silent)))
+    )
 
 
 def _import_block_comment(lines: list[str], line: int) -> str:
@@ -185,8 +193,14 @@ _FORK_IMPORTER = textwrap.dedent("""
 def test_every_module_imports_alone():
     names = sorted(modules())
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run([sys.executable, "-c", _FORK_IMPORTER, json.dumps(names)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_IMPORTER, json.dumps(names)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     failures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert failures == {}, "\n\n".join(f"{name}:\n{err}" for name, err in failures.items())
@@ -199,8 +213,20 @@ def test_a_broken_import_is_reported_by_the_importer(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "broken.py").write_text("import not_a_module_anywhere\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", _FORK_IMPORTER.replace(
-        'assert not [m for m in sys.modules if m.split(".")[0] in ("odedit", "pipeline", "jobs", "bench")]', ""),
-        json.dumps(["odedit", "odedit.broken"])], cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FORK_IMPORTER.replace(
+                'assert not [m for m in sys.modules if m.split(".")[0] in ("odedit", "pipeline", "jobs", "bench")]', ""
+            ),
+            json.dumps(["odedit", "odedit.broken"]),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     failures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert list(failures) == ["odedit.broken"] and "not_a_module_anywhere" in failures["odedit.broken"]

@@ -18,23 +18,37 @@ import pytest
 import torch
 import yaml
 
+from bench.synthetic import COLOURS, write_png
 from odedit.config import ConfigError
 from odedit.loading import load_config
-from bench.synthetic import COLOURS, write_png
 
-GOOD = {"src": "What color is the shape?", "alt": "red", "pred": "blue", "rephrase": "What is the colour of the shape?",
-        "image": "img/good.png", "image_rephrase": "img/good_r.png", "loc": "nq question: who wrote hamlet",
-        "loc_ans": "shakespeare", "m_loc": "img/loc.png", "m_loc_q": "Is there a circle?", "m_loc_a": "yes"}
+GOOD = {
+    "src": "What color is the shape?",
+    "alt": "red",
+    "pred": "blue",
+    "rephrase": "What is the colour of the shape?",
+    "image": "img/good.png",
+    "image_rephrase": "img/good_r.png",
+    "loc": "nq question: who wrote hamlet",
+    "loc_ans": "shakespeare",
+    "m_loc": "img/loc.png",
+    "m_loc_q": "Is there a circle?",
+    "m_loc_a": "yes",
+}
 
 
 def _bomb(path: str, width: int, height: int) -> None:
     """A tiny PNG whose header declares width x height pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     with open(path, "wb") as fh:
-        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                 + chunk(b"IEND", b""))
+        fh.write(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b"")
+        )
 
 
 # (case, record overrides or a whole record, expected quarantine code, field named in the reason)
@@ -91,9 +105,19 @@ def test_bad_records_are_quarantined_with_reasons_and_the_job_goes_on(corpus, ti
     from pipeline.prepare import prepare as main
 
     root, path, images, records = corpus
-    cfg = load_config(None, ["data.source=mmedit", f"data.path={path}", f"data.image_root={images}",
-                             "data.max_image_bytes=60000", "data.max_text_chars=2000", "model.family=llava",
-                             f"model.name_or_path={tiny_dir('llava')}", f"output_dir={root / 'out'}"])
+    cfg = load_config(
+        None,
+        [
+            "data.source=mmedit",
+            f"data.path={path}",
+            f"data.image_root={images}",
+            "data.max_image_bytes=60000",
+            "data.max_text_chars=2000",
+            "model.family=llava",
+            f"model.name_or_path={tiny_dir('llava')}",
+            f"output_dir={root / 'out'}",
+        ],
+    )
     summary = main(cfg)
     assert summary["kept"] == 3, "the good records (good-0, dup's first occurrence, good-1) are all kept"
     assert summary["quarantined"] == len(RECORD_CASES)
@@ -201,8 +225,12 @@ def test_pickle_where_a_model_checkpoint_is_expected(tmp_path, tiny_dir, record_
     with pytest.raises(ModelLoadError) as info:
         read_minigpt4(str(bad))
     assert not marker.exists(), "the pickle payload did not run"
-    record_outcome("bad checkpoint", "pickle with a code payload where MiniGPT-4's .pth is expected",
-                   "refused (weights_only=True), no code executed", str(info.value))
+    record_outcome(
+        "bad checkpoint",
+        "pickle with a code payload where MiniGPT-4's .pth is expected",
+        "refused (weights_only=True), no code executed",
+        str(info.value),
+    )
 
 
 def test_pickle_and_truncation_where_a_stream_checkpoint_is_expected(tmp_path, record_outcome):
@@ -216,20 +244,25 @@ def test_pickle_and_truncation_where_a_stream_checkpoint_is_expected(tmp_path, r
     with pytest.raises(CheckpointError) as info:
         store.read_checkpoint(path)
     assert not marker.exists()
-    record_outcome("bad checkpoint", "pickle where a stream checkpoint's safetensors is expected",
-                   "refused, no code executed", str(info.value))
+    record_outcome(
+        "bad checkpoint",
+        "pickle where a stream checkpoint's safetensors is expected",
+        "refused, no code executed",
+        str(info.value),
+    )
     path2 = store.write_checkpoint(2, {"w": torch.ones(300)}, {}, {"next_step": 2})
     blob = open(os.path.join(path2, "editable.safetensors"), "rb").read()
     open(os.path.join(path2, "editable.safetensors"), "wb").write(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError) as info:
         store.read_checkpoint(path2)
-    record_outcome("bad checkpoint", "truncated stream checkpoint", "error naming the file and the fallback",
-                   str(info.value))
+    record_outcome(
+        "bad checkpoint", "truncated stream checkpoint", "error naming the file and the fallback", str(info.value)
+    )
 
 
 def test_checkpoint_of_another_model(tiny_adapter, record_outcome):
-    from odedit.loading import load_config as load
     from odedit.editing import Editor
+    from odedit.loading import load_config as load
 
     editor = Editor(tiny_adapter("llava"), load(None, ["method.name=ft", "odedit.enabled=false"]))
     state = editor.state_dict()
@@ -238,13 +271,18 @@ def test_checkpoint_of_another_model(tiny_adapter, record_outcome):
     with pytest.raises(ValueError) as info:
         editor.load_state_dict(state)
     assert name in str(info.value) and "shape" in str(info.value)
-    record_outcome("bad checkpoint", "stream checkpoint of another model (other shapes)", "error naming the tensor",
-                   str(info.value))
+    record_outcome(
+        "bad checkpoint",
+        "stream checkpoint of another model (other shapes)",
+        "error naming the tensor",
+        str(info.value),
+    )
     other = Editor(tiny_adapter("llava"), load(None, ["method.name=lora", "odedit.enabled=false"]))
     with pytest.raises(ValueError) as info:
         other.load_state_dict(editor.state_dict())
-    record_outcome("bad checkpoint", "stream checkpoint of another editor", "error naming missing/unexpected keys",
-                   str(info.value))
+    record_outcome(
+        "bad checkpoint", "stream checkpoint of another editor", "error naming missing/unexpected keys", str(info.value)
+    )
 
 
 def test_model_directory_problems(tmp_path, tiny_dir, record_outcome):
@@ -254,8 +292,7 @@ def test_model_directory_problems(tmp_path, tiny_dir, record_outcome):
     with pytest.raises(ModelLoadError) as info:
         ADAPTERS.get("qwen2_vl").from_pretrained(tiny_dir("llava"))
     assert "qwen2_vl" in str(info.value) and "llava" in str(info.value)
-    record_outcome("bad checkpoint", "model directory of another family", "error naming both families",
-                   str(info.value))
+    record_outcome("bad checkpoint", "model directory of another family", "error naming both families", str(info.value))
     empty = tmp_path / "empty_model"
     empty.mkdir()
     with pytest.raises(ModelLoadError) as info:
@@ -265,17 +302,34 @@ def test_model_directory_problems(tmp_path, tiny_dir, record_outcome):
 
 
 def test_mend_hypernetwork_for_other_shapes(tmp_path, tiny_adapter, record_outcome):
-    from odedit.loading import load_config as load
     from odedit.editing import Editor
+    from odedit.loading import load_config as load
     from odedit.methods.mend.hypernet import MENDError
 
-    small = Editor(tiny_adapter("llava"), load(None, ["method.name=mend", "odedit.enabled=false",
-                                                      "method.layers=[1]", "method.modules=[ffn_out]"]))
+    small = Editor(
+        tiny_adapter("llava"),
+        load(None, ["method.name=mend", "odedit.enabled=false", "method.layers=[1]", "method.modules=[ffn_out]"]),
+    )
     path = tmp_path / "hypernet.safetensors"
     small.method.save_hypernet(str(path))
     with pytest.raises(MENDError) as info:
-        Editor(tiny_adapter("qwen2_vl"), load(None, ["method.name=mend", "odedit.enabled=false", "method.layers=[1]",
-                                                     "method.modules=[ffn_in]", f"method.hypernet_path={path}"]))
+        Editor(
+            tiny_adapter("qwen2_vl"),
+            load(
+                None,
+                [
+                    "method.name=mend",
+                    "odedit.enabled=false",
+                    "method.layers=[1]",
+                    "method.modules=[ffn_in]",
+                    f"method.hypernet_path={path}",
+                ],
+            ),
+        )
     assert "does not fit" in str(info.value)
-    record_outcome("bad checkpoint", "MEND hypernetwork trained for other layer shapes", "error naming the mismatch",
-                   str(info.value))
+    record_outcome(
+        "bad checkpoint",
+        "MEND hypernetwork trained for other layer shapes",
+        "error naming the mismatch",
+        str(info.value),
+    )

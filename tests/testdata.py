@@ -13,7 +13,7 @@ def make_image(color=(255, 0, 0), size=64, seed=0):
 
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = color
+    a[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = color
     return Image.fromarray(a)
 
 
@@ -23,12 +23,24 @@ def step_cases() -> list:
     from odedit.envs import EditCase
     from odedit.models import Sample
 
-    return [EditCase(f"e{i}", {
-        "in": [Sample(q, t, make_image((200, 30, 30), seed=i))],
-        "se_text": [Sample(r, t, make_image((200, 30, 30), seed=i))],
-        "se_image": [Sample(q, t, make_image((200, 30, 30), seed=9 + i))],
-        "out_text": [Sample("which city is the capital of france ?", "paris"),
-                     Sample("what is two plus two ?", "four")][: i + 1],
-        "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
-    }) for i, (q, r, t) in enumerate((("what color is the shape ?", "what is the color of the shape ?", "blue"),
-                                      ("does the image contain a triangle ?", "is there a triangle ?", "green")))]
+    return [
+        EditCase(
+            f"e{i}",
+            {
+                "in": [Sample(q, t, make_image((200, 30, 30), seed=i))],
+                "se_text": [Sample(r, t, make_image((200, 30, 30), seed=i))],
+                "se_image": [Sample(q, t, make_image((200, 30, 30), seed=9 + i))],
+                "out_text": [
+                    Sample("which city is the capital of france ?", "paris"),
+                    Sample("what is two plus two ?", "four"),
+                ][: i + 1],
+                "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
+            },
+        )
+        for i, (q, r, t) in enumerate(
+            (
+                ("what color is the shape ?", "what is the color of the shape ?", "blue"),
+                ("does the image contain a triangle ?", "is there a triangle ?", "green"),
+            )
+        )
+    ]

@@ -15,8 +15,9 @@ bit for bit, and replays the method's own undo callbacks (codebook entries, patc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -70,7 +71,7 @@ class EditMethod(ABC):
     # layer's FFN output may replay just the positions the losses read (`odedit.models.tail`).
     positionwise: ClassVar[bool] = False
 
-    def __init__(self, adapter: "ModelAdapter", cfg: MethodConfig) -> None:
+    def __init__(self, adapter: ModelAdapter, cfg: MethodConfig) -> None:
         self.adapter = adapter
         self.cfg = cfg
         self._prepared = False
@@ -129,7 +130,7 @@ class EditMethod(ABC):
     def begin_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
         """Called before the first iteration of a step (e.g. activate patches); register undo on `handle`."""
 
-    def host_loss(self, outs: Mapping[str, "ForwardOutput"], cases: Sequence[EditCase]) -> torch.Tensor:
+    def host_loss(self, outs: Mapping[str, ForwardOutput], cases: Sequence[EditCase]) -> torch.Tensor:
         """The host editor's own loss. Default: R_rel (Eq. 2), the NLL of the targets on IN."""
         o = outs["in"]
         return reliability_risk(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size)
@@ -144,8 +145,13 @@ class EditMethod(ABC):
     def end_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
         """Called after the last iteration of a step (e.g. merge, write a codebook entry)."""
 
-    def apply(self, cases: Sequence[EditCase], objective: Objective, stepper_factory: StepperFactory | None,
-              access: ParamAccess | None = None) -> tuple[EditHandle, StepReport]:
+    def apply(
+        self,
+        cases: Sequence[EditCase],
+        objective: Objective,
+        stepper_factory: StepperFactory | None,
+        access: ParamAccess | None = None,
+    ) -> tuple[EditHandle, StepReport]:
         """Edit the model for a step of `cases` under `objective`; returns (handle, StepReport).
 
         `access` must wrap every direct read or write of phi_e outside forward/backward (DeepSpeed ZeRO keeps
@@ -173,12 +179,15 @@ class EditMethod(ABC):
             for name, p in params.items():
                 t = state[name]
                 if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(p.shape)}"
+                    )
                 p.copy_(t.to(p.dtype))
 
 
-def attach_side_module(module: nn.Module, name: str, attr: str, build: Callable[[], nn.Module], hook: str,
-                       capacity: int, knob: str) -> nn.Module:
+def attach_side_module(
+    module: nn.Module, name: str, attr: str, build: Callable[[], nn.Module], hook: str, capacity: int, knob: str
+) -> nn.Module:
     """The editor's side module `attr` on `module` (GRACE's codebook, WISE's memory): built and hooked into the
     module's forward on first use, found again afterwards; one built with another capacity is refused."""
     side = getattr(module, attr, None)
@@ -187,6 +196,8 @@ def attach_side_module(module: nn.Module, name: str, attr: str, build: Callable[
         module.add_module(attr, side)
         module.register_forward_hook(getattr(side, hook))
     elif side.capacity != capacity:
-        raise ValueError(f"{name} already carries a {attr} of capacity {side.capacity}; method.{knob} is {capacity} "
-                         "(load the model again, or use the same capacity)")
+        raise ValueError(
+            f"{name} already carries a {attr} of capacity {side.capacity}; method.{knob} is {capacity} "
+            "(load the model again, or use the same capacity)"
+        )
     return side

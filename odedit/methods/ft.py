@@ -6,8 +6,8 @@ its value at the start of the step after each update (EasyEdit's `norm_constrain
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,9 @@ from odedit.methods.registry import register_method
 @dataclass(frozen=True)
 class FTConfig(MethodConfig):
     name: str = option("ft", help="host editor")
-    norm_constraint: float = option(0.0, help="max |w - w_start| per weight after each update; 0 = off", check=non_negative)
+    norm_constraint: float = option(
+        0.0, help="max |w - w_start| per weight after each update; 0 = off", check=non_negative
+    )
     with_bias: bool = option(False, help="also edit the modules' biases")
 
 

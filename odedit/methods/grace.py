@@ -40,8 +40,9 @@ radii, labels and the entry counter are method state (`state_dict`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -67,8 +68,12 @@ class GRACEConfig(MethodConfig):
     lr: float = option(1.0, help="step size of the value optimisation", check=positive)
     n_iter: int = option(20, help="optimisation iterations per edit step (EasyEdit n_iter)", check=positive)
     eps: float = option(1.0, help="initial deferral radius of a new codebook entry (EasyEdit eps)", check=positive)
-    capacity: int = option(1024, help="codebook entries preallocated: the capacity of a sequential stream", check=positive)
-    val_init: Literal["warm", "cold"] = option("warm", help="a new value starts at the module's output (warm) or uniform [0, 1) (cold)")
+    capacity: int = option(
+        1024, help="codebook entries preallocated: the capacity of a sequential stream", check=positive
+    )
+    val_init: Literal["warm", "cold"] = option(
+        "warm", help="a new value starts at the module's output (warm) or uniform [0, 1) (cold)"
+    )
     seed: int = option(0, help="seed of cold value initialisation", check=non_negative)
 
     def _cross_checks(self) -> Iterable[Problem]:
@@ -84,7 +89,9 @@ class Codebook(nn.Module):
     def __init__(self, d_in: int, d_out: int, capacity: int, like: torch.Tensor, tap: ForwardTap) -> None:
         super().__init__()
         self.values = nn.Parameter(torch.zeros(capacity, d_out, dtype=like.dtype, device=like.device))
-        self.register_buffer("keys", torch.zeros(capacity, d_in, dtype=torch.float32, device=like.device), persistent=False)
+        self.register_buffer(
+            "keys", torch.zeros(capacity, d_in, dtype=torch.float32, device=like.device), persistent=False
+        )
         self.register_buffer("eps", torch.zeros(capacity, dtype=torch.float64, device=like.device), persistent=False)
         self.capacity = capacity
         self.n = 0
@@ -94,7 +101,7 @@ class Codebook(nn.Module):
 
     def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance to the nearest key and its index for each row of `x` (N, d_in); float64."""
-        k = self.keys[:self.n].double()
+        k = self.keys[: self.n].double()
         q = x.double()
         d2 = q.pow(2).sum(1, keepdim=True) + k.pow(2).sum(1).unsqueeze(0) - 2 * q @ k.T
         d, idx = d2.clamp_min(0).sqrt().min(1)
@@ -140,8 +147,16 @@ class GRACE(EditMethod):
         self._tap = ForwardTap.of(self.adapter)
         ((name, module),) = self.target_modules().items()
         book = attach_side_module(
-            module, name, ATTR, lambda: Codebook(module.weight.shape[1], module.weight.shape[0], self.cfg.capacity,
-                                                 module.weight, self._tap), "lookup", self.cfg.capacity, "capacity")
+            module,
+            name,
+            ATTR,
+            lambda: Codebook(
+                module.weight.shape[1], module.weight.shape[0], self.cfg.capacity, module.weight, self._tap
+            ),
+            "lookup",
+            self.cfg.capacity,
+            "capacity",
+        )
         self._book, self._name, self._module = book, name, module
 
     def editable(self) -> Mapping[str, nn.Parameter]:
@@ -214,8 +229,10 @@ class GRACE(EditMethod):
     def _add(self, key: torch.Tensor, out: torch.Tensor, label: str) -> int:
         book = self.codebook
         if book.n >= book.capacity:
-            raise CodebookFull(f"GRACE codebook of {self._name} is full ({book.capacity} entries); raise method.capacity "
-                               "(single mode frees each entry on restore)")
+            raise CodebookFull(
+                f"GRACE codebook of {self._name} is full ({book.capacity} entries); raise method.capacity "
+                "(single mode frees each entry on restore)"
+            )
         i = book.n
         with torch.no_grad():
             book.keys[i] = key
@@ -245,8 +262,13 @@ class GRACE(EditMethod):
         """The entries in use: keys, values, radii, labels."""
         book = self.codebook
         n = book.n
-        return {"n": n, "keys": book.keys[:n].cpu().clone(), "values": book.values[:n].detach().cpu().clone(),
-                "eps": book.eps[:n].cpu().clone(), "labels": list(book.labels)}
+        return {
+            "n": n,
+            "keys": book.keys[:n].cpu().clone(),
+            "values": book.values[:n].detach().cpu().clone(),
+            "eps": book.eps[:n].cpu().clone(),
+            "labels": list(book.labels),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         book = self.codebook

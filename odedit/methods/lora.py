@@ -7,8 +7,8 @@ mode the factors accumulate edits; `restore()` puts them back bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from torch import nn
 
@@ -42,14 +42,18 @@ class LoRA(EditMethod):
         names = list(self.target_modules())
         if any(f"lora_A.{self.ADAPTER_NAME}" in n for n, _ in self.adapter.model.named_parameters()):
             return  # already installed on this model (a second Editor over the same model)
-        config = LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
-                            target_modules=names, bias="none")
+        config = LoraConfig(
+            r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout, target_modules=names, bias="none"
+        )
         inject_adapter_in_model(config, self.adapter.model, adapter_name=self.ADAPTER_NAME)
 
     def editable(self) -> Mapping[str, nn.Parameter]:
         wanted = tuple(self.target_modules())
-        return {n: p for n, p in self.adapter.model.named_parameters()
-                if "lora_" in n and self.ADAPTER_NAME in n and n.startswith(wanted)}
+        return {
+            n: p
+            for n, p in self.adapter.model.named_parameters()
+            if "lora_" in n and self.ADAPTER_NAME in n and n.startswith(wanted)
+        }
 
 
 register_method("lora", LoRAConfig, LoRA)

@@ -29,6 +29,7 @@ def register_method(name: str, config_cls: type, method_cls: type) -> MethodSpec
         raise RegistryError(f"edit method {name!r}: method class {method_cls!r} must subclass EditMethod")
     default_name = {f.name: f.default for f in dataclasses.fields(config_cls)}.get("name")
     if default_name != name:
-        raise RegistryError(f"edit method {name!r}: {config_cls.__name__}.name defaults to {default_name!r}; "
-                            f"make it {name!r}")
+        raise RegistryError(
+            f"edit method {name!r}: {config_cls.__name__}.name defaults to {default_name!r}; make it {name!r}"
+        )
     return METHODS.register(name, MethodSpec(name, config_cls, method_cls))

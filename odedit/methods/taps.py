@@ -22,7 +22,8 @@ one forward each; shapes are checked, so a mismatch fails loudly instead of pair
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def layer_at_depth(n_layers: int, fraction: float) -> int:
     return min(n_layers - 1, max(0, round(fraction * (n_layers - 1))))
 
 
-def _base_module(adapter: "ModelAdapter") -> nn.Module:
+def _base_module(adapter: ModelAdapter) -> nn.Module:
     """The module that owns the decoder layers (LlamaModel, OPTDecoder, Qwen2VLTextModel, ...)."""
     layers = adapter.decoder_layers()
     for name, module in adapter.model.named_modules():
@@ -66,7 +67,7 @@ class ForwardTap:
         self._handles: list[Any] = []
 
     @classmethod
-    def of(cls, adapter: "ModelAdapter") -> "ForwardTap":
+    def of(cls, adapter: ModelAdapter) -> ForwardTap:
         """The tap of `adapter`'s model, installed on first use."""
         base = _base_module(adapter)
         tap = getattr(base, ATTR, None)
@@ -101,8 +102,10 @@ class ForwardTap:
             if index <= self._pos:  # the layers restart without the base module: a prefix replay
                 h = args[0] if args else kwargs.get("hidden_states")
                 if self.valid is None or (torch.is_tensor(h) and tuple(h.shape[:2]) != tuple(self.valid.shape)):
-                    raise RuntimeError("a decoder-layer replay does not match the last full forward's batch; "
-                                       "editor hooks cannot tell its padding")
+                    raise RuntimeError(
+                        "a decoder-layer replay does not match the last full forward's batch; "
+                        "editor hooks cannot tell its padding"
+                    )
                 self._open()
             self._pos = index
 
@@ -119,7 +122,9 @@ class ForwardTap:
             return x
         if x.dim() == 2 and x.shape[0] == b * length:
             return x.reshape(b, length, x.shape[-1])
-        raise RuntimeError(f"hooked tensor of shape {tuple(x.shape)} does not match the forward's (B, L) = {(b, length)}")
+        raise RuntimeError(
+            f"hooked tensor of shape {tuple(x.shape)} does not match the forward's (B, L) = {(b, length)}"
+        )
 
     def row_mean(self, values: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B,): the mean over each row's real tokens."""
@@ -143,7 +148,7 @@ class ForwardTap:
         if self.recording and self.records:
             self.records[-1][key] = value
 
-    def take(self, outs: Mapping[str, "ForwardOutput"]) -> dict[str, dict[str, Any]]:
+    def take(self, outs: Mapping[str, ForwardOutput]) -> dict[str, dict[str, Any]]:
         """The recorded tensors behind `outs`, by env: each env's rows of the forward(s) that produced them.
 
         `outs` are consecutive row ranges of the last recorded forwards, in order: one merged forward for all
@@ -156,8 +161,10 @@ class ForwardTap:
             start -= 1
             have += 0 if self.records[start]["_valid"] is None else self.records[start]["_valid"].shape[0]
         if have != need:
-            raise RuntimeError(f"the environment outputs have {need} rows but the last recorded forwards "
-                               f"{have}; was the edit step's recording started (begin_step)?")
+            raise RuntimeError(
+                f"the environment outputs have {need} rows but the last recorded forwards "
+                f"{have}; was the edit step's recording started (begin_step)?"
+            )
         recs, r, off = self.records[start:], 0, 0
         matched: dict[str, dict[str, Any]] = {}
         for env, out in outs.items():
@@ -165,9 +172,11 @@ class ForwardTap:
             rec = recs[r]
             valid = rec["_valid"]
             if off + n > valid.shape[0] or valid.shape[1] != length:
-                raise RuntimeError(f"environment {env!r} ({n} x {length}) does not line up with the recorded forward "
-                                   f"({tuple(valid.shape)}, from row {off})")
-            matched[env] = {k: v[off:off + n] for k, v in rec.items()}
+                raise RuntimeError(
+                    f"environment {env!r} ({n} x {length}) does not line up with the recorded forward "
+                    f"({tuple(valid.shape)}, from row {off})"
+                )
+            matched[env] = {k: v[off : off + n] for k, v in rec.items()}
             off += n
             if off == valid.shape[0]:
                 r, off = r + 1, 0

@@ -45,8 +45,9 @@ fixed set of tensors and shapes; a counter marks the committed patches, and only
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,25 +71,43 @@ class PatchPoolExhausted(ValueError):
 @dataclass(frozen=True)
 class TPatcherConfig(MethodConfig):
     name: str = option("tpatcher", help="host editor")
-    modules: tuple[str, ...] = option(("ffn_in", "ffn_out"), help="T-Patcher reads the FFN input at ffn_in and adds to the FFN output at ffn_out: exactly these two")
+    modules: tuple[str, ...] = option(
+        ("ffn_in", "ffn_out"),
+        help="T-Patcher reads the FFN input at ffn_in and adds to the FFN output at ffn_out: exactly these two",
+    )
     lr: float = option(1e-2, help="step size of the patch optimisation (reference code: Adam, 1e-2)", check=positive)
     n_iter: int = option(10, help="optimisation iterations per edit step (harness max_epochs_tp 10)", check=positive)
-    optimizer: Literal["sgd", "adam"] = option("adam", help="optimiser of the patch parameters (reference code: Adam; the harness's SGD 6e-3 diverges on the exp losses)")
-    max_patches: int = option(1024, help="patch neurons preallocated per layer: the capacity of a sequential stream", check=positive)
+    optimizer: Literal["sgd", "adam"] = option(
+        "adam",
+        help="optimiser of the patch parameters (reference code: Adam; the harness's SGD 6e-3 diverges on the exp losses)",
+    )
+    max_patches: int = option(
+        1024, help="patch neurons preallocated per layer: the capacity of a sequential stream", check=positive
+    )
     patch_unit: Literal["edit", "step"] = option("edit", help="one patch per edit (the paper) or one per step of edits")
     act_weight: float = option(1.0, help="a: weight of the activation loss", check=non_negative)
     memory_weight: float = option(10.0, help="m: weight of the memory loss", check=non_negative)
     act_margin: float = option(0.0, help="the patch's pre-activation on the edit is pushed above this")
-    memory_margin: float = option(3.0, help="margin by which the edit's pre-activation exceeds the memory's", check=non_negative)
+    memory_margin: float = option(
+        3.0, help="margin by which the edit's pre-activation exceeds the memory's", check=non_negative
+    )
     silence_margin: float = option(-3.0, help="memory pre-activations are pushed below this (<= 0 means silent)")
 
     def _cross_checks(self) -> Iterable[Problem]:
         if tuple(sorted(self.modules)) != ("ffn_in", "ffn_out"):
-            yield Problem("modules", list(self.modules), "T-Patcher needs exactly ffn_in and ffn_out",
-                          "leave method.modules at its default [ffn_in, ffn_out]")
+            yield Problem(
+                "modules",
+                list(self.modules),
+                "T-Patcher needs exactly ffn_in and ffn_out",
+                "leave method.modules at its default [ffn_in, ffn_out]",
+            )
         if self.silence_margin > 0:
-            yield Problem("silence_margin", self.silence_margin, "must be <= 0: a silent patch has a non-positive pre-activation",
-                          "use the reference value -3")
+            yield Problem(
+                "silence_margin",
+                self.silence_margin,
+                "must be <= 0: a silent patch has a non-positive pre-activation",
+                "use the reference value -3",
+            )
 
 
 class PatchLayer(nn.Module):
@@ -153,13 +172,16 @@ class TPatcher(EditMethod):
             (_, f_in), (out_name, f_out) = mods.items()
             pool = getattr(f_out, ATTR, None)
             if pool is None:
-                pool = PatchLayer(f_in.weight.shape[1], f_out.weight.shape[0], self.cfg.max_patches, f_out.weight,
-                                  self._tap, out_name)
+                pool = PatchLayer(
+                    f_in.weight.shape[1], f_out.weight.shape[0], self.cfg.max_patches, f_out.weight, self._tap, out_name
+                )
                 f_out.add_module(ATTR, pool)
                 f_in.register_forward_pre_hook(pool.read_input)
                 f_out.register_forward_hook(pool.add_output)
             elif pool.capacity != self.cfg.max_patches:
-                raise ValueError(f"{out_name} already carries {pool.capacity} patches; method.max_patches is {self.cfg.max_patches}")
+                raise ValueError(
+                    f"{out_name} already carries {pool.capacity} patches; method.max_patches is {self.cfg.max_patches}"
+                )
             self._patches[out_name] = pool
 
     def editable(self) -> Mapping[str, nn.Parameter]:
@@ -185,12 +207,16 @@ class TPatcher(EditMethod):
             if pool.used + n_new > pool.capacity:
                 raise PatchPoolExhausted(
                     f"T-Patcher pool of {name} is full: {pool.used} of {pool.capacity} patches used, this step needs "
-                    f"{n_new} more; raise method.max_patches (single mode frees each patch on restore)")
+                    f"{n_new} more; raise method.max_patches (single mode frees each patch on restore)"
+                )
         rows = [i for i, c in enumerate(cases) for _ in c.env("in")]
         if sorted(set(rows)) != list(range(len(cases))):
             raise ValueError("T-Patcher: every edit case needs an 'in' sample")
-        self._owner = ([[r for r, i in enumerate(rows) if i == j] for j in range(len(cases))]
-                       if self.cfg.patch_unit == "edit" else [list(range(len(rows)))])
+        self._owner = (
+            [[r for r, i in enumerate(rows) if i == j] for j in range(len(cases))]
+            if self.cfg.patch_unit == "edit"
+            else [list(range(len(rows)))]
+        )
         queries = self._edit_queries([s for c in cases for s in c.env("in")])
         old = {name: (pool.used, pool.live) for name, pool in self._patches.items()}
 
@@ -280,16 +306,25 @@ class TPatcher(EditMethod):
     def state_dict(self) -> dict[str, Any]:
         """The committed patches of each layer (rows beyond the counter are zero and not stored)."""
         self.install()
-        return {"layers": {name: {"used": pool.used, "keys": pool.keys[:pool.used].detach().cpu().clone(),
-                                  "bias": pool.bias[:pool.used].detach().cpu().clone(),
-                                  "values": pool.values[:pool.used].detach().cpu().clone()}
-                           for name, pool in self._patches.items()}}
+        return {
+            "layers": {
+                name: {
+                    "used": pool.used,
+                    "keys": pool.keys[: pool.used].detach().cpu().clone(),
+                    "bias": pool.bias[: pool.used].detach().cpu().clone(),
+                    "values": pool.values[: pool.used].detach().cpu().clone(),
+                }
+                for name, pool in self._patches.items()
+            }
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.install()
         layers = state.get("layers", {})
         if set(layers) != set(self._patches):
-            raise ValueError(f"T-Patcher checkpoint has patches for {sorted(layers)}, the model for {sorted(self._patches)}")
+            raise ValueError(
+                f"T-Patcher checkpoint has patches for {sorted(layers)}, the model for {sorted(self._patches)}"
+            )
         for name, pool in self._patches.items():
             s = layers[name]
             n = int(s["used"])
@@ -299,7 +334,9 @@ class TPatcher(EditMethod):
                 for p in ("keys", "bias", "values"):
                     t, live = s[p], getattr(pool, p)
                     if tuple(t.shape) != (n,) + tuple(live.shape[1:]):
-                        raise ValueError(f"checkpoint tensor {name}.{p} has shape {tuple(t.shape)}, expected {(n,) + tuple(live.shape[1:])}")
+                        raise ValueError(
+                            f"checkpoint tensor {name}.{p} has shape {tuple(t.shape)}, expected {(n,) + tuple(live.shape[1:])}"
+                        )
                     live.zero_()
                     live[:n] = t.to(live.dtype)
             pool.used = pool.live = n

@@ -53,8 +53,9 @@ Reconstruction choices (no official code exists; every item is [INFERENCE]):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,22 +84,48 @@ def _template(v: str) -> str | None:
 @dataclass(frozen=True)
 class UniKEConfig(MethodConfig):
     name: str = option("unike", help="host editor")
-    modules: tuple[str, ...] = option(("ffn_in", "ffn_out"), help="the FFN modules UniKE reads (ffn_in's input) and writes (ffn_out's output)", check=_ffn_pair)
-    lr: float = option(0.01, help="step size of the per-edit optimisation of neurons, latent vectors and encoders", check=positive)
+    modules: tuple[str, ...] = option(
+        ("ffn_in", "ffn_out"),
+        help="the FFN modules UniKE reads (ffn_in's input) and writes (ffn_out's output)",
+        check=_ffn_pair,
+    )
+    lr: float = option(
+        0.01, help="step size of the per-edit optimisation of neurons, latent vectors and encoders", check=positive
+    )
     n_iter: int = option(10, help="optimisation iterations per edit step (harness max_epochs_tp)", check=positive)
     pool_size: int = option(256, help="preallocated key-value neurons per edited layer", check=positive)
     neurons_per_edit: int = option(1, help="neurons a new edit takes from the pool (T-Patcher: 1)", check=positive)
-    latent_slots: int = option(256, help="preallocated in-context latent vectors per edited layer (one per edit)", check=positive)
-    key_threshold: float = option(0.5, help="neuron bias at creation is -key_threshold: its activation on the edit input is 1 - key_threshold", check=in_range(0.0, 0.99))
-    value_scale: float = option(0.5, help="beta: the new neurons' values start at beta * the truthfulness projection of the latent vector", check=non_negative)
-    gate_threshold: float = option(0.95, help="cosine in the semantic space at which a latent vector is half on", check=in_range(-1.0, 1.0))
+    latent_slots: int = option(
+        256, help="preallocated in-context latent vectors per edited layer (one per edit)", check=positive
+    )
+    key_threshold: float = option(
+        0.5,
+        help="neuron bias at creation is -key_threshold: its activation on the edit input is 1 - key_threshold",
+        check=in_range(0.0, 0.99),
+    )
+    value_scale: float = option(
+        0.5,
+        help="beta: the new neurons' values start at beta * the truthfulness projection of the latent vector",
+        check=non_negative,
+    )
+    gate_threshold: float = option(
+        0.95, help="cosine in the semantic space at which a latent vector is half on", check=in_range(-1.0, 1.0)
+    )
     gate_temperature: float = option(0.01, help="width of the gate's sigmoid", check=positive)
     sem_dim: int = option(64, help="semantic space size (capped at the hidden size)", check=positive)
     truth_dim: int = option(64, help="truthfulness space size (capped at the hidden size)", check=positive)
-    w_disentangle: float = option(0.1, help="weight of the knowledge-disentangling contrastive objective", check=non_negative)
+    w_disentangle: float = option(
+        0.1, help="weight of the knowledge-disentangling contrastive objective", check=non_negative
+    )
     contrast_temperature: float = option(0.1, help="temperature of the contrastive objectives", check=positive)
-    w_memory: float = option(1.0, help="weight of T-Patcher's memory loss (new neurons inactive on earlier edits)", check=non_negative)
-    demo_template: str = option("New Fact: {prompt} {target}\nPrompt: {prompt}", help="in-context demonstration whose latent effect becomes the external memory", check=_template)
+    w_memory: float = option(
+        1.0, help="weight of T-Patcher's memory loss (new neurons inactive on earlier edits)", check=non_negative
+    )
+    demo_template: str = option(
+        "New Fact: {prompt} {target}\nPrompt: {prompt}",
+        help="in-context demonstration whose latent effect becomes the external memory",
+        check=_template,
+    )
 
 
 class UniKEError(RuntimeError):
@@ -118,8 +145,17 @@ class UniKEMemory(nn.Module):
     preallocated and inert.
     """
 
-    def __init__(self, d: int, *, pool: int, slots: int, sem_dim: int, truth_dim: int, gate_threshold: float,
-                 gate_temperature: float) -> None:
+    def __init__(
+        self,
+        d: int,
+        *,
+        pool: int,
+        slots: int,
+        sem_dim: int,
+        truth_dim: int,
+        gate_threshold: float,
+        gate_temperature: float,
+    ) -> None:
         super().__init__()
         self.keys = nn.Parameter(torch.zeros(pool, d))
         self.bias = nn.Parameter(torch.zeros(pool))
@@ -129,8 +165,13 @@ class UniKEMemory(nn.Module):
         self.truth = nn.Linear(d, min(truth_dim, d), bias=False)
         nn.init.orthogonal_(self.sem.weight)  # at first the spaces keep cosines (full rank) or approximate them
         nn.init.orthogonal_(self.truth.weight)
-        for name, shape, dtype in (("slot_keys", (slots, d), None), ("slot_demo", (slots, d), None),
-                                   ("slot_x", (slots, d), None), ("n_neurons", (), torch.long), ("n_slots", (), torch.long)):
+        for name, shape, dtype in (
+            ("slot_keys", (slots, d), None),
+            ("slot_demo", (slots, d), None),
+            ("slot_x", (slots, d), None),
+            ("n_neurons", (), torch.long),
+            ("n_slots", (), torch.long),
+        ):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=False)
         self.gate_threshold, self.gate_temperature = gate_threshold, gate_temperature
         self._x: torch.Tensor | None = None
@@ -175,17 +216,25 @@ class UniKEMemory(nn.Module):
 class _StateCapture:
     """Records, per edited layer, the FFN input (B, L, d) and the layer's output hidden states."""
 
-    def __init__(self, method: "UniKE") -> None:
+    def __init__(self, method: UniKE) -> None:
         self.x: dict[int, torch.Tensor] = {}
         self.h: dict[int, torch.Tensor] = {}
         self.handles = []
         for li, mem in method.memories.items():
             ffn_in = method.adapter.edit_modules(["ffn_in"], [li])
             for module in ffn_in.values():
-                self.handles.append(module.register_forward_pre_hook(
-                    lambda m, a, li=li, mem=mem: self.x.__setitem__(li, a[0] if a[0].dim() == 3 else a[0].view(*mem._shape, -1))))
-            self.handles.append(method.adapter.decoder_layers()[li].register_forward_hook(
-                lambda m, a, out, li=li: self.h.__setitem__(li, out[0] if isinstance(out, tuple) else out)))
+                self.handles.append(
+                    module.register_forward_pre_hook(
+                        lambda m, a, li=li, mem=mem: self.x.__setitem__(
+                            li, a[0] if a[0].dim() == 3 else a[0].view(*mem._shape, -1)
+                        )
+                    )
+                )
+            self.handles.append(
+                method.adapter.decoder_layers()[li].register_forward_hook(
+                    lambda m, a, out, li=li: self.h.__setitem__(li, out[0] if isinstance(out, tuple) else out)
+                )
+            )
 
     def remove(self) -> None:
         for h in self.handles:
@@ -222,9 +271,15 @@ class UniKE(EditMethod):
                 d = ffn_out.out_features
                 p = next(layer.parameters())
                 cfg = self.cfg
-                mem = UniKEMemory(d, pool=cfg.pool_size, slots=cfg.latent_slots, sem_dim=cfg.sem_dim,
-                                  truth_dim=cfg.truth_dim, gate_threshold=cfg.gate_threshold,
-                                  gate_temperature=cfg.gate_temperature).to(device=p.device, dtype=p.dtype)
+                mem = UniKEMemory(
+                    d,
+                    pool=cfg.pool_size,
+                    slots=cfg.latent_slots,
+                    sem_dim=cfg.sem_dim,
+                    truth_dim=cfg.truth_dim,
+                    gate_threshold=cfg.gate_threshold,
+                    gate_temperature=cfg.gate_temperature,
+                ).to(device=p.device, dtype=p.dtype)
                 layer.add_module(MEMORY_ATTR, mem)
                 layer.register_forward_pre_hook(mem.layer_pre_hook, with_kwargs=True)
                 ffn_in.register_forward_pre_hook(mem.ffn_in_pre_hook)
@@ -246,7 +301,9 @@ class UniKE(EditMethod):
     # ------------------------------------------------------------------------------------------ one step
 
     @torch.no_grad()
-    def _states(self, samples: Sequence[Sample]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    def _states(
+        self, samples: Sequence[Sample]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
         """FFN inputs (B, L, d) and layer outputs per edited layer, and the last prompt positions."""
         capture = _StateCapture(self)
         try:
@@ -264,9 +321,11 @@ class UniKE(EditMethod):
         m0, n0 = int(any_mem.n_neurons), int(any_mem.n_slots)
         m1, n1 = m0 + len(cases) * cfg.neurons_per_edit, n0 + len(cases)
         if m1 > cfg.pool_size or n1 > cfg.latent_slots:
-            raise UniKEError(f"UniKE memory full: {m0}/{cfg.pool_size} neurons and {n0}/{cfg.latent_slots} latent "
-                             f"slots used, this step needs {m1 - m0} and {n1 - n0} more; raise method.pool_size / "
-                             "method.latent_slots")
+            raise UniKEError(
+                f"UniKE memory full: {m0}/{cfg.pool_size} neurons and {n0}/{cfg.latent_slots} latent "
+                f"slots used, this step needs {m1 - m0} and {n1 - n0} more; raise method.pool_size / "
+                "method.latent_slots"
+            )
         was_training = self.adapter.model.training
         self.adapter.model.eval()
         try:
@@ -374,16 +433,20 @@ class UniKE(EditMethod):
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        bufs = {k[len("buffers."):]: v for k, v in state.items() if k.startswith("buffers.")}
+        bufs = {k[len("buffers.") :]: v for k, v in state.items() if k.startswith("buffers.")}
         super().load_state_dict({k: v for k, v in state.items() if not k.startswith("buffers.")})
         ours = self._buffers()
         if set(bufs) != set(ours):
-            raise ValueError(f"checkpoint UniKE memory state does not match: missing {sorted(set(ours) - set(bufs))[:4]}, "
-                             f"unexpected {sorted(set(bufs) - set(ours))[:4]}")
+            raise ValueError(
+                f"checkpoint UniKE memory state does not match: missing {sorted(set(ours) - set(bufs))[:4]}, "
+                f"unexpected {sorted(set(bufs) - set(ours))[:4]}"
+            )
         with torch.no_grad():
             for k, t in ours.items():
                 if tuple(bufs[k].shape) != tuple(t.shape):
-                    raise ValueError(f"checkpoint buffer {k!r} has shape {tuple(bufs[k].shape)}, model has {tuple(t.shape)}")
+                    raise ValueError(
+                        f"checkpoint buffer {k!r} has shape {tuple(bufs[k].shape)}, model has {tuple(t.shape)}"
+                    )
                 t.copy_(bufs[k].to(t.dtype))
 
     def fill(self) -> dict[str, int]:

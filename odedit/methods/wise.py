@@ -56,8 +56,9 @@ registered by `end_step` make `restore()` bit-exact for them too.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -82,21 +83,51 @@ class MemoryPoolFull(ValueError):
 @dataclass(frozen=True)
 class WISEConfig(MethodConfig):
     name: str = option("wise", help="host editor")
-    modules: tuple[str, ...] = option(("ffn_out",), help="WISE keeps a side memory of one FFN output layer: exactly ffn_out")
+    modules: tuple[str, ...] = option(
+        ("ffn_out",), help="WISE keeps a side memory of one FFN output layer: exactly ffn_out"
+    )
     lr: float = option(1.0, help="step size of the side-memory optimisation (EasyEdit edit_lr)", check=positive)
     n_iter: int = option(10, help="optimisation iterations per edit step (EasyEdit n_iter)", check=positive)
     optimizer: Literal["sgd", "adam"] = option("sgd", help="optimiser of the side memory (EasyEdit: SGD)")
-    mask_ratio: float = option(0.2, help="fraction of side-memory entries a shard may change (knowledge sharding)", check=in_range(1e-6, 1.0))
-    act_margin: tuple[float, float, float] = option((5.0, 20.0, 10.0), help="[alpha, beta, gamma]: unrelated scores below alpha, edit scores above beta, apart by gamma", check=each(non_negative))
-    act_ratio: float = option(0.4, help="a memory answers an input whose score exceeds act_ratio x its smallest edit score", check=in_range(1e-6, 1.0))
+    mask_ratio: float = option(
+        0.2, help="fraction of side-memory entries a shard may change (knowledge sharding)", check=in_range(1e-6, 1.0)
+    )
+    act_margin: tuple[float, float, float] = option(
+        (5.0, 20.0, 10.0),
+        help="[alpha, beta, gamma]: unrelated scores below alpha, edit scores above beta, apart by gamma",
+        check=each(non_negative),
+    )
+    act_ratio: float = option(
+        0.4,
+        help="a memory answers an input whose score exceeds act_ratio x its smallest edit score",
+        check=in_range(1e-6, 1.0),
+    )
     save_freq: int = option(500, help="edits per shard: a full shard is saved to the memory pool", check=positive)
-    merge_freq: int = option(1000, help="edits per merge: every merge_freq // save_freq saved shards are merged into one memory", check=positive)
-    merge_alg: Literal["ties", "linear"] = option("ties", help="how shards merge: TIES (trim, elect sign, disjoint mean) or the plain mean of their deltas")
-    merge_density: float = option(0.53, help="TIES: fraction of each shard's delta entries kept by magnitude (EasyEdit densities)", check=in_range(1e-6, 1.0))
-    retrieve: bool = option(True, help="WISE-Retrieve: merged memories accumulate and are retrieved by score; false merges everything into one")
-    max_memories: int = option(8, help="side memories preallocated in the pool (saved shards and merged memories)", check=positive)
+    merge_freq: int = option(
+        1000,
+        help="edits per merge: every merge_freq // save_freq saved shards are merged into one memory",
+        check=positive,
+    )
+    merge_alg: Literal["ties", "linear"] = option(
+        "ties", help="how shards merge: TIES (trim, elect sign, disjoint mean) or the plain mean of their deltas"
+    )
+    merge_density: float = option(
+        0.53,
+        help="TIES: fraction of each shard's delta entries kept by magnitude (EasyEdit densities)",
+        check=in_range(1e-6, 1.0),
+    )
+    retrieve: bool = option(
+        True,
+        help="WISE-Retrieve: merged memories accumulate and are retrieved by score; false merges everything into one",
+    )
+    max_memories: int = option(
+        8, help="side memories preallocated in the pool (saved shards and merged memories)", check=positive
+    )
     mask_seed: int = option(0, help="seed of the shards' random subspace masks", check=non_negative)
-    act_pool: Literal["mean", "max"] = option("mean", help="how a row's token scores pool into Delta_act: mean (EasyEdit) or max (EasyEdit's choice for long inputs)")
+    act_pool: Literal["mean", "max"] = option(
+        "mean",
+        help="how a row's token scores pool into Delta_act: mean (EasyEdit) or max (EasyEdit's choice for long inputs)",
+    )
 
     def _cross_checks(self) -> Iterable[Problem]:
         if tuple(self.modules) != ("ffn_out",):
@@ -104,10 +135,17 @@ class WISEConfig(MethodConfig):
         if len(self.layers) > 1:
             yield Problem("layers", list(self.layers), "WISE has one side memory: give at most one layer", "e.g. [23]")
         if self.merge_freq % self.save_freq:
-            yield Problem("merge_freq", self.merge_freq, f"must be a multiple of save_freq ({self.save_freq})", "e.g. save_freq 500, merge_freq 1000")
+            yield Problem(
+                "merge_freq",
+                self.merge_freq,
+                f"must be a multiple of save_freq ({self.save_freq})",
+                "e.g. save_freq 500, merge_freq 1000",
+            )
         k = self.merge_freq // self.save_freq
         if self.max_memories < k:
-            yield Problem("max_memories", self.max_memories, f"must hold the {k} shards of one merge", f"use at least {k}")
+            yield Problem(
+                "max_memories", self.max_memories, f"must hold the {k} shards of one merge", f"use at least {k}"
+            )
 
 
 def ties_merge(base: torch.Tensor, memories: Sequence[torch.Tensor], density: float) -> torch.Tensor:
@@ -139,11 +177,16 @@ class SideMemory(nn.Module):
     memory with the highest score above its threshold x act_ratio, or keeps the main output.
     """
 
-    def __init__(self, weight: torch.Tensor, *, capacity: int, act_ratio: float, act_pool: str, tap: ForwardTap,
-                 key: str) -> None:
+    def __init__(
+        self, weight: torch.Tensor, *, capacity: int, act_ratio: float, act_pool: str, tap: ForwardTap, key: str
+    ) -> None:
         super().__init__()
         self.side = nn.Parameter(weight.detach().clone())
-        self.register_buffer("pool", torch.zeros((capacity,) + tuple(weight.shape), dtype=weight.dtype, device=weight.device), persistent=False)
+        self.register_buffer(
+            "pool",
+            torch.zeros((capacity,) + tuple(weight.shape), dtype=weight.dtype, device=weight.device),
+            persistent=False,
+        )
         self.register_buffer("pool_thr", torch.full((capacity,), math.inf, device=weight.device), persistent=False)
         self.capacity = capacity
         self.act_ratio = act_ratio
@@ -151,12 +194,12 @@ class SideMemory(nn.Module):
         self.tap = tap
         self.key = key
         self.editing = False
-        self.n_pool = 0        # memories in the pool
-        self.pending = 0       # saved shards not merged yet (the last `pending` pool entries)
+        self.n_pool = 0  # memories in the pool
+        self.pending = 0  # saved shards not merged yet (the last `pending` pool entries)
         self.work_thr = math.inf  # smallest edit score in the working memory
-        self.work_edits = 0    # edits in the working memory's shard
-        self.shard = 0         # index of the working shard (seeds its mask)
-        self.edits = 0         # edits written in total
+        self.work_edits = 0  # edits in the working memory's shard
+        self.shard = 0  # index of the working shard (seeds its mask)
+        self.edits = 0  # edits written in total
 
     def scalars(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("n_pool", "pending", "work_thr", "work_edits", "shard", "edits")}
@@ -182,7 +225,7 @@ class SideMemory(nn.Module):
         mems = ([self.side] if self.work_edits else []) + [self.pool[i] for i in range(self.n_pool)]
         if not mems:
             return None
-        thr = ([self.work_thr] if self.work_edits else []) + self.pool_thr[:self.n_pool].tolist()
+        thr = ([self.work_thr] if self.work_edits else []) + self.pool_thr[: self.n_pool].tolist()
         ys = [F.linear(x, w, module.bias) for w in mems]
         d = torch.stack([self.scores(y, out) for y in ys])  # (M, B)
         ok = d > torch.tensor(thr, device=d.device).unsqueeze(1) * self.act_ratio
@@ -222,10 +265,21 @@ class WISE(EditMethod):
         self._tap = ForwardTap.of(self.adapter)
         ((name, module),) = self.target_modules().items()
         mem = attach_side_module(
-            module, name, ATTR, lambda: SideMemory(module.weight, capacity=self.cfg.max_memories,
-                                                   act_ratio=self.cfg.act_ratio, act_pool=self.cfg.act_pool,
-                                                   tap=self._tap, key=name),
-            "route", self.cfg.max_memories, "max_memories")
+            module,
+            name,
+            ATTR,
+            lambda: SideMemory(
+                module.weight,
+                capacity=self.cfg.max_memories,
+                act_ratio=self.cfg.act_ratio,
+                act_pool=self.cfg.act_pool,
+                tap=self._tap,
+                key=name,
+            ),
+            "route",
+            self.cfg.max_memories,
+            "max_memories",
+        )
         self._mem, self._name, self._module = mem, name, module
 
     def editable(self) -> Mapping[str, nn.Parameter]:
@@ -251,8 +305,10 @@ class WISE(EditMethod):
     def begin_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
         mem = self._mem
         if mem.work_edits + len(cases) >= self.cfg.save_freq and mem.n_pool >= mem.capacity:
-            raise MemoryPoolFull(f"WISE memory pool of {self._name} is full ({mem.capacity} memories) and this step "
-                                 "would save a shard; raise method.max_memories or merge more often (method.merge_freq)")
+            raise MemoryPoolFull(
+                f"WISE memory pool of {self._name} is full ({mem.capacity} memories) and this step "
+                "would save a shard; raise method.max_memories or merge more often (method.merge_freq)"
+            )
         mem.editing = True
         handle.undo.append(lambda: setattr(mem, "editing", False))
         self._tap.start()
@@ -331,9 +387,9 @@ class WISE(EditMethod):
         merged = ties_merge(base, parts, cfg.merge_density) if cfg.merge_alg == "ties" else linear_merge(base, parts)
         with torch.no_grad():
             mem.pool[lo] = merged
-            mem.pool_thr[lo] = mem.pool_thr[lo:mem.n_pool].min()
-            mem.pool[lo + 1:mem.n_pool] = 0
-            mem.pool_thr[lo + 1:mem.n_pool] = math.inf
+            mem.pool_thr[lo] = mem.pool_thr[lo : mem.n_pool].min()
+            mem.pool[lo + 1 : mem.n_pool] = 0
+            mem.pool_thr[lo + 1 : mem.n_pool] = math.inf
         mem.n_pool = lo + 1
         mem.pending = 0
 
@@ -342,8 +398,12 @@ class WISE(EditMethod):
     def state_dict(self) -> dict[str, Any]:
         """The working memory, the pool's memories and thresholds, and the shard counters."""
         mem = self.memory
-        return {"side": mem.side.detach().cpu().clone(), "pool": mem.pool[:mem.n_pool].detach().cpu().clone(),
-                "pool_thr": mem.pool_thr[:mem.n_pool].detach().cpu().clone(), **mem.scalars()}
+        return {
+            "side": mem.side.detach().cpu().clone(),
+            "pool": mem.pool[: mem.n_pool].detach().cpu().clone(),
+            "pool_thr": mem.pool_thr[: mem.n_pool].detach().cpu().clone(),
+            **mem.scalars(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mem = self.memory
@@ -352,8 +412,10 @@ class WISE(EditMethod):
             raise ValueError(f"WISE checkpoint holds {n} memories; method.max_memories is {mem.capacity}")
         shape = tuple(mem.side.shape)
         if tuple(state["side"].shape) != shape or tuple(state["pool"].shape) != (n,) + shape:
-            raise ValueError(f"WISE checkpoint has side memory {tuple(state['side'].shape)} / pool {tuple(state['pool'].shape)}, "
-                             f"the model's layer is {shape}; was it written for another model or layer?")
+            raise ValueError(
+                f"WISE checkpoint has side memory {tuple(state['side'].shape)} / pool {tuple(state['pool'].shape)}, "
+                f"the model's layer is {shape}; was it written for another model or layer?"
+            )
         with torch.no_grad():
             mem.side.copy_(state["side"].to(mem.side.dtype))
             mem.pool.zero_()

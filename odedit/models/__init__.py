@@ -1,13 +1,14 @@
 """MLLM adapters, one module per family, behind the `ModelAdapter` interface (`odedit.models.base`).
 
-    adapter = load_adapter(cfg.model)              # hub name or local dir, dtype/device from config
-    path = build_tiny("llava", "/tmp/tiny")        # tiny random model + offline tokenizer, for tests
+adapter = load_adapter(cfg.model)              # hub name or local dir, dtype/device from config
+path = build_tiny("llava", "/tmp/tiny")        # tiny random model + offline tokenizer, for tests
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -60,7 +61,8 @@ def load_adapter(model_cfg: Any, name_or_path: str | None = None) -> ModelAdapte
     )
 
 
-def build_tiny(family: str, out_dir: str | os.PathLike, corpus: Sequence[str] | None = None, seed: int = 0,
-               **sizes: Any) -> str:
+def build_tiny(
+    family: str, out_dir: str | os.PathLike, corpus: Sequence[str] | None = None, seed: int = 0, **sizes: Any
+) -> str:
     """Build and save a tiny random model of `family` (see each adapter's `build_tiny`)."""
     return ADAPTERS.get(family).build_tiny(out_dir, corpus=corpus, seed=seed, **sizes)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,12 +57,17 @@ class EncodedBatch:
     def size(self) -> int:
         return int(self.targets.shape[0])
 
-    def rows(self, rows: slice) -> "EncodedBatch":
+    def rows(self, rows: slice) -> EncodedBatch:
         """A contiguous range of the batch's rows (one environment of a merged batch)."""
-        return EncodedBatch({k: v[rows] for k, v in self.inputs.items() if v.shape[:1] == self.targets.shape[:1]},
-                            self.targets[rows], self.prompt_mask[rows], self.last_prompt[rows], self.has_image[rows])
+        return EncodedBatch(
+            {k: v[rows] for k, v in self.inputs.items() if v.shape[:1] == self.targets.shape[:1]},
+            self.targets[rows],
+            self.prompt_mask[rows],
+            self.last_prompt[rows],
+            self.has_image[rows],
+        )
 
-    def to(self, device: torch.device | str) -> "EncodedBatch":
+    def to(self, device: torch.device | str) -> EncodedBatch:
         return EncodedBatch(
             inputs={k: v.to(device) for k, v in self.inputs.items()},
             targets=self.targets.to(device),
@@ -79,10 +85,12 @@ class ForwardOutput:
     hidden: torch.Tensor  # (B, L, H), last layer
     batch: EncodedBatch
 
-    def select(self, rows: slice, batch: EncodedBatch | None = None) -> "ForwardOutput":
+    def select(self, rows: slice, batch: EncodedBatch | None = None) -> ForwardOutput:
         """The outputs of a contiguous range of batch rows (one environment of a merged forward pass);
         `batch`: `self.batch.rows(rows)` when the caller already cut it."""
-        return ForwardOutput(self.logits[rows], self.hidden[rows], batch if batch is not None else self.batch.rows(rows))
+        return ForwardOutput(
+            self.logits[rows], self.hidden[rows], batch if batch is not None else self.batch.rows(rows)
+        )
 
     def take_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, V) logits at flat positions `flat` (row * length + column)."""
@@ -150,8 +158,16 @@ class ModelAdapter(ABC):
     # also checks the claim on every step's full pass.
     RESIDUAL_INPUTS: ClassVar[Mapping[str, str]] = {"ffn_out": "post_attention_layernorm"}
 
-    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, template: str = "",
-                 pooling: str = "last", max_prompt_tokens: int = 96, image_size: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        image_processor: Any,
+        template: str = "",
+        pooling: str = "last",
+        max_prompt_tokens: int = 96,
+        image_size: int = 0,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -166,8 +182,9 @@ class ModelAdapter(ABC):
     model_class: ClassVar[Any] = None  # callable returning the transformers class (lazy import)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        **kwargs: Any) -> "ModelAdapter":
+    def from_pretrained(
+        cls, name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", **kwargs: Any
+    ) -> ModelAdapter:
         """Load model, tokenizer and image processor from a hub name or a local directory."""
         check_loadable(name_or_path, cls.model_type, cls.family)
         model = cls.model_class().from_pretrained(name_or_path, dtype=dtype)
@@ -191,8 +208,9 @@ class ModelAdapter(ABC):
 
     @classmethod
     @abstractmethod
-    def build_tiny(cls, out_dir: str | os.PathLike, corpus: Sequence[str] | None = None, seed: int = 0,
-                   **sizes: Any) -> str:
+    def build_tiny(
+        cls, out_dir: str | os.PathLike, corpus: Sequence[str] | None = None, seed: int = 0, **sizes: Any
+    ) -> str:
         """Build a tiny random model of this family with an offline tokenizer and save it to `out_dir`."""
 
     # ------------------------------------------------------------------------------------------ family hooks
@@ -205,12 +223,14 @@ class ModelAdapter(ABC):
         """`_image_block` of each image; families whose processor takes a batch override it with one call."""
         return [self._image_block(image) for image in images]
 
-    def _fixed_pixel_blocks(self, images: Sequence[Any], n_tokens: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    def _fixed_pixel_blocks(
+        self, images: Sequence[Any], n_tokens: int
+    ) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         """One image-processor call for images that each become `n_tokens` image tokens and one (1, C, H, W)
         slice of pixel_values (LLaVA, BLIP-2, MiniGPT-4). Needs `self.image_token_id`."""
         pixels = self.pixel_values([image.convert("RGB") for image in images])
         ids = [self.image_token_id] * n_tokens  # type: ignore[attr-defined]
-        return [(ids, {"pixel_values": pixels[i:i + 1]}) for i in range(len(images))]
+        return [(ids, {"pixel_values": pixels[i : i + 1]}) for i in range(len(images))]
 
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         """The image processor's `pixel_values` for RGB images, batched (`odedit.models.pixels`; bit-identical,
@@ -279,17 +299,18 @@ class ModelAdapter(ABC):
         """
         if not target:
             return []
-        if len(joint) > len(alone) and joint[:len(alone)] == alone:
-            return joint[len(alone):]
-        return self._tok(self._with_target(prompt_tail, target)[len(prompt_tail):])
+        if len(joint) > len(alone) and joint[: len(alone)] == alone:
+            return joint[len(alone) :]
+        return self._tok(self._with_target(prompt_tail, target)[len(prompt_tail) :])
 
     def _resize(self, image: Any) -> Any:
         if self.image_size and image is not None:
             image = image.convert("RGB").resize((self.image_size, self.image_size))
         return image
 
-    def encode(self, samples: Sequence[Sample], padding_side: str = "right", append_eos: bool = False,
-               with_target: bool = True) -> EncodedBatch:
+    def encode(
+        self, samples: Sequence[Sample], padding_side: str = "right", append_eos: bool = False, with_target: bool = True
+    ) -> EncodedBatch:
         """Tokenise a batch: [image block] + BOS + prompt (+ target [+ EOS]) with answer-aligned targets.
 
         Args:
@@ -312,8 +333,11 @@ class ModelAdapter(ABC):
         processed = dict(zip(images, self._image_blocks([self._resize(image) for image in images.values()])))
         blocks = iter([processed[id(s.image)] for s in samples if s.image is not None])
         tails = [after if after else before for before, after in parts]  # the segment the target follows
-        texts = [t for (before, after), tail, s in zip(parts, tails, samples)
-                 for t in (before, after, self._with_target(tail, s.target) if with_target and s.target else "")]
+        texts = [
+            t
+            for (before, after), tail, s in zip(parts, tails, samples)
+            for t in (before, after, self._with_target(tail, s.target) if with_target and s.target else "")
+        ]
         tokens = iter(self._tok_many(texts))
         feats: list[dict[str, torch.Tensor]] = []
         for s, (before, after), tail in zip(samples, parts, tails):
@@ -329,7 +353,7 @@ class ModelAdapter(ABC):
                 drop = len(before_ids) + len(after_ids) - budget
                 cut = min(drop, len(before_ids))
                 before_ids = before_ids[cut:]
-                after_ids = after_ids[drop - cut:]
+                after_ids = after_ids[drop - cut :]
             ids: list[int] = []
             if has_image and self.image_before_bos:
                 ids += img_ids
@@ -394,8 +418,13 @@ class ModelAdapter(ABC):
         done = torch.zeros(ids.shape[0], dtype=torch.bool)
         out: list[list[int]] = [[] for _ in range(ids.shape[0])]
         for _ in range(max_new_tokens):
-            step = EncodedBatch({**batch.inputs, "input_ids": ids, "attention_mask": att}, batch.targets,
-                                batch.prompt_mask, batch.last_prompt, batch.has_image)
+            step = EncodedBatch(
+                {**batch.inputs, "input_ids": ids, "attention_mask": att},
+                batch.targets,
+                batch.prompt_mask,
+                batch.last_prompt,
+                batch.has_image,
+            )
             step.inputs.update(self._extra_inputs(ids, att))
             logits = self.forward(step).logits[:, -1].float().cpu()
             nxt = logits.argmax(-1)
@@ -421,11 +450,15 @@ class ModelAdapter(ABC):
         out: dict[str, nn.Module] = {}
         for layer in layers:
             if not -n <= layer < n:
-                raise ValueError(f"method.layers: layer {layer} is out of range for a {n}-layer language model; use 0..{n - 1}")
+                raise ValueError(
+                    f"method.layers: layer {layer} is out of range for a {n}-layer language model; use 0..{n - 1}"
+                )
             li = layer % n
             for kind in kinds:
                 if kind not in self.MODULE_KINDS:
-                    raise ValueError(f"method.modules: unknown module kind {kind!r} for {self.family}; known: {', '.join(self.MODULE_KINDS)}")
+                    raise ValueError(
+                        f"method.modules: unknown module kind {kind!r} for {self.family}; known: {', '.join(self.MODULE_KINDS)}"
+                    )
                 path = self.MODULE_KINDS[kind]
                 module = layer_list[li].get_submodule(path)
                 out[f"{prefix}.{li}.{path}"] = module

@@ -12,7 +12,8 @@ Real checkpoint: `Salesforce/blip2-opt-2.7b` (MMEdit's template `Question: {} Sh
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -75,38 +76,78 @@ class Blip2OptAdapter(QueryTokenImages, ModelAdapter):
         feats = self._image_features(inputs) if "pixel_values" in inputs else None
         lm = self.model.language_model
         embeds = embed_with_images(lm.get_input_embeddings(), inputs["input_ids"], self.image_token_id, feats)
-        out = lm(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], output_hidden_states=True,
-                 use_cache=False, return_dict=True)
+        out = lm(
+            inputs_embeds=embeds,
+            attention_mask=inputs["attention_mask"],
+            output_hidden_states=True,
+            use_cache=False,
+            return_dict=True,
+        )
         return out.logits, out.hidden_states[-1]
 
     @classmethod
-    def build_tiny(cls, out_dir: str | os.PathLike, corpus: Sequence[str] | None = None, seed: int = 0,
-                   vision_hidden: int = 32, vision_layers: int = 2, qformer_hidden: int = 32, qformer_layers: int = 2,
-                   text_hidden: int = 32, text_layers: int = 2, heads: int = 2, image_size: int = 32,
-                   patch_size: int = 8, num_query_tokens: int = 4, **_: Any) -> str:
+    def build_tiny(
+        cls,
+        out_dir: str | os.PathLike,
+        corpus: Sequence[str] | None = None,
+        seed: int = 0,
+        vision_hidden: int = 32,
+        vision_layers: int = 2,
+        qformer_hidden: int = 32,
+        qformer_layers: int = 2,
+        text_hidden: int = 32,
+        text_layers: int = 2,
+        heads: int = 2,
+        image_size: int = 32,
+        patch_size: int = 8,
+        num_query_tokens: int = 4,
+        **_: Any,
+    ) -> str:
         """A tiny BLIP-2 OPT (ViT 32 px / patch 8, 2-layer Q-Former with 4 queries, 2-layer OPT) saved to `out_dir`.
 
         The word tokenizer's `<s>` is BOS (real OPT checkpoints use `</s>`); `<image>` is a plain special token, not
         `tok.image_token` (Blip2Processor crashes on that attribute, platform.md §4.2; this adapter does not use it).
         """
         # deferred: transformers is imported only when a tiny model is built
-        from transformers import (Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor,
-                                  OPTConfig)
+        from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor, OPTConfig
 
         tok = build_word_tokenizer(corpus or DEFAULT_CORPUS, extra_specials=("<image>",))
         torch.manual_seed(seed)
-        vc = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                               num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size,
-                               patch_size=patch_size, initializer_range=0.02)
-        qc = Blip2QFormerConfig(hidden_size=qformer_hidden, intermediate_size=2 * qformer_hidden,
-                                num_hidden_layers=qformer_layers, num_attention_heads=heads,
-                                encoder_hidden_size=vision_hidden)
-        tc = OPTConfig(hidden_size=text_hidden, ffn_dim=2 * text_hidden, num_hidden_layers=text_layers,
-                       num_attention_heads=heads, word_embed_proj_dim=text_hidden, vocab_size=len(tok),
-                       max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
-        config = Blip2Config(vision_config=vc, qformer_config=qc, text_config=tc, num_query_tokens=num_query_tokens,
-                             image_token_index=tok.convert_tokens_to_ids("<image>"))
+        vc = Blip2VisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            initializer_range=0.02,
+        )
+        qc = Blip2QFormerConfig(
+            hidden_size=qformer_hidden,
+            intermediate_size=2 * qformer_hidden,
+            num_hidden_layers=qformer_layers,
+            num_attention_heads=heads,
+            encoder_hidden_size=vision_hidden,
+        )
+        tc = OPTConfig(
+            hidden_size=text_hidden,
+            ffn_dim=2 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=heads,
+            word_embed_proj_dim=text_hidden,
+            vocab_size=len(tok),
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        config = Blip2Config(
+            vision_config=vc,
+            qformer_config=qc,
+            text_config=tc,
+            num_query_tokens=num_query_tokens,
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+        )
         model = _blip2_class()(config)
         tiny_query_tokens_(model, seed)
         processor = BlipImageProcessor(size={"height": image_size, "width": image_size})

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -65,14 +66,29 @@ class MiniGPT4Adapter(QueryTokenImages, ModelAdapter):
         from odedit.models.minigpt4_model import MiniGPT4Config
 
         config = MiniGPT4Config.from_pretrained(name_or_path)
-        return (AutoTokenizer.from_pretrained(name_or_path, config=config),
-                AutoImageProcessor.from_pretrained(name_or_path))
+        return (
+            AutoTokenizer.from_pretrained(name_or_path, config=config),
+            AutoImageProcessor.from_pretrained(name_or_path),
+        )
 
     @classmethod
-    def build_tiny(cls, out_dir: str | os.PathLike, corpus: Sequence[str] | None = None, seed: int = 0,
-                   vision_hidden: int = 32, vision_layers: int = 2, qformer_hidden: int = 32, qformer_layers: int = 2,
-                   text_hidden: int = 32, text_layers: int = 2, heads: int = 2, image_size: int = 32,
-                   patch_size: int = 8, num_query_tokens: int = 4, **_: Any) -> str:
+    def build_tiny(
+        cls,
+        out_dir: str | os.PathLike,
+        corpus: Sequence[str] | None = None,
+        seed: int = 0,
+        vision_hidden: int = 32,
+        vision_layers: int = 2,
+        qformer_hidden: int = 32,
+        qformer_layers: int = 2,
+        text_hidden: int = 32,
+        text_layers: int = 2,
+        heads: int = 2,
+        image_size: int = 32,
+        patch_size: int = 8,
+        num_query_tokens: int = 4,
+        **_: Any,
+    ) -> str:
         """A tiny MiniGPT-4 (ViT 32 px / patch 8, 2-layer Q-Former with 4 queries, 2-layer LLaMA) saved to
         `out_dir`; the vocabulary also covers the template's `###Human:` / `<Img>` words."""
         # deferred: transformers (also under minigpt4_model) is imported only when a tiny model is built
@@ -84,19 +100,42 @@ class MiniGPT4Adapter(QueryTokenImages, ModelAdapter):
         words = list(corpus or DEFAULT_CORPUS) + [cls.default_template.replace(IMAGE_MARKER, " ")]
         tok = build_word_tokenizer(words, extra_specials=("<image>",))
         torch.manual_seed(seed)
-        vc = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                               num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size,
-                               patch_size=patch_size, initializer_range=0.02)
-        qc = Blip2QFormerConfig(hidden_size=qformer_hidden, intermediate_size=2 * qformer_hidden,
-                                num_hidden_layers=qformer_layers, num_attention_heads=heads,
-                                encoder_hidden_size=vision_hidden)
-        tc = LlamaConfig(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tok),
-                         max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-        config = MiniGPT4Config(vision_config=vc, qformer_config=qc, text_config=tc,
-                                num_query_tokens=num_query_tokens,
-                                image_token_index=tok.convert_tokens_to_ids("<image>"))
+        vc = Blip2VisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            initializer_range=0.02,
+        )
+        qc = Blip2QFormerConfig(
+            hidden_size=qformer_hidden,
+            intermediate_size=2 * qformer_hidden,
+            num_hidden_layers=qformer_layers,
+            num_attention_heads=heads,
+            encoder_hidden_size=vision_hidden,
+        )
+        tc = LlamaConfig(
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            vocab_size=len(tok),
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False,
+        )
+        config = MiniGPT4Config(
+            vision_config=vc,
+            qformer_config=qc,
+            text_config=tc,
+            num_query_tokens=num_query_tokens,
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+        )
         model = _minigpt4_class()(config)
         processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
         os.makedirs(out_dir, exist_ok=True)

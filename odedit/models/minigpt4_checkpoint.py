@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -164,13 +164,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:  # refused or corrupt
-            raise ModelLoadError(f"minigpt4 checkpoint: {path!r} cannot be read as a weights-only torch file "
-                                 f"({type(exc).__name__}: {exc})") from None
+            raise ModelLoadError(
+                f"minigpt4 checkpoint: {path!r} cannot be read as a weights-only torch file "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"minigpt4 checkpoint: {path!r} holds no state dict of tensors "
-                             "(expected {name: tensor} or {'model': {name: tensor}})")
+        raise ModelLoadError(
+            f"minigpt4 checkpoint: {path!r} holds no state dict of tensors "
+            "(expected {name: tensor} or {'model': {name: tensor}})"
+        )
     return dict(state)
 
 
@@ -188,8 +192,9 @@ def _by_module(keys: Sequence[str], examples: int = 2) -> str:
     return "; ".join(f"{name} ({len(ks)}: {_some(ks, examples)})" for name, ks in groups.items())
 
 
-def load_minigpt4_weights(model: torch.nn.Module, checkpoints: Sequence[str | os.PathLike],
-                          lm_loaded: bool = False) -> None:
+def load_minigpt4_weights(
+    model: torch.nn.Module, checkpoints: Sequence[str | os.PathLike], lm_loaded: bool = False
+) -> None:
     """Load LAVIS/MiniGPT-4 checkpoints into a `MiniGPT4ForConditionalGeneration`, all weights or an error.
 
     Args:
@@ -211,14 +216,19 @@ def load_minigpt4_weights(model: torch.nn.Module, checkpoints: Sequence[str | os
     needed = {k for k in own if not (lm_loaded and k.startswith("language_model."))}
     missing = sorted(needed - set(state))
     extra = [k for k in state if k not in own]
-    wrong = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
-             for k, v in state.items() if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     problems = []
     if unknown:
         problems.append(f"{len(unknown)} keys are not MiniGPT-4/LAVIS weights: {_some(unknown)}")
     if extra:
-        problems.append(f"{len(extra)} weights have no place in a model of this MiniGPT4Config "
-                        f"(more layers in the checkpoint?): {_some(extra)}")
+        problems.append(
+            f"{len(extra)} weights have no place in a model of this MiniGPT4Config "
+            f"(more layers in the checkpoint?): {_some(extra)}"
+        )
     if missing:
         problems.append(f"{len(missing)} model weights are missing, by module: {_by_module(missing)}")
     if wrong:

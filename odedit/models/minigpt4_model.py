@@ -17,13 +17,22 @@ This module imports transformers at import time; `odedit.models.minigpt4` import
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, Blip2QFormerConfig, Blip2QFormerModel,
-                          Blip2VisionConfig, Blip2VisionModel, PreTrainedConfig, PreTrainedModel)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
@@ -112,13 +121,22 @@ class MiniGPT4ForConditionalGeneration(PreTrainedModel):
         image_embeds = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                                 encoder_attention_mask=image_mask, return_dict=True).last_hidden_state
+        query_out = self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            return_dict=True,
+        ).last_hidden_state
         return self.llama_proj(query_out.to(self.llama_proj.weight.dtype))
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """The language model's output (`CausalLMOutputWithPast`) on the prompt with images spliced in.
 
         Args:
@@ -133,9 +151,13 @@ class MiniGPT4ForConditionalGeneration(PreTrainedModel):
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @classmethod
-    def from_minigpt4_checkpoint(cls, config: MiniGPT4Config, checkpoints: Sequence[str | os.PathLike],
-                                 language_model: str | os.PathLike | None = None,
-                                 dtype: torch.dtype = torch.float32) -> "MiniGPT4ForConditionalGeneration":
+    def from_minigpt4_checkpoint(
+        cls,
+        config: MiniGPT4Config,
+        checkpoints: Sequence[str | os.PathLike],
+        language_model: str | os.PathLike | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> MiniGPT4ForConditionalGeneration:
         """Build the model from the published MiniGPT-4 weights (LAVIS/MiniGPT-4 key names).
 
         Args:

@@ -14,8 +14,9 @@ that kind of image (or every image) through the processor itself, with one warni
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,8 +96,12 @@ class BatchedPixels:
         fast = self._finish(self._resized(image)[None])
         same = fast.shape == reference.shape and fast.dtype == reference.dtype and torch.equal(fast, reference)
         if not same:
-            log.warning("batched pixel preprocessing differs from %s for %s images of size %s; using the processor "
-                        "for them", type(self.processor).__name__, image.mode, image.size)
+            log.warning(
+                "batched pixel preprocessing differs from %s for %s images of size %s; using the processor for them",
+                type(self.processor).__name__,
+                image.mode,
+                image.size,
+            )
         return same
 
     def _resized(self, image: Any) -> np.ndarray:
@@ -120,14 +125,18 @@ class BatchedPixels:
             top, left = (array.shape[0] - ch) // 2, (array.shape[1] - cw) // 2
             if top < 0 or left < 0:  # the processor pads small images; not modelled (verification fails)
                 return np.zeros((0, 0, 3), dtype=np.uint8)
-            array = array[top:top + ch, left:left + cw]
+            array = array[top : top + ch, left : left + cw]
         return array
 
     def _finish(self, batch: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) float32: rescale (in float64, then cast) and normalise."""
         plan = self.plan
         assert plan is not None
-        x = (batch.astype(np.float64) * plan.scale).astype(np.float32) if plan.scale is not None else batch.astype(np.float32)
+        x = (
+            (batch.astype(np.float64) * plan.scale).astype(np.float32)
+            if plan.scale is not None
+            else batch.astype(np.float32)
+        )
         if plan.mean is not None and plan.std is not None:
             x = (x - plan.mean) / plan.std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

@@ -8,7 +8,8 @@ batch (`features` then holds the image rows only, in batch order). Pure torch: n
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +32,9 @@ class QueryTokenImages:
         return self._fixed_pixel_blocks(images, self.num_query_tokens)  # type: ignore[attr-defined]
 
 
-def embed_with_images(embed_tokens: nn.Module, input_ids: torch.Tensor, image_token_id: int,
-                      features: torch.Tensor | None) -> torch.Tensor:
+def embed_with_images(
+    embed_tokens: nn.Module, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor | None
+) -> torch.Tensor:
     """Token embeddings of `input_ids` with image features written over the placeholder positions.
 
     Placeholder ids are looked up as id 0 before being overwritten, so the placeholder may lie outside the

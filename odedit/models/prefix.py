@@ -68,7 +68,7 @@ class PrefixRunner:
             h, rest = self._args[0], self._args[1:]
         else:
             h, rest = kwargs.pop("hidden_states"), ()
-        for layer in self.layers[self.first:]:
+        for layer in self.layers[self.first :]:
             out = layer(h, *rest, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         z = self.adapter.final_hidden(h)

@@ -14,7 +14,8 @@ Real checkpoint: `Qwen/Qwen2-VL-7B-Instruct` (chat template `<|im_start|>user\\n
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class Qwen2VLAdapter(ModelAdapter):
             )
         feats = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
         grid = feats["image_grid_thw"]  # (1, 3): temporal, height, width patches
-        n_tokens = int(grid.prod()) // self.merge_size ** 2
+        n_tokens = int(grid.prod()) // self.merge_size**2
         cfg = self.model.config
         ids = [int(cfg.vision_start_token_id)] + [self.image_token_id] * n_tokens + [int(cfg.vision_end_token_id)]
         return ids, {"pixel_values": feats["pixel_values"], "image_grid_thw": grid}
@@ -85,9 +86,19 @@ class Qwen2VLAdapter(ModelAdapter):
         return self.model.model.visual
 
     @classmethod
-    def build_tiny(cls, out_dir: str | os.PathLike, corpus: Sequence[str] | None = None, seed: int = 0,
-                   vision_hidden: int = 32, vision_layers: int = 2, text_hidden: int = 32, text_layers: int = 2,
-                   heads: int = 2, image_side: int = 56, **_: Any) -> str:
+    def build_tiny(
+        cls,
+        out_dir: str | os.PathLike,
+        corpus: Sequence[str] | None = None,
+        seed: int = 0,
+        vision_hidden: int = 32,
+        vision_layers: int = 2,
+        text_hidden: int = 32,
+        text_layers: int = 2,
+        heads: int = 2,
+        image_side: int = 56,
+        **_: Any,
+    ) -> str:
         """A tiny Qwen2-VL (2-layer ViT, patch 14, merge 2; 2-layer LM) saved to `out_dir`.
 
         The image processor has min_pixels = max_pixels = image_side**2, so a square image becomes a
@@ -98,26 +109,54 @@ class Qwen2VLAdapter(ModelAdapter):
 
         if image_side % 28:
             raise ValueError(f"build_tiny: image_side={image_side} must be a multiple of 28 (patch 14 x merge 2)")
-        tok = build_word_tokenizer(corpus or DEFAULT_CORPUS,
-                                   extra_specials=CHAT_SPECIALS + (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD),
-                                   with_bos=False)
+        tok = build_word_tokenizer(
+            corpus or DEFAULT_CORPUS,
+            extra_specials=CHAT_SPECIALS + (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD),
+            with_bos=False,
+        )
         ids = {t: tok.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
         torch.manual_seed(seed)
-        vision = dict(depth=vision_layers, embed_dim=vision_hidden, hidden_size=text_hidden, num_heads=heads,
-                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-        text = dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
-                    num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tok),
-                    max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                    eos_token_id=tok.eos_token_id,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                     "mrope_section": mrope_section(text_hidden // heads)})
-        config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids[IMAGE_PAD],
-                               video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
-                               vision_end_token_id=ids[VISION_END], tie_word_embeddings=False)
+        vision = dict(
+            depth=vision_layers,
+            embed_dim=vision_hidden,
+            hidden_size=text_hidden,
+            num_heads=heads,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        text = dict(
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            vocab_size=len(tok),
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "mrope_section": mrope_section(text_hidden // heads),
+            },
+        )
+        config = Qwen2VLConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=ids[IMAGE_PAD],
+            video_token_id=ids[VIDEO_PAD],
+            vision_start_token_id=ids[VISION_START],
+            vision_end_token_id=ids[VISION_END],
+            tie_word_embeddings=False,
+        )
         model = _qwen2_vl_class()(config)
         pixels = image_side * image_side
-        processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
-                                             temporal_patch_size=2)
+        processor = Qwen2VLImageProcessorPil(
+            min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
         os.makedirs(out_dir, exist_ok=True)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)

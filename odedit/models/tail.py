@@ -32,8 +32,9 @@ row ranges). Reading a position outside P is an index error, never a stale value
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -73,17 +74,21 @@ class TailRunner(PrefixRunner):
         def first_input(key: str):
             def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                 seen[key] = args[0] if args else next(iter(kwargs.values()))
+
             return hook
 
         def output(key: str):
             def hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
                 seen[key] = out[0] if isinstance(out, tuple) else out
+
             return hook
 
-        handles = [self.residual.register_forward_pre_hook(first_input("r"), with_kwargs=True),
-                   self.module.register_forward_pre_hook(first_input("x"), with_kwargs=True),
-                   self.module.register_forward_hook(output("f"), with_kwargs=True),
-                   self.layers[self.first].register_forward_hook(output("y"), with_kwargs=True)]
+        handles = [
+            self.residual.register_forward_pre_hook(first_input("r"), with_kwargs=True),
+            self.module.register_forward_pre_hook(first_input("x"), with_kwargs=True),
+            self.module.register_forward_hook(output("f"), with_kwargs=True),
+            self.layers[self.first].register_forward_hook(output("y"), with_kwargs=True),
+        ]
         try:
             with torch.no_grad():  # only the captured inputs are kept; the first iteration is a replay too
                 out = super()._full(batch)
@@ -155,7 +160,7 @@ class PositionIndex:
         """Compact rows of flat positions (a position outside the mask maps to -1: an index error downstream)."""
         return self.slot.index_select(0, flat)
 
-    def rows(self, rows: slice) -> "PositionIndex":
+    def rows(self, rows: slice) -> PositionIndex:
         """The index of a contiguous range of batch rows."""
         return self._cached(("rows", rows.start, rows.stop), lambda: PositionIndex(self.mask[rows], self.device))
 
@@ -175,11 +180,15 @@ class PositionOutput(ForwardOutput):
         assert self.index is not None
         return self.index
 
-    def select(self, rows: slice, batch: EncodedBatch | None = None) -> "PositionOutput":
+    def select(self, rows: slice, batch: EncodedBatch | None = None) -> PositionOutput:
         start, stop, _ = rows.indices(self.batch.size)
         lo, hi = self._index().offsets[start], self._index().offsets[stop]
-        return PositionOutput(self.logits[lo:hi], self.hidden[lo:hi], batch if batch is not None else
-                              self.batch.rows(rows), self._index().rows(slice(start, stop)))
+        return PositionOutput(
+            self.logits[lo:hi],
+            self.hidden[lo:hi],
+            batch if batch is not None else self.batch.rows(rows),
+            self._index().rows(slice(start, stop)),
+        )
 
     def answer_logits(self) -> torch.Tensor:
         return self.logits.index_select(0, self._index().at("answers", lambda: self.batch.answer_mask))
@@ -192,8 +201,11 @@ class PositionOutput(ForwardOutput):
 
     def pooled(self, pooling: str) -> torch.Tensor:
         if pooling != "last":
-            raise ValueError(f"pooling={pooling!r} reads every prompt position; a tail replay computed the answer "
-                             "and last-prompt positions only (objectives that pool otherwise set reads_all_positions)")
+            raise ValueError(
+                f"pooling={pooling!r} reads every prompt position; a tail replay computed the answer "
+                "and last-prompt positions only (objectives that pool otherwise set reads_all_positions)"
+            )
+
         def last() -> torch.Tensor:
             mask = torch.zeros_like(self.batch.answer_mask)
             mask[torch.arange(self.batch.size, device=mask.device), self.batch.last_prompt.to(mask.device)] = True

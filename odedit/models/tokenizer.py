@@ -8,7 +8,7 @@ become `<unk>`, platform.md §4.2); matching is case-insensitive and punctuation
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 BASE_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 

@@ -16,8 +16,8 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 SESSION_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
 
@@ -53,8 +53,11 @@ def init_ray(**kwargs) -> bool:
         return True
     recorded = recorded_cluster()
     if recorded and not answers(recorded):
-        print(f"note: Ray's session file points at {recorded}, which does not answer (a head stopped without "
-              "`ray stop`?); starting a local Ray instead", file=sys.stderr)
+        print(
+            f"note: Ray's session file points at {recorded}, which does not answer (a head stopped without "
+            "`ray stop`?); starting a local Ray instead",
+            file=sys.stderr,
+        )
         ray.init(address="local", **kwargs)
         return True
     ray.init(**kwargs)

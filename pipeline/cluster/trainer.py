@@ -9,7 +9,8 @@ NCCL on GPUs and gloo on CPUs; a failed worker group is restarted up to `resourc
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from odedit.config import ResourcesConfig
 
@@ -19,10 +20,17 @@ def backend(resources: ResourcesConfig) -> str:
     return "nccl" if resources.use_gpu else "gloo"
 
 
-def build_trainer(loop: Callable[[dict[str, Any]], None], loop_config: Mapping[str, Any],
-                  resources: ResourcesConfig, *, name: str, storage_path: str,
-                  datasets: Mapping[str, Any] | None = None, split_datasets: bool = False,
-                  max_failures: int | None = None) -> Any:
+def build_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: Mapping[str, Any],
+    resources: ResourcesConfig,
+    *,
+    name: str,
+    storage_path: str,
+    datasets: Mapping[str, Any] | None = None,
+    split_datasets: bool = False,
+    max_failures: int | None = None,
+) -> Any:
     """A `TorchTrainer` running `loop(loop_config)` on `resources.num_workers` workers.
 
     `datasets` are handed to the workers unsplit unless `split_datasets` (each worker then reads a disjoint
@@ -40,11 +48,16 @@ def build_trainer(loop: Callable[[dict[str, Any]], None], loop_config: Mapping[s
     return TorchTrainer(
         loop,
         train_loop_config=dict(loop_config),
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             failure_config=FailureConfig(
-                                 max_failures=r.max_failures if max_failures is None else max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=r.max_failures if max_failures is None else max_failures),
+        ),
         torch_config=TorchConfig(backend=backend(r)),
         **extra,
     )

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from odedit.envs import EditCase
 from pipeline.data.schema import ENV_SCHEMA, REFERENCE_SCHEMA, read_table
@@ -32,8 +33,15 @@ class ShardCaseSource:
             rows must arrive in (edit_index, env, sample_index) order.
     """
 
-    def __init__(self, shards_dir: str, split: str = "test", limit: int = 0, offset: int = 0,
-                 rows: Callable[[], Iterable[dict]] | None = None, cache_shards: int = 2) -> None:
+    def __init__(
+        self,
+        shards_dir: str,
+        split: str = "test",
+        limit: int = 0,
+        offset: int = 0,
+        rows: Callable[[], Iterable[dict]] | None = None,
+        cache_shards: int = 2,
+    ) -> None:
         self.shards_dir = shards_dir
         self.split = split
         self.manifest = read_manifest(shards_dir)
@@ -69,8 +77,11 @@ class ShardCaseSource:
         if file in self._cache:
             self._cache.move_to_end(file)
             return self._cache[file]
-        rows = [r for r in read_table(os.path.join(self.shards_dir, file), ENV_SCHEMA).to_pylist()
-                if r["split"] == self.split]
+        rows = [
+            r
+            for r in read_table(os.path.join(self.shards_dir, file), ENV_SCHEMA).to_pylist()
+            if r["split"] == self.split
+        ]
         if self.refs and os.path.isfile(reference_path(self.shards_dir, file)):
             refs = read_table(reference_path(self.shards_dir, file), REFERENCE_SCHEMA).to_pylist()
             attach_references(rows, refs)
@@ -163,7 +174,9 @@ def reference_rows(shards_dir: str) -> Any:
     """All reference rows of a shards directory as one pyarrow table (for a Ray Data join)."""
     import pyarrow as pa
 
-    tables = [read_table(reference_path(shards_dir, s["file"]), REFERENCE_SCHEMA)
-              for s in read_manifest(shards_dir)["shards"]
-              if os.path.isfile(reference_path(shards_dir, s["file"]))]
+    tables = [
+        read_table(reference_path(shards_dir, s["file"]), REFERENCE_SCHEMA)
+        for s in read_manifest(shards_dir)["shards"]
+        if os.path.isfile(reference_path(shards_dir, s["file"]))
+    ]
     return pa.concat_tables(tables) if tables else None

@@ -18,8 +18,9 @@ not only the first), so an edit never reaches the shards with some environments 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from odedit.envs import ENVIRONMENTS, case_from_record
 from odedit.records import EditRecord
@@ -79,23 +80,25 @@ def record_rows(record: EditRecord, edit_index: int, fetch: Fetch) -> tuple[list
     for env in sorted(case.samples, key=ENV_ORDER.__getitem__):
         for j, sample in enumerate(case.samples[env]):
             loaded: _Loaded | None = sample.image
-            rows.append({
-                "edit_id": record.id,
-                "edit_index": int(edit_index),
-                "split": record.split,
-                "task": record.task,
-                "source": record.source,
-                "env": env,
-                "sample_index": j,
-                "prompt": sample.prompt,
-                "target": sample.target,
-                "image": loaded.image.png if loaded else None,
-                "image_width": loaded.image.width if loaded else None,
-                "image_height": loaded.image.height if loaded else None,
-                "image_path": loaded.path if loaded else None,
-                "pred": record.pred,
-                "extra": extra,
-            })
+            rows.append(
+                {
+                    "edit_id": record.id,
+                    "edit_index": int(edit_index),
+                    "split": record.split,
+                    "task": record.task,
+                    "source": record.source,
+                    "env": env,
+                    "sample_index": j,
+                    "prompt": sample.prompt,
+                    "target": sample.target,
+                    "image": loaded.image.png if loaded else None,
+                    "image_width": loaded.image.width if loaded else None,
+                    "image_height": loaded.image.height if loaded else None,
+                    "image_path": loaded.path if loaded else None,
+                    "pred": record.pred,
+                    "extra": extra,
+                }
+            )
     return rows, []
 
 

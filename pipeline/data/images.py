@@ -57,7 +57,7 @@ class ImageLimits:
     max_side: int
 
     @classmethod
-    def from_config(cls, data_cfg: Any) -> "ImageLimits":
+    def from_config(cls, data_cfg: Any) -> ImageLimits:
         return cls(data_cfg.max_image_bytes, data_cfg.max_image_pixels, data_cfg.stored_image_size)
 
 
@@ -82,13 +82,18 @@ def resolve_under_root(root: str, rel: str) -> str:
         code = PATH_ABSOLUTE if "absolute" in problem else PATH_ESCAPES if ".." in problem else PATH_INVALID
         raise ImageRefused(code, f"image path {rel!r} {problem}")
     if not root:
-        raise ImageRefused(PATH_INVALID, f"image path {rel!r} has no image root; set data.image_root "
-                                         "(or the rephrase/locality root) in the config")
+        raise ImageRefused(
+            PATH_INVALID,
+            f"image path {rel!r} has no image root; set data.image_root (or the rephrase/locality root) in the config",
+        )
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, rel))
     if os.path.commonpath([real_root, real]) != real_root:
-        raise ImageRefused(PATH_ESCAPES, f"image path {rel!r} resolves to {real!r}, outside its root "
-                                         f"{real_root!r} (a symlink?); copy the file under the root")
+        raise ImageRefused(
+            PATH_ESCAPES,
+            f"image path {rel!r} resolves to {real!r}, outside its root "
+            f"{real_root!r} (a symlink?); copy the file under the root",
+        )
     return real
 
 
@@ -102,12 +107,18 @@ def load_image(root: str, rel: str, limits: ImageLimits) -> StoredImage:
 
     path = resolve_under_root(root, rel)
     if not os.path.isfile(path):
-        raise ImageRefused(MISSING, f"image {rel!r} does not exist under {root!r}; check the image root in "
-                                    "the config or the path in the record")
+        raise ImageRefused(
+            MISSING,
+            f"image {rel!r} does not exist under {root!r}; check the image root in "
+            "the config or the path in the record",
+        )
     size = os.path.getsize(path)
     if size > limits.max_bytes:
-        raise ImageRefused(TOO_LARGE, f"image {rel!r} is {size} bytes, over data.max_image_bytes="
-                                      f"{limits.max_bytes}; shrink the file or raise the limit")
+        raise ImageRefused(
+            TOO_LARGE,
+            f"image {rel!r} is {size} bytes, over data.max_image_bytes="
+            f"{limits.max_bytes}; shrink the file or raise the limit",
+        )
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -120,25 +131,31 @@ def load_image(root: str, rel: str, limits: ImageLimits) -> StoredImage:
             header = Image.open(io.BytesIO(data))
             width, height = header.size
             if width * height > limits.max_pixels:
-                raise ImageRefused(TOO_MANY_PIXELS, f"image {rel!r} declares {width}x{height} = "
-                                                    f"{width * height} pixels, over data.max_image_pixels="
-                                                    f"{limits.max_pixels} (a decompression bomb?)")
+                raise ImageRefused(
+                    TOO_MANY_PIXELS,
+                    f"image {rel!r} declares {width}x{height} = "
+                    f"{width * height} pixels, over data.max_image_pixels="
+                    f"{limits.max_pixels} (a decompression bomb?)",
+                )
             header.verify()
             image = Image.open(io.BytesIO(data))
             image.load()
         except ImageRefused:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRefused(TOO_MANY_PIXELS, f"image {rel!r} refused by PIL's decompression-bomb guard "
-                                                f"({exc})") from None
+            raise ImageRefused(
+                TOO_MANY_PIXELS, f"image {rel!r} refused by PIL's decompression-bomb guard ({exc})"
+            ) from None
         except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) on bad data
-            raise ImageRefused(CORRUPT, f"image {rel!r} is not a decodable image ({type(exc).__name__}: "
-                                        f"{exc}); replace the file") from None
+            raise ImageRefused(
+                CORRUPT, f"image {rel!r} is not a decodable image ({type(exc).__name__}: {exc}); replace the file"
+            ) from None
     try:
         return encode_image(image, limits.max_side)
     except Exception as exc:  # a decodable image in a mode PIL cannot convert (e.g. "La")
-        raise ImageRefused(CORRUPT, f"image {rel!r} cannot be converted to RGB ({type(exc).__name__}: {exc}); "
-                                    "re-save it as RGB") from None
+        raise ImageRefused(
+            CORRUPT, f"image {rel!r} cannot be converted to RGB ({type(exc).__name__}: {exc}); re-save it as RGB"
+        ) from None
 
 
 def encode_image(image: Any, max_side: int) -> StoredImage:

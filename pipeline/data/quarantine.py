@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from odedit.records import IMAGE_FIELDS
 from pipeline.data.schema import QUARANTINE_SCHEMA, to_table, write_table

@@ -45,8 +45,11 @@ def model_identity(model_cfg: Any, name_or_path: str) -> dict:
             if os.path.isfile(path):
                 st = os.stat(path)
                 files[name] = [st.st_size, st.st_mtime_ns]
-    return {"name_or_path": os.path.basename(os.path.normpath(name_or_path)) if files else name_or_path,
-            "settings": settings, "files": files}
+    return {
+        "name_or_path": os.path.basename(os.path.normpath(name_or_path)) if files else name_or_path,
+        "settings": settings,
+        "files": files,
+    }
 
 
 def out_rows(batch: Any) -> Any:
@@ -73,15 +76,25 @@ class ReferenceModel:
         from pipeline.data.images import decode_png
 
         rows = batch.to_pylist()
-        samples = [Sample(r["prompt"], r["target"], decode_png(r["image"]) if r["image"] is not None else None)
-                   for r in rows]
+        samples = [
+            Sample(r["prompt"], r["target"], decode_png(r["image"]) if r["image"] is not None else None) for r in rows
+        ]
         refs = compute_references(self.adapter, samples, k=self.k, batch_size=self.batch_size)
         out = []
         for r, ref in zip(rows, refs):
             n, k = (int(d) for d in ref.topk_ids.shape)
-            out.append({"edit_id": r["edit_id"], "edit_index": r["edit_index"], "env": r["env"],
-                        "sample_index": r["sample_index"], "topk_ids": ref.topk_ids.reshape(-1).tolist(),
-                        "topk_logprobs": ref.topk_logprobs.reshape(-1).tolist(), "n_positions": n, "k": k})
+            out.append(
+                {
+                    "edit_id": r["edit_id"],
+                    "edit_index": r["edit_index"],
+                    "env": r["env"],
+                    "sample_index": r["sample_index"],
+                    "topk_ids": ref.topk_ids.reshape(-1).tolist(),
+                    "topk_logprobs": ref.topk_logprobs.reshape(-1).tolist(),
+                    "n_positions": n,
+                    "k": k,
+                }
+            )
         return to_table(out, REFERENCE_SCHEMA, "ReferenceModel output")
 
 
@@ -94,8 +107,16 @@ def read_reference_manifest(shards_dir: str) -> dict | None:
         return None
 
 
-def build_references(shards_dir: str, model_cfg: Any, name_or_path: str, k: int, workers: int = 1,
-                     batch_size: int = 16, num_gpus: float = 0.0, reuse: bool = True) -> tuple[dict, bool]:
+def build_references(
+    shards_dir: str,
+    model_cfg: Any,
+    name_or_path: str,
+    k: int,
+    workers: int = 1,
+    batch_size: int = 16,
+    num_gpus: float = 0.0,
+    reuse: bool = True,
+) -> tuple[dict, bool]:
     """Compute (or reuse) the references of every OUT sample of the shards; return (manifest, reused).
 
     Args:
@@ -104,8 +125,12 @@ def build_references(shards_dir: str, model_cfg: Any, name_or_path: str, k: int,
     shards = read_manifest(shards_dir)
     identity = {"shards": shards["config_hash"], "k": k, "model": model_identity(model_cfg, name_or_path)}
     existing = read_reference_manifest(shards_dir)
-    if reuse and existing is not None and existing.get("identity") == identity and all(
-            os.path.isfile(os.path.join(shards_dir, REFERENCES_DIR, f)) for f in existing.get("files", [])):
+    if (
+        reuse
+        and existing is not None
+        and existing.get("identity") == identity
+        and all(os.path.isfile(os.path.join(shards_dir, REFERENCES_DIR, f)) for f in existing.get("files", []))
+    ):
         return existing, True
     ref_dir = os.path.join(shards_dir, REFERENCES_DIR)
     os.makedirs(ref_dir, exist_ok=True)
@@ -115,8 +140,7 @@ def build_references(shards_dir: str, model_cfg: Any, name_or_path: str, k: int,
     for name in os.listdir(ref_dir):
         os.remove(os.path.join(ref_dir, name))
     with_out = [s for s in shards["shards"] if any(s["rows_by_env"].get(e) for e in OUT_ENVS)]
-    rows = _score(shards_dir, with_out, model_cfg, name_or_path, k, workers, batch_size, num_gpus) \
-        if with_out else []
+    rows = _score(shards_dir, with_out, model_cfg, name_or_path, k, workers, batch_size, num_gpus) if with_out else []
     starts = [s["first_edit_index"] for s in with_out]
     per_shard: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
@@ -127,14 +151,27 @@ def build_references(shards_dir: str, model_cfg: Any, name_or_path: str, k: int,
         shard_rows = sorted(per_shard[i], key=row_sort_key)
         write_table(to_table(shard_rows, REFERENCE_SCHEMA, path), path, REFERENCE_SCHEMA)
         files.append(os.path.basename(path))
-    manifest = {"identity": identity, "k": k, "rows": len(rows),
-                "rows_by_env": dict(sorted(Counter(r["env"] for r in rows).items())), "files": files}
+    manifest = {
+        "identity": identity,
+        "k": k,
+        "rows": len(rows),
+        "rows_by_env": dict(sorted(Counter(r["env"] for r in rows).items())),
+        "files": files,
+    }
     write_json(os.path.join(ref_dir, MANIFEST), manifest)
     return manifest, False
 
 
-def _score(shards_dir: str, shards: list[dict], model_cfg: Any, name_or_path: str, k: int, workers: int,
-           batch_size: int, num_gpus: float) -> list[dict]:
+def _score(
+    shards_dir: str,
+    shards: list[dict],
+    model_cfg: Any,
+    name_or_path: str,
+    k: int,
+    workers: int,
+    batch_size: int,
+    num_gpus: float,
+) -> list[dict]:
     import ray.data
 
     paths = [os.path.join(shards_dir, s["file"]) for s in shards]
@@ -145,10 +182,14 @@ def _score(shards_dir: str, shards: list[dict], model_cfg: Any, name_or_path: st
     workers = max(1, min(workers, cpus - 1)) if not num_gpus else max(1, workers)
     ds = ray.data.read_parquet(paths, columns=_INPUT_COLUMNS)
     ds = ds.map_batches(out_rows, batch_format="pyarrow")
-    ds = ds.map_batches(ReferenceModel, batch_size=batch_size, batch_format="pyarrow", num_cpus=1,
-                        num_gpus=num_gpus or None,
-                        compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
-                        fn_constructor_kwargs={"model_cfg": model_cfg, "name_or_path": name_or_path, "k": k,
-                                               "batch_size": batch_size})
+    ds = ds.map_batches(
+        ReferenceModel,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        num_cpus=1,
+        num_gpus=num_gpus or None,
+        compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
+        fn_constructor_kwargs={"model_cfg": model_cfg, "name_or_path": name_or_path, "k": k, "batch_size": batch_size},
+    )
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     return [row for batch in batches for row in batch.to_pylist()]

@@ -30,44 +30,53 @@ def _schema(kind: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata={META_KIND: kind.encode(), META_VERSION: str(SCHEMA_VERSION).encode()})
 
 
-ENV_SCHEMA = _schema("env", [
-    pa.field("edit_id", pa.string(), nullable=False),
-    pa.field("edit_index", pa.int64(), nullable=False),
-    pa.field("split", pa.string(), nullable=False),
-    pa.field("task", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("env", pa.string(), nullable=False),
-    pa.field("sample_index", pa.int32(), nullable=False),
-    pa.field("prompt", pa.string(), nullable=False),
-    pa.field("target", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=True),          # PNG bytes; null for text-only samples
-    pa.field("image_width", pa.int32(), nullable=True),
-    pa.field("image_height", pa.int32(), nullable=True),
-    pa.field("image_path", pa.string(), nullable=True),     # the record's relative path (provenance)
-    pa.field("pred", pa.string(), nullable=True),           # EasyEdit's pre-edit prediction, when given
-    pa.field("extra", pa.string(), nullable=False),         # JSON object text
-])
+ENV_SCHEMA = _schema(
+    "env",
+    [
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("edit_index", pa.int64(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("env", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=True),  # PNG bytes; null for text-only samples
+        pa.field("image_width", pa.int32(), nullable=True),
+        pa.field("image_height", pa.int32(), nullable=True),
+        pa.field("image_path", pa.string(), nullable=True),  # the record's relative path (provenance)
+        pa.field("pred", pa.string(), nullable=True),  # EasyEdit's pre-edit prediction, when given
+        pa.field("extra", pa.string(), nullable=False),  # JSON object text
+    ],
+)
 
-REFERENCE_SCHEMA = _schema("reference", [
-    pa.field("edit_id", pa.string(), nullable=False),
-    pa.field("edit_index", pa.int64(), nullable=False),
-    pa.field("env", pa.string(), nullable=False),
-    pa.field("sample_index", pa.int32(), nullable=False),
-    pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),        # n_positions * k, row-major
-    pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),  # same layout
-    pa.field("n_positions", pa.int32(), nullable=False),
-    pa.field("k", pa.int32(), nullable=False),
-])
+REFERENCE_SCHEMA = _schema(
+    "reference",
+    [
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("edit_index", pa.int64(), nullable=False),
+        pa.field("env", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),  # n_positions * k, row-major
+        pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),  # same layout
+        pa.field("n_positions", pa.int32(), nullable=False),
+        pa.field("k", pa.int32(), nullable=False),
+    ],
+)
 
-QUARANTINE_SCHEMA = _schema("quarantine", [
-    pa.field("record_index", pa.int64(), nullable=False),
-    pa.field("id", pa.string(), nullable=True),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("stage", pa.string(), nullable=False),         # validate | images
-    pa.field("codes", pa.list_(pa.string()), nullable=False),
-    pa.field("reasons", pa.list_(pa.string()), nullable=False),
-    pa.field("record_json", pa.string(), nullable=False),   # the raw record, ASCII-escaped JSON
-])
+QUARANTINE_SCHEMA = _schema(
+    "quarantine",
+    [
+        pa.field("record_index", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # validate | images
+        pa.field("codes", pa.list_(pa.string()), nullable=False),
+        pa.field("reasons", pa.list_(pa.string()), nullable=False),
+        pa.field("record_json", pa.string(), nullable=False),  # the raw record, ASCII-escaped JSON
+    ],
+)
 
 SCHEMAS = {"env": ENV_SCHEMA, "reference": REFERENCE_SCHEMA, "quarantine": QUARANTINE_SCHEMA}
 
@@ -89,8 +98,10 @@ def schema_problem(actual: pa.Schema, expected: pa.Schema) -> str | None:
         if not got.type.equals(field.type):
             return f"column {field.name!r} has type {got.type}, expected {field.type}"
         if got.nullable != field.nullable:
-            return f"column {field.name!r} is {'nullable' if got.nullable else 'non-nullable'}, expected " \
-                   f"{'nullable' if field.nullable else 'non-nullable'}"
+            return (
+                f"column {field.name!r} is {'nullable' if got.nullable else 'non-nullable'}, expected "
+                f"{'nullable' if field.nullable else 'non-nullable'}"
+            )
     extra = [n for n in names if n not in expected.names]
     if extra:
         return f"column {extra[0]!r} is not part of the schema"
@@ -104,8 +115,9 @@ def check_table(table: pa.Table, expected: pa.Schema, where: str) -> None:
     if problem is None:
         for field in expected:
             if not field.nullable and table.column(field.name).null_count:
-                problem = f"column {field.name!r} is non-nullable but has {table.column(field.name).null_count} " \
-                          "null value(s)"
+                problem = (
+                    f"column {field.name!r} is non-nullable but has {table.column(field.name).null_count} null value(s)"
+                )
                 break
     if problem:
         raise SchemaMismatch(f"{where}: {problem} ({_kind(expected)} schema v{SCHEMA_VERSION})")
@@ -150,12 +162,16 @@ def read_table(path: str, expected: pa.Schema, columns: list[str] | None = None)
     schema = pq.read_schema(path)
     problem = schema_problem(schema, expected)
     if problem:
-        raise SchemaMismatch(f"{path}: {problem} ({_kind(expected)} schema v{SCHEMA_VERSION}); rebuild the "
-                             "shards with python -m jobs.prepare")
+        raise SchemaMismatch(
+            f"{path}: {problem} ({_kind(expected)} schema v{SCHEMA_VERSION}); rebuild the "
+            "shards with python -m jobs.prepare"
+        )
     version = (schema.metadata or {}).get(META_VERSION)
     if version != str(SCHEMA_VERSION).encode():
-        raise SchemaMismatch(f"{path}: written with schema version {version!r}, this code reads "
-                             f"v{SCHEMA_VERSION}; rebuild the shards with python -m jobs.prepare")
+        raise SchemaMismatch(
+            f"{path}: written with schema version {version!r}, this code reads "
+            f"v{SCHEMA_VERSION}; rebuild the shards with python -m jobs.prepare"
+        )
     return pq.read_table(path, columns=columns)
 
 

@@ -35,7 +35,8 @@ import json
 import os
 import shutil
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from odedit.records import EditRecord, validate_record
 from pipeline.data import quarantine as q
@@ -51,8 +52,17 @@ TASKS_PER_WORKER = 2  # Ray tasks per build worker at least; each builds its sha
 MAX_SHARDS_PER_TASK = 64  # ... and more tasks when there are many shards (a retried task redoes fewer)
 KIND_ROOT = {"edit": "image_root", "rephrase": "rephrase_image_root", "locality": "locality_image_root"}
 # Settings that change what the shards contain (paths of outputs and worker counts do not).
-_CONTENT_SETTINGS = ("source", "task", "split", "limit", "rows_per_shard", "max_image_pixels",
-                     "max_image_bytes", "max_text_chars", "stored_image_size")
+_CONTENT_SETTINGS = (
+    "source",
+    "task",
+    "split",
+    "limit",
+    "rows_per_shard",
+    "max_image_pixels",
+    "max_image_bytes",
+    "max_text_chars",
+    "stored_image_size",
+)
 
 
 class ShardsError(RuntimeError):
@@ -76,8 +86,13 @@ def validate_records(records: Sequence[Any], source: str, max_chars: int) -> tup
             if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip():
                 key = str(rid)
                 if key in first_seen:
-                    problems.append((q.DUPLICATE_ID, f"id: {q.safe_text(key)!r} duplicates the record at "
-                                                     f"position {first_seen[key]}; ids must be unique"))
+                    problems.append(
+                        (
+                            q.DUPLICATE_ID,
+                            f"id: {q.safe_text(key)!r} duplicates the record at "
+                            f"position {first_seen[key]}; ids must be unique",
+                        )
+                    )
                 else:
                     first_seen[key] = i
         if problems:
@@ -112,8 +127,18 @@ def fingerprint(source: Any, cfg: Any, good: Sequence[tuple[int, dict]], records
     h = hashlib.sha256()
     settings = {k: getattr(cfg.data, k) for k in _CONTENT_SETTINGS}
     roots = {k: getattr(source, k) for k in KIND_ROOT.values()}
-    h.update(json.dumps({"schema": SCHEMA_VERSION, "pillow": pillow_version, "settings": settings,
-                         "roots": roots, "name": source.name}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "schema": SCHEMA_VERSION,
+                "pillow": pillow_version,
+                "settings": settings,
+                "roots": roots,
+                "name": source.name,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for raw in records:
         h.update(json.dumps(raw, ensure_ascii=True, sort_keys=True, default=str).encode())
     for _, raw in good:
@@ -137,11 +162,14 @@ def read_manifest(shards_dir: str) -> dict:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except FileNotFoundError:
-        raise ShardsError(f"{shards_dir}: no {MANIFEST}, so no complete shard build is there; run "
-                          "python -m jobs.prepare --config <yaml> (or point data.shards_dir at one)") from None
+        raise ShardsError(
+            f"{shards_dir}: no {MANIFEST}, so no complete shard build is there; run "
+            "python -m jobs.prepare --config <yaml> (or point data.shards_dir at one)"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise ShardsError(f"{path}: unreadable ({exc}); delete the directory and rebuild with "
-                          "python -m jobs.prepare") from None
+        raise ShardsError(
+            f"{path}: unreadable ({exc}); delete the directory and rebuild with python -m jobs.prepare"
+        ) from None
 
 
 def _reusable(shards_dir: str, fp: str) -> dict | None:
@@ -217,12 +245,17 @@ def _run_shard_tasks(plans: list, source: Any, cfg: Any, shards_dir: str) -> lis
     try:
         ds = ray.data.from_items(items, override_num_blocks=blocks)
         ds = ds.map_batches(
-            build_shard_batch, batch_size=None, num_cpus=1,
+            build_shard_batch,
+            batch_size=None,
+            num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=workers),
-            fn_kwargs={"shards_dir": os.path.abspath(shards_dir),
-                       "roots": {k: getattr(source, k) for k in KIND_ROOT.values()},
-                       "limits": ImageLimits.from_config(cfg.data), "max_chars": cfg.data.max_text_chars,
-                       "source": source.name},
+            fn_kwargs={
+                "shards_dir": os.path.abspath(shards_dir),
+                "roots": {k: getattr(source, k) for k in KIND_ROOT.values()},
+                "limits": ImageLimits.from_config(cfg.data),
+                "max_chars": cfg.data.max_text_chars,
+                "source": source.name,
+            },
         )
         summaries = [json.loads(row["summary"]) for row in ds.take_all()]
     finally:
@@ -230,15 +263,22 @@ def _run_shard_tasks(plans: list, source: Any, cfg: Any, shards_dir: str) -> lis
     return sorted(summaries, key=lambda s: s["shard"])
 
 
-def _manifest(source: Any, records: Sequence[Any], entries: list[dict], summaries: list[dict], fp: str,
-              data: Any) -> dict:
+def _manifest(
+    source: Any, records: Sequence[Any], entries: list[dict], summaries: list[dict], fp: str, data: Any
+) -> dict:
     rows_by_env: Counter[str] = Counter()
     edits_by_split: Counter[str] = Counter()
     for s in summaries:
         rows_by_env.update(s["rows_by_env"])
         edits_by_split.update(s["edits_by_split"])
-    shards = [{k: s[k] for k in ("file", "rows", "edits", "first_edit_index", "last_edit_index",
-                                 "rows_by_env", "bytes", "sha256")} for s in summaries if s["rows"]]
+    shards = [
+        {
+            k: s[k]
+            for k in ("file", "rows", "edits", "first_edit_index", "last_edit_index", "rows_by_env", "bytes", "sha256")
+        }
+        for s in summaries
+        if s["rows"]
+    ]
     return {
         "schema_version": SCHEMA_VERSION,
         "config_hash": fp,
@@ -260,18 +300,23 @@ def _manifest(source: Any, records: Sequence[Any], entries: list[dict], summarie
 # ---------------------------------------------------------------------------------------------- Ray task side
 
 
-def build_shard_batch(batch: dict, *, shards_dir: str, roots: dict, limits: ImageLimits, max_chars: int,
-                      source: str) -> dict:
+def build_shard_batch(
+    batch: dict, *, shards_dir: str, roots: dict, limits: ImageLimits, max_chars: int, source: str
+) -> dict:
     """Ray Data batch function: build and write the shard(s) in `batch`; return one JSON summary each."""
     out = []
     for shard, payload in zip(batch["shard"], batch["records"]):
-        out.append(json.dumps(build_one_shard(int(shard), json.loads(str(payload)), shards_dir, roots, limits,
-                                              max_chars, source)))
+        out.append(
+            json.dumps(
+                build_one_shard(int(shard), json.loads(str(payload)), shards_dir, roots, limits, max_chars, source)
+            )
+        )
     return {"summary": out}
 
 
-def build_one_shard(shard: int, plan: list, shards_dir: str, roots: dict, limits: ImageLimits, max_chars: int,
-                    source: str) -> dict:
+def build_one_shard(
+    shard: int, plan: list, shards_dir: str, roots: dict, limits: ImageLimits, max_chars: int, source: str
+) -> dict:
     """Decode the images of one planned shard, write its rows, and summarise it (with image quarantine)."""
     cache: dict[tuple[str, str], StoredImage | ImageRefused] = {}
 
@@ -312,11 +357,17 @@ def build_one_shard(shard: int, plan: list, shards_dir: str, roots: dict, limits
         with open(path, "rb") as fh:
             digest = hashlib.sha256(fh.read()).hexdigest()
     return {
-        "shard": shard, "file": name, "rows": len(rows), "edits": len(edit_indices),
+        "shard": shard,
+        "file": name,
+        "rows": len(rows),
+        "edits": len(edit_indices),
         "first_edit_index": min(edit_indices) if edit_indices else None,
         "last_edit_index": max(edit_indices) if edit_indices else None,
-        "rows_by_env": dict(Counter(r["env"] for r in rows)), "edits_by_split": dict(edits_by_split),
-        "bytes": size, "sha256": digest, "quarantine": refused,
+        "rows_by_env": dict(Counter(r["env"] for r in rows)),
+        "edits_by_split": dict(edits_by_split),
+        "bytes": size,
+        "sha256": digest,
+        "quarantine": refused,
     }
 
 
@@ -395,8 +446,10 @@ def rows_to_cases(rows: Sequence[dict]) -> list:
         case.samples.setdefault(row["env"], []).append(Sample(row["prompt"], row["target"], image))
         if row.get("topk_ids") is not None:
             n, k = int(row["n_positions"]), int(row["k"])
-            ref = Reference(torch.tensor(row["topk_ids"], dtype=torch.long).view(n, k),
-                            torch.tensor(row["topk_logprobs"], dtype=torch.float32).view(n, k))
+            ref = Reference(
+                torch.tensor(row["topk_ids"], dtype=torch.long).view(n, k),
+                torch.tensor(row["topk_logprobs"], dtype=torch.float32).view(n, k),
+            )
             case.references.setdefault(row["env"], []).append(ref)
     for case in cases.values():
         for env in list(case.references):

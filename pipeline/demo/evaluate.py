@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -38,14 +38,13 @@ def exact_match(adapter: ModelAdapter, samples: Sequence[Sample], batch_size: in
     scores = []
     adapter.model.eval()
     for start in range(0, len(samples), batch_size):
-        out = adapter.run(list(samples[start:start + batch_size]))
+        out = adapter.run(list(samples[start : start + batch_size]))
         scores.append(token_accuracy(out, exact_match=True))
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
 def _by_type(scores: torch.Tensor, types: Sequence[str]) -> dict[str, float]:
-    return {t: float(scores[[k for k, x in enumerate(types) if x == t]].mean()) for t in QUESTION_TYPES
-            if t in types}
+    return {t: float(scores[[k for k, x in enumerate(types) if x == t]].mean()) for t in QUESTION_TYPES if t in types}
 
 
 def answer_prior_by_type(split: EasyVQASplit) -> dict[str, float]:
@@ -70,8 +69,9 @@ def question_prior_by_type(train: EasyVQASplit, test: EasyVQASplit) -> dict[str,
     return {t: sum(h) / len(h) for t, h in hits.items() if h}
 
 
-def evaluate_demo_model(adapter: ModelAdapter, seed: int, cache_root: str | os.PathLike | None = None,
-                        batch_size: int = 256, limit: int = 0) -> dict:
+def evaluate_demo_model(
+    adapter: ModelAdapter, seed: int, cache_root: str | os.PathLike | None = None, batch_size: int = 256, limit: int = 0
+) -> dict:
     """The demo model's accuracies on the four sets above (see the module docstring).
 
     Args:

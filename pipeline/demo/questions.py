@@ -35,31 +35,65 @@ EASY_VQA_FORMS: dict[Key, tuple[str, ...]] = {
     ("shape", "slot"): ("what is the {color} shape?",),
     ("color", "free"): ("what color is the shape?", "what is the color of the shape?"),
     ("color", "slot"): ("what color is the {shape}?", "what is the color of the {shape}?"),
-    ("shape_yes_no", "pos"): ("is there a {shape}?", "is there a {shape} in the image?",
-                              "does the image contain a {shape}?", "is a {shape} present?"),
-    ("shape_yes_no", "neg"): ("is there not a {shape}?", "is there not a {shape} in the image?",
-                              "does the image not contain a {shape}?", "is no {shape} present?"),
-    ("color_yes_no", "pos"): ("is there a {color} shape?", "is there a {color} shape in the image?",
-                              "does the image contain a {color} shape?", "is a {color} shape present?"),
-    ("color_yes_no", "neg"): ("is there not a {color} shape?", "is there not a {color} shape in the image?",
-                              "does the image not contain a {color} shape?", "is no {color} shape present?"),
+    ("shape_yes_no", "pos"): (
+        "is there a {shape}?",
+        "is there a {shape} in the image?",
+        "does the image contain a {shape}?",
+        "is a {shape} present?",
+    ),
+    ("shape_yes_no", "neg"): (
+        "is there not a {shape}?",
+        "is there not a {shape} in the image?",
+        "does the image not contain a {shape}?",
+        "is no {shape} present?",
+    ),
+    ("color_yes_no", "pos"): (
+        "is there a {color} shape?",
+        "is there a {color} shape in the image?",
+        "does the image contain a {color} shape?",
+        "is a {color} shape present?",
+    ),
+    ("color_yes_no", "neg"): (
+        "is there not a {color} shape?",
+        "is there not a {color} shape in the image?",
+        "does the image not contain a {color} shape?",
+        "is no {color} shape present?",
+    ),
 }
 
 PARAPHRASES: dict[Key, tuple[str, ...]] = {
-    ("shape", "free"): ("which shape can you see in the picture?", "what kind of shape is drawn?",
-                        "which shape is shown in the picture?"),
+    ("shape", "free"): (
+        "which shape can you see in the picture?",
+        "what kind of shape is drawn?",
+        "which shape is shown in the picture?",
+    ),
     ("shape", "slot"): ("which shape is {color}?", "what kind of shape is drawn in {color}?"),
-    ("color", "free"): ("which color does the shape have?", "in which color is the shape drawn?",
-                        "what color does the drawn shape have?"),
+    ("color", "free"): (
+        "which color does the shape have?",
+        "in which color is the shape drawn?",
+        "what color does the drawn shape have?",
+    ),
     ("color", "slot"): ("which color does the {shape} have?", "in which color is the {shape} drawn?"),
-    ("shape_yes_no", "pos"): ("can you see a {shape}?", "does the picture show a {shape}?",
-                              "is a {shape} drawn in the picture?"),
-    ("shape_yes_no", "neg"): ("does the picture lack a {shape}?", "is the picture without a {shape}?",
-                              "is a {shape} missing from the picture?"),
-    ("color_yes_no", "pos"): ("can you see a {color} shape?", "does the picture show a {color} shape?",
-                              "is a {color} shape drawn in the picture?"),
-    ("color_yes_no", "neg"): ("does the picture lack a {color} shape?", "is the picture without a {color} shape?",
-                              "is a {color} shape missing from the picture?"),
+    ("shape_yes_no", "pos"): (
+        "can you see a {shape}?",
+        "does the picture show a {shape}?",
+        "is a {shape} drawn in the picture?",
+    ),
+    ("shape_yes_no", "neg"): (
+        "does the picture lack a {shape}?",
+        "is the picture without a {shape}?",
+        "is a {shape} missing from the picture?",
+    ),
+    ("color_yes_no", "pos"): (
+        "can you see a {color} shape?",
+        "does the picture show a {color} shape?",
+        "is a {color} shape drawn in the picture?",
+    ),
+    ("color_yes_no", "neg"): (
+        "does the picture lack a {color} shape?",
+        "is the picture without a {color} shape?",
+        "is a {color} shape missing from the picture?",
+    ),
 }
 
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -43,8 +44,15 @@ from pipeline.demo.world import DEMO_PROMPT_TEMPLATE, labels_from_questions, loa
 # design.md §7: CLIP tower 32 px, patch 8, hidden 64, 2 layers (16 image tokens); Llama hidden 128, 2 layers.
 # The head count is not given there: with 4 the yes/no questions started using the image within 400 joint
 # steps, as early as with 2 (single runs), and were at 96% (shape) / 94% (colour) after 800.
-MODEL_SIZES = {"vision_hidden": 64, "vision_layers": 2, "text_hidden": 128, "text_layers": 2, "heads": 4,
-               "image_size": 32, "patch_size": 8}
+MODEL_SIZES = {
+    "vision_hidden": 64,
+    "vision_layers": 2,
+    "text_hidden": 128,
+    "text_layers": 2,
+    "heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -108,9 +116,17 @@ class DemoData:
         facts: the text facts (question, answer).
     """
 
-    def __init__(self, adapter: LlavaAdapter, pixels: torch.Tensor, shape_labels: torch.Tensor,
-                 color_labels: torch.Tensor, items: list[tuple[str, str, int]], facts: list[tuple[str, str]],
-                 recipe: Recipe, seed: int) -> None:
+    def __init__(
+        self,
+        adapter: LlavaAdapter,
+        pixels: torch.Tensor,
+        shape_labels: torch.Tensor,
+        color_labels: torch.Tensor,
+        items: list[tuple[str, str, int]],
+        facts: list[tuple[str, str]],
+        recipe: Recipe,
+        seed: int,
+    ) -> None:
         self.adapter = adapter
         self.pixels = pixels
         self.shape_labels = shape_labels
@@ -123,19 +139,21 @@ class DemoData:
         self._dummy = Image.new("RGB", (8, 8))
 
     @classmethod
-    def build(cls, adapter: LlavaAdapter, train_images: int, seed: int, recipe: Recipe = Recipe()) -> "DemoData":
+    def build(cls, adapter: LlavaAdapter, train_images: int, seed: int, recipe: Recipe = Recipe()) -> DemoData:
         """Load the easy-vqa train split (all images, or a seeded sample of `train_images`) and preprocess it."""
         split = load_split("train")
         ids = split.image_ids()
         if train_images:
             if train_images > len(ids):
-                raise ValueError(f"data.demo.train_images={train_images}: easy-vqa has only {len(ids)} training "
-                                 f"images; use at most {len(ids)} (0 = all)")
+                raise ValueError(
+                    f"data.demo.train_images={train_images}: easy-vqa has only {len(ids)} training "
+                    f"images; use at most {len(ids)} (0 = all)"
+                )
             ids = sorted(random.Random(f"demo-train-images:{seed}").sample(ids, train_images))
         index = {image_id: n for n, image_id in enumerate(ids)}
         pixels = []
         for start in range(0, len(ids), 512):
-            images = [adapter._resize(split.load_image(i)) for i in ids[start:start + 512]]
+            images = [adapter._resize(split.load_image(i)) for i in ids[start : start + 512]]
             pixels.append(adapter.image_processor(images=images, return_tensors="pt")["pixel_values"])
         qas: dict[int, list[tuple[str, str]]] = {i: [] for i in ids}
         items = []
@@ -164,8 +182,7 @@ class DemoData:
         probability `paraphrase_p`), balanced yes/no questions (`balanced_yes_no`), and text facts making up
         `fact_fraction` of the epoch."""
         r = self.recipe
-        rows = [(paraphrase(q, self.rng) if self.rng.random() < r.paraphrase_p else q, a, i)
-                for q, a, i in self.items]
+        rows = [(paraphrase(q, self.rng) if self.rng.random() < r.paraphrase_p else q, a, i) for q, a, i in self.items]
         rows += self.balanced_yes_no(round(len(rows) * r.balanced_yes_no))
         n_facts = round(len(rows) * r.fact_fraction / (1 - r.fact_fraction))
         facts = [self.facts[k % len(self.facts)] for k in range(n_facts)]
@@ -197,8 +214,9 @@ class DemoData:
             rows.append((question.render(self.rng.choice(forms[question.key])), question.answer(shape, color), i))
         return rows
 
-    def collate(self, rows: Sequence[tuple[str, str, int]], augment: bool,
-                generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    def collate(
+        self, rows: Sequence[tuple[str, str, int]], augment: bool, generator: torch.Generator | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """(model inputs, (B, L) targets, (N_img,) image indices) of a batch, right-padded like `encode`."""
         encoded = [self.row(p, a, i >= 0) for p, a, i in rows]
         length = max(len(e.input_ids) for e in encoded)
@@ -220,7 +238,7 @@ class DemoData:
         b, c, h, w = pixels.shape
         s = r.max_shift
         canvas = pixels[:, :, :1, :1].expand(b, c, h + 2 * s, w + 2 * s).clone()  # the background colour
-        canvas[:, :, s:s + h, s:s + w] = pixels
+        canvas[:, :, s : s + h, s : s + w] = pixels
         dy, dx = torch.randint(0, 2 * s + 1, (2, b, 1), generator=generator)
         cols = torch.arange(w).expand(b, w)
         flip = torch.rand(b, generator=generator) < r.flip_p
@@ -240,7 +258,7 @@ class AuxHead(nn.Module):
     def loss(self, patch_states: torch.Tensor, shape_labels: torch.Tensor, color_labels: torch.Tensor) -> torch.Tensor:
         """Mean CE of shape and of colour over the labelled images; `patch_states` is (N, 1 + P, H)."""
         logits = self.linear(patch_states[:, 1:].mean(1))
-        shape_logits, color_logits = logits[:, :len(SHAPES)], logits[:, len(SHAPES):]
+        shape_logits, color_logits = logits[:, : len(SHAPES)], logits[:, len(SHAPES) :]
         loss = patch_states.new_zeros(())
         if (shape_labels >= 0).any():
             loss = loss + F.cross_entropy(shape_logits, shape_labels, ignore_index=-1)
@@ -259,7 +277,7 @@ def _batches(data: DemoData):
     while True:
         rows = data.epoch()
         for start in range(0, len(rows) - data.recipe.batch_size + 1, data.recipe.batch_size):
-            yield rows[start:start + data.recipe.batch_size]
+            yield rows[start : start + data.recipe.batch_size]
 
 
 def _image_batches(data: DemoData, generator: torch.Generator):
@@ -271,11 +289,19 @@ def _image_batches(data: DemoData, generator: torch.Generator):
     while True:
         order = labelled[torch.randperm(labelled.numel(), generator=generator)]
         for start in range(0, order.numel() - size + 1, size):
-            yield order[start:start + size]
+            yield order[start : start + size]
 
 
-def train_demo(adapter: LlavaAdapter, data: DemoData, budget_s: float, pretrain_s: float, seed: int = 0,
-               progress: bool = True, max_steps: int = 0, max_pretrain_steps: int = 0) -> TrainStats:
+def train_demo(
+    adapter: LlavaAdapter,
+    data: DemoData,
+    budget_s: float,
+    pretrain_s: float,
+    seed: int = 0,
+    progress: bool = True,
+    max_steps: int = 0,
+    max_pretrain_steps: int = 0,
+) -> TrainStats:
     """Pre-train the tower with the aux head for `pretrain_s`, then train everything for the rest of
     `budget_s` (wall-clock seconds, so results depend on the machine's speed and load).
 
@@ -286,8 +312,10 @@ def train_demo(adapter: LlavaAdapter, data: DemoData, budget_s: float, pretrain_
     from tqdm.auto import tqdm
 
     if not 0 <= pretrain_s < budget_s:
-        raise ValueError(f"pretrain time {pretrain_s}s must be >= 0 and below the budget {budget_s}s "
-                         "(data.demo.pretrain_minutes < data.demo.train_minutes)")
+        raise ValueError(
+            f"pretrain time {pretrain_s}s must be >= 0 and below the budget {budget_s}s "
+            "(data.demo.pretrain_minutes < data.demo.train_minutes)"
+        )
     r = data.recipe
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -297,12 +325,19 @@ def train_demo(adapter: LlavaAdapter, data: DemoData, budget_s: float, pretrain_
     head = AuxHead(tower.config.hidden_size)
     captured: dict[str, torch.Tensor] = {}
     hook = tower.register_forward_hook(lambda _m, _i, out: captured.__setitem__("states", out.last_hidden_state))
-    stats = TrainStats(aux_label_coverage={
-        "shape": float((data.shape_labels >= 0).float().mean()),
-        "color": float((data.color_labels >= 0).float().mean()),
-    })
-    bar = tqdm(total=round(budget_s), unit="s", desc="demo model", disable=not progress,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{postfix}]")
+    stats = TrainStats(
+        aux_label_coverage={
+            "shape": float((data.shape_labels >= 0).float().mean()),
+            "color": float((data.color_labels >= 0).float().mean()),
+        }
+    )
+    bar = tqdm(
+        total=round(budget_s),
+        unit="s",
+        desc="demo model",
+        disable=not progress,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{postfix}]",
+    )
     try:
         # --- phase 1: the tower and the aux head alone
         params = list(tower.parameters()) + list(head.parameters())
@@ -340,7 +375,11 @@ def train_demo(adapter: LlavaAdapter, data: DemoData, budget_s: float, pretrain_
             logits = model(**inputs, use_cache=False, return_dict=True).logits
             mask = targets >= 0
             loss = F.cross_entropy(logits[mask], targets[mask])
-            aux = head.loss(captured["states"], data.shape_labels[idx], data.color_labels[idx]) if idx.numel() else loss.new_zeros(())
+            aux = (
+                head.loss(captured["states"], data.shape_labels[idx], data.color_labels[idx])
+                if idx.numel()
+                else loss.new_zeros(())
+            )
             total = loss + r.aux_weight * aux
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -348,7 +387,12 @@ def train_demo(adapter: LlavaAdapter, data: DemoData, budget_s: float, pretrain_
             opt.step()
             stats.joint_steps += 1
             stats.final_loss, stats.final_aux_loss = float(loss.detach()), float(aux.detach())
-            _tick(bar, start, stats.pretrain_seconds, f"step {stats.joint_steps} loss {float(loss.detach()):.3f} aux {float(aux.detach()):.3f}")
+            _tick(
+                bar,
+                start,
+                stats.pretrain_seconds,
+                f"step {stats.joint_steps} loss {float(loss.detach()):.3f} aux {float(aux.detach()):.3f}",
+            )
         stats.joint_seconds = time.perf_counter() - start
     finally:
         hook.remove()

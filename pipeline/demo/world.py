@@ -20,10 +20,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.storage.cache import cache_dir, content_key, ensure_dir
 from pipeline.demo.facts import text_facts
 from pipeline.demo.questions import COLORS, SHAPES, all_question_texts, parse
 from pipeline.demo.render import infer_attributes, render_shape
+from pipeline.storage.cache import cache_dir, content_key, ensure_dir
 
 # The demo model is trained with, and must be run with, this template (model.prompt_template of the demo).
 DEMO_PROMPT_TEMPLATE = "Question: <image> {} Answer:"
@@ -115,8 +115,10 @@ def load_split(name: str, check: bool = True) -> EasyVQASplit:
     if check:
         for item in items:
             if item.image_id not in attributes:
-                raise ValueError(f"easy-vqa {name}: question {item.question!r} names image {item.image_id}, "
-                                 "which is not in the image directory; reinstall easy-vqa")
+                raise ValueError(
+                    f"easy-vqa {name}: question {item.question!r} names image {item.image_id}, "
+                    "which is not in the image directory; reinstall easy-vqa"
+                )
             got = parse(item.question).answer(*attributes[item.image_id])
             if got != item.answer:
                 raise ValueError(

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -62,8 +63,10 @@ class Cell:
 
 def _overrides(value: Any, where: str, problems: list[str]) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
-        problems.append(f"{where}: expected a list of 'key=value' overrides, got {value!r}. "
-                        "Hint: e.g. [stream.mode=single, stream.num_edits=100]")
+        problems.append(
+            f"{where}: expected a list of 'key=value' overrides, got {value!r}. "
+            "Hint: e.g. [stream.mode=single, stream.num_edits=100]"
+        )
         return []
     return list(value)
 
@@ -72,7 +75,9 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     """Check a matrix dict's shape (see the module docstring); raise `MatrixError` listing every problem."""
     problems: list[str] = []
     if not isinstance(data, dict):
-        raise MatrixError([f"the file must hold a mapping with editors/settings/arms, got {type(data).__name__}"], source)
+        raise MatrixError(
+            [f"the file must hold a mapping with editors/settings/arms, got {type(data).__name__}"], source
+        )
     for key in sorted(set(data) - {"editors", "settings", "arms"}):
         problems.append(f"{key}: unknown section (got {data[key]!r}). Hint: the sections are editors, settings, arms")
     editors: dict[str, dict[str, Any]] = {}
@@ -81,14 +86,20 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
         problems.append(f"editors: expected a non-empty mapping name -> {{method: {{...}}}}, got {raw_editors!r}")
     else:
         for name, body in raw_editors.items():
-            if not isinstance(body, dict) or not isinstance(body.get("method"), dict) \
-                    or set(body) - {"method", "overrides"}:
-                problems.append(f"editors.{name}: expected {{method: {{name: ..., ...}}, overrides: [key=value, ...]}} "
-                                f"(overrides optional), got {body!r}")
+            if (
+                not isinstance(body, dict)
+                or not isinstance(body.get("method"), dict)
+                or set(body) - {"method", "overrides"}
+            ):
+                problems.append(
+                    f"editors.{name}: expected {{method: {{name: ..., ...}}, overrides: [key=value, ...]}} "
+                    f"(overrides optional), got {body!r}"
+                )
             else:
-                editors[str(name)] = {"method": copy.deepcopy(body["method"]),
-                                      "overrides": _overrides(body.get("overrides", []), f"editors.{name}.overrides",
-                                                              problems)}
+                editors[str(name)] = {
+                    "method": copy.deepcopy(body["method"]),
+                    "overrides": _overrides(body.get("overrides", []), f"editors.{name}.overrides", problems),
+                }
     settings: dict[str, list[str]] = {}
     raw_settings = data.get("settings")
     if not isinstance(raw_settings, dict) or not raw_settings:
@@ -117,8 +128,9 @@ def load_matrix(path: str | os.PathLike) -> MatrixSpec:
     return parse_matrix(data, str(path))
 
 
-def cells(base: Mapping[str, Any], spec: MatrixSpec, extra_checks: Iterable = (),
-          only: Iterable[str] = ()) -> list[Cell]:
+def cells(
+    base: Mapping[str, Any], spec: MatrixSpec, extra_checks: Iterable = (), only: Iterable[str] = ()
+) -> list[Cell]:
     """Every (setting, editor, arm) cell's config, in run order; `MatrixError` lists all cells' problems.
 
     `only` keeps the cells whose key (`setting/editor/arm`) starts with one of its prefixes.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from odedit.metrics import HEADLINE
 
@@ -40,8 +41,15 @@ def plot_retention(curve: Sequence[Mapping[str, Any]], path: str, title: str = "
 
 def plot_metrics(summary: Mapping[str, Any], path: str, title: str = "Headline metrics") -> str:
     """Bars of the headline metrics: pre-edit, immediate and final (end of stream)."""
-    return plot_comparison({"pre-edit": summary.get("pre", {}), "immediate": summary.get("immediate", {}),
-                            "final": summary.get("final", {})}, path, title)
+    return plot_comparison(
+        {
+            "pre-edit": summary.get("pre", {}),
+            "immediate": summary.get("immediate", {}),
+            "final": summary.get("final", {}),
+        },
+        path,
+        title,
+    )
 
 
 def plot_comparison(groups: Mapping[str, Mapping[str, Any]], path: str, title: str = "") -> str:

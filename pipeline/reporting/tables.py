@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from odedit.metrics import HEADLINE
 
-LABELS = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m_loc": "M-Loc",
-          "m_loc_hard": "M-Loc-hard"}
+LABELS = {
+    "rel": "Rel",
+    "t_gen": "T-Gen",
+    "m_gen": "M-Gen",
+    "t_loc": "T-Loc",
+    "m_loc": "M-Loc",
+    "m_loc_hard": "M-Loc-hard",
+}
 
 
 def _fmt(v: Any) -> str:
@@ -22,9 +29,16 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]], markdown: bool = 
     head = ["run"] + [LABELS[m] for m in HEADLINE] + ["edits", "failed", "wall s", "mlflow run"]
     rows = []
     for name, s in results.items():
-        rows.append([name] + [_fmt(s.get(m)) for m in HEADLINE] +
-                    [str(s.get("edits_applied", "")), str(s.get("edits_failed", "")),
-                     f"{s.get('wall_seconds', float('nan')):.0f}", str(s.get("mlflow_run_id", ""))[:12]])
+        rows.append(
+            [name]
+            + [_fmt(s.get(m)) for m in HEADLINE]
+            + [
+                str(s.get("edits_applied", "")),
+                str(s.get("edits_failed", "")),
+                f"{s.get('wall_seconds', float('nan')):.0f}",
+                str(s.get("mlflow_run_id", ""))[:12],
+            ]
+        )
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -42,8 +56,19 @@ def results_markdown(cells: list[Mapping[str, Any]]) -> str:
         lines = [f"### {setting}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in (c for c in cells if c["setting"] == setting):
             wall = c.get("seconds", c.get("wall_seconds"))  # the stream's own time (start-up excluded)
-            lines.append("| " + " | ".join([c["editor"], c["arm"]] + [_fmt(c.get(m)) for m in HEADLINE] + [
-                str(c.get("edits_applied", "")), str(c.get("edits_failed", "")),
-                f"{wall:.0f}" if isinstance(wall, (int, float)) else "n/a", f"`{c.get('mlflow_run_id') or ''}`"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [c["editor"], c["arm"]]
+                    + [_fmt(c.get(m)) for m in HEADLINE]
+                    + [
+                        str(c.get("edits_applied", "")),
+                        str(c.get("edits_failed", "")),
+                        f"{wall:.0f}" if isinstance(wall, (int, float)) else "n/a",
+                        f"`{c.get('mlflow_run_id') or ''}`",
+                    ]
+                )
+                + " |"
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)

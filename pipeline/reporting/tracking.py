@@ -18,7 +18,8 @@ import logging
 import os
 import time
 import warnings
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ def _flat_params(params: Mapping[str, Any]) -> dict[str, str]:
 
 # Bound how long one tracking call may block when the server is down (MLflow's defaults retry for minutes);
 # users can still set these variables themselves.
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 def _bound_http_retries() -> None:
@@ -95,8 +99,15 @@ class MLflowTracker:
     the outbox, and `jobs.sync_mlflow` creates the run when it replays.
     """
 
-    def __init__(self, uri: str, run_id: str, outbox_dir: str, experiment: str = "", run_name: str = "",
-                 tags: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        outbox_dir: str,
+        experiment: str = "",
+        run_name: str = "",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         _bound_http_retries()
@@ -112,8 +123,20 @@ class MLflowTracker:
 
     def _record(self, kind: str, payload: dict, sent: bool = False) -> None:
         with open(self.outbox, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"kind": kind, "run_id": self.run_id, "uri": self.uri, "time": time.time(),
-                                 "sent": sent, **payload}, default=str) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "kind": kind,
+                        "run_id": self.run_id,
+                        "uri": self.uri,
+                        "time": time.time(),
+                        "sent": sent,
+                        **payload,
+                    },
+                    default=str,
+                )
+                + "\n"
+            )
 
     def _call(self, fn, *args: Any, **kwargs: Any) -> bool:
         """Call the server unless it is known to be down; True when the call went through."""
@@ -125,9 +148,13 @@ class MLflowTracker:
         except Exception as exc:  # a tracking outage must never kill an edit stream
             self._down_until = time.monotonic() + RETRY_AFTER_S
             if not self._warned:
-                warnings.warn(f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {exc}); results stay "
-                              f"on disk in {self.outbox}; replay them later with `python -m jobs.sync_mlflow "
-                              f"{self.outbox}`", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {exc}); results stay "
+                    f"on disk in {self.outbox}; replay them later with `python -m jobs.sync_mlflow "
+                    f"{self.outbox}`",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 self._warned = True
             return False
 
@@ -136,8 +163,12 @@ class MLflowTracker:
 
         flat = _flat_params(params)
         items = [Param(k, v) for k, v in flat.items()]
-        sent = all([self._call(self.client.log_batch, self.run_id, params=items[i:i + 100])
-                    for i in range(0, len(items), 100)])
+        sent = all(
+            [
+                self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
+                for i in range(0, len(items), 100)
+            ]
+        )
         self._record("params", {"params": flat}, sent)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -146,8 +177,12 @@ class MLflowTracker:
         clean = {k: float(v) for k, v in metrics.items()}
         ts = int(time.time() * 1000)
         items = [Metric(k, v, ts, step) for k, v in clean.items()]
-        sent = all([self._call(self.client.log_batch, self.run_id, metrics=items[i:i + 500])
-                    for i in range(0, len(items), 500)])
+        sent = all(
+            [
+                self._call(self.client.log_batch, self.run_id, metrics=items[i : i + 500])
+                for i in range(0, len(items), 500)
+            ]
+        )
         self._record("metrics", {"metrics": clean, "step": step, "ts": ts}, sent)
 
     def log_artifact(self, path: str, subdir: str | None = None) -> None:
@@ -168,8 +203,13 @@ def ensure_experiment(uri: str, name: str) -> str:
     return exp.experiment_id if exp is not None else client.create_experiment(name)
 
 
-def open_tracker(cfg: Any, run_name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-                 outbox_dir: str | None = None):
+def open_tracker(
+    cfg: Any,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    outbox_dir: str | None = None,
+):
     """Create a run (nested under `parent_run_id` when given) and return its tracker (NullTracker if off)."""
     if not cfg.tracking.enabled:
         return NullTracker()
@@ -187,9 +227,13 @@ def open_tracker(cfg: Any, run_name: str, parent_run_id: str | None = None, tags
         import uuid
 
         run_id = f"{OFFLINE_PREFIX}{uuid.uuid4().hex}"
-        warnings.warn(f"MLflow at {uri} is unreachable ({type(exc).__name__}: {exc}); run {run_name!r} is "
-                      f"recorded offline in {os.path.join(outbox_dir or cfg.output_dir, OUTBOX)}; replay it "
-                      "with `python -m jobs.sync_mlflow <that file>`", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"MLflow at {uri} is unreachable ({type(exc).__name__}: {exc}); run {run_name!r} is "
+            f"recorded offline in {os.path.join(outbox_dir or cfg.output_dir, OUTBOX)}; replay it "
+            "with `python -m jobs.sync_mlflow <that file>`",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return MLflowTracker(uri, run_id, outbox_dir or cfg.output_dir, cfg.tracking.experiment, run_name, all_tags)
 
 
@@ -228,8 +272,9 @@ def replay_outbox(path: str, uri: str | None = None) -> dict[str, int]:
         if kind == "create":
             if rec["run_id"] not in mapping:
                 exp_id = ensure_experiment(target, rec["experiment"] or "odedit")
-                mapping[rec["run_id"]] = client.create_run(exp_id, run_name=rec["run_name"],
-                                                           tags=rec["tags"]).info.run_id
+                mapping[rec["run_id"]] = client.create_run(
+                    exp_id, run_name=rec["run_name"], tags=rec["tags"]
+                ).info.run_id
             counts["create"] += 1
         elif not rec.get("sent"):  # records that went through when they were logged are not sent again
             _replay_record(client, mapping.get(rec["run_id"], rec["run_id"]), rec)

@@ -31,42 +31,66 @@ def run_search(cfg: Config) -> tuple[dict[str, Any], SearchOutcome]:
         search = Search(cfg, run_cfg, model_path)
 
         def open_parent() -> Any:
-            parent = open_tracker(search.run_cfg, cfg.search.name, tags={"odedit.kind": "search"},
-                                  outbox_dir=search.dir)
+            parent = open_tracker(
+                search.run_cfg, cfg.search.name, tags={"odedit.kind": "search"}, outbox_dir=search.dir
+            )
             params = {f"space.{d.key}": json.dumps(d.spec()) for d in search.dims}
             params.update({f"search.{k}": v for k, v in dataclasses.asdict(cfg.search).items() if k != "space"})
-            parent.log_params({**params, **run_info(cfg), "searcher_used": search.searcher_name,
-                               "model_path": model_path})
+            parent.log_params(
+                {**params, **run_info(cfg), "searcher_used": search.searcher_name, "model_path": model_path}
+            )
             return parent
 
         outcome = search.fit(open_parent)
 
     # ---- best config, plot, summary; all on the parent run
     best_path = write_best(cfg, outcome, os.path.join(cfg.output_dir, "best.yaml"))
-    trials_path = write_json(os.path.join(outcome.search_dir, "trials.json"),
-                             [dataclasses.asdict(t) for t in outcome.trials])
-    plot_path = plot_search(outcome, cfg.search.metric, cfg.search.mode,
-                            os.path.join(outcome.search_dir, "objective.png"))
+    trials_path = write_json(
+        os.path.join(outcome.search_dir, "trials.json"), [dataclasses.asdict(t) for t in outcome.trials]
+    )
+    plot_path = plot_search(
+        outcome, cfg.search.metric, cfg.search.mode, os.path.join(outcome.search_dir, "objective.png")
+    )
     parent = attach_tracker(search.run_cfg, outcome.parent_run_id, outcome.search_dir)
     counts = {s: sum(t.status == s for t in outcome.trials) for s in ("completed", "stopped", "error")}
     parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, 0)
     best = outcome.best
     if best is not None:
-        parent.log_params({"best.trial_id": best.trial_id, "best.mlflow_run_id": best.mlflow_run_id,
-                           **{f"best.{k}": v for k, v in best.sample.items()}})
-        parent.log_metrics({f"best/{k}": float(v) for k, v in best.metrics.items()
-                            if isinstance(v, (int, float)) and math.isfinite(v)}, 0)
+        parent.log_params(
+            {
+                "best.trial_id": best.trial_id,
+                "best.mlflow_run_id": best.mlflow_run_id,
+                **{f"best.{k}": v for k, v in best.sample.items()},
+            }
+        )
+        parent.log_metrics(
+            {
+                f"best/{k}": float(v)
+                for k, v in best.metrics.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)
+            },
+            0,
+        )
     for path in (best_path, trials_path, plot_path):
         if path:
             parent.log_artifact(path, "search")
     parent.set_terminated("FINISHED")
 
     summary = {
-        "search": cfg.search.name, "search_dir": outcome.search_dir, "restored": outcome.restored,
-        "searcher": outcome.searcher, "metric": cfg.search.metric, "mode": cfg.search.mode,
-        "edits_per_trial": outcome.edits_total, "split": cfg.search.split, "parent_run_id": outcome.parent_run_id,
-        "trials": counts, "best": dataclasses.asdict(best) if best else None, "best_yaml": best_path,
-        "plot": plot_path, "prepare": prep,
+        "search": cfg.search.name,
+        "search_dir": outcome.search_dir,
+        "restored": outcome.restored,
+        "searcher": outcome.searcher,
+        "metric": cfg.search.metric,
+        "mode": cfg.search.mode,
+        "edits_per_trial": outcome.edits_total,
+        "split": cfg.search.split,
+        "parent_run_id": outcome.parent_run_id,
+        "trials": counts,
+        "best": dataclasses.asdict(best) if best else None,
+        "best_yaml": best_path,
+        "plot": plot_path,
+        "prepare": prep,
     }
     write_json(os.path.join(outcome.search_dir, "summary.json"), summary)
     return summary, outcome

@@ -8,8 +8,8 @@ import os
 from typing import Any
 
 from odedit.config import Config, SearchConfig, dump_config
-from odedit.loading import load_config
 from odedit.configlib import to_dict
+from odedit.loading import load_config
 from pipeline.search.space import sample_config
 
 
@@ -20,8 +20,10 @@ def write_best(cfg: Config, outcome: Any, path: str) -> str:
         return ""
     best_cfg = sample_config(to_dict(cfg), best.sample)
     best_cfg = dataclasses.replace(
-        best_cfg, search=SearchConfig(),
-        stream=dataclasses.replace(best_cfg.stream, split="test", run_name=f"{cfg.search.name}-best"))
+        best_cfg,
+        search=SearchConfig(),
+        stream=dataclasses.replace(best_cfg.stream, split="test", run_name=f"{cfg.search.name}-best"),
+    )
     value = best.metrics.get(cfg.search.metric)
     lines = [
         f"# python -m jobs.lifelong --config {path}",
@@ -55,8 +57,15 @@ def plot_search(outcome: Any, metric: str, mode: str, path: str) -> str:
     for t in outcome.trials:
         if t.curve:
             edits, values = zip(*t.curve)
-            left.plot(edits, values, marker="o", ms=3, alpha=0.8, ls="-" if t.status == "completed" else ":",
-                      label=str(t.index))
+            left.plot(
+                edits,
+                values,
+                marker="o",
+                ms=3,
+                alpha=0.8,
+                ls="-" if t.status == "completed" else ":",
+                label=str(t.index),
+            )
         value = t.metrics.get(metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             done = t.status == "completed"
@@ -92,9 +101,16 @@ def trials_table(outcome: Any, metric: str) -> str:
     rows = [head]
     for t in outcome.trials:
         v = t.metrics.get(metric)
-        rows.append([str(t.index), t.trial_id + (" *" if outcome.best is t else ""), t.status,
-                     str(t.metrics.get("edits")), f"{v:.4f}" if isinstance(v, (int, float)) else "-",
-                     *[_short(t.sample.get(k)) for k in keys]])
+        rows.append(
+            [
+                str(t.index),
+                t.trial_id + (" *" if outcome.best is t else ""),
+                t.status,
+                str(t.metrics.get("edits")),
+                f"{v:.4f}" if isinstance(v, (int, float)) else "-",
+                *[_short(t.sample.get(k)) for k in keys],
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from odedit.config import Config, ConfigError
-from odedit.loading import parse_config
 from odedit.configlib import ConfigIssue, to_dict
+from odedit.loading import parse_config
 from odedit.metrics import PROTOCOLS
 
 KINDS = ("uniform", "loguniform", "randint", "choice")
@@ -105,34 +106,70 @@ def parse_dimension(key: Any, spec: Any) -> tuple[Dimension | None, list[ConfigI
     if not isinstance(key, str) or not key or any(not p.isidentifier() for p in key.split(".")):
         return None, [ConfigIssue(path, key, "a space key must be a dotted config key", "e.g. odedit.dual_lr")]
     if not key.startswith(SEARCHABLE):
-        return None, [ConfigIssue(path, key, "this key cannot be searched: the search prepares the data and model "
-                                  "once and fixes the stream's slice and resources",
-                                  "search keys of method.*, odedit.* or stream.batch_size")]
+        return None, [
+            ConfigIssue(
+                path,
+                key,
+                "this key cannot be searched: the search prepares the data and model "
+                "once and fixes the stream's slice and resources",
+                "search keys of method.*, odedit.* or stream.batch_size",
+            )
+        ]
     if not isinstance(spec, Mapping) or spec.get("type") not in KINDS:
         got = spec.get("type") if isinstance(spec, Mapping) else spec
-        return None, [ConfigIssue(path, got, f"the distribution type must be one of {', '.join(KINDS)}",
-                                  "e.g. {type: loguniform, low: 1.0e-4, high: 1.0e-2}")]
+        return None, [
+            ConfigIssue(
+                path,
+                got,
+                f"the distribution type must be one of {', '.join(KINDS)}",
+                "e.g. {type: loguniform, low: 1.0e-4, high: 1.0e-2}",
+            )
+        ]
     kind = spec["type"]
     allowed = {"type", "values"} if kind == "choice" else {"type", "low", "high"}
     extra = sorted(set(spec) - allowed)
     if extra:
-        return None, [ConfigIssue(path, extra, f"unknown field(s) for type {kind}", f"a {kind} takes "
-                                  f"{', '.join(sorted(allowed - {'type'}))}")]
+        return None, [
+            ConfigIssue(
+                path,
+                extra,
+                f"unknown field(s) for type {kind}",
+                f"a {kind} takes {', '.join(sorted(allowed - {'type'}))}",
+            )
+        ]
     if kind == "choice":
         values = spec.get("values")
         if not isinstance(values, (list, tuple)) or len(values) < 2:
-            return None, [ConfigIssue(path, values, "a choice needs a list of at least 2 values",
-                                      "with one value, set the key in the config instead")]
+            return None, [
+                ConfigIssue(
+                    path,
+                    values,
+                    "a choice needs a list of at least 2 values",
+                    "with one value, set the key in the config instead",
+                )
+            ]
         return Dimension(key, kind, values=tuple(values)), []
     low, high = _number(spec.get("low")), _number(spec.get("high"))
     if low is None or high is None or not low < high:
-        return None, [ConfigIssue(path, {"low": spec.get("low"), "high": spec.get("high")},
-                                  f"a {kind} needs numbers low < high", "e.g. low: 0.1, high: 2.0")]
+        return None, [
+            ConfigIssue(
+                path,
+                {"low": spec.get("low"), "high": spec.get("high")},
+                f"a {kind} needs numbers low < high",
+                "e.g. low: 0.1, high: 2.0",
+            )
+        ]
     if kind == "loguniform" and low <= 0:
         return None, [ConfigIssue(path, low, "a loguniform needs low > 0", "use uniform for ranges that reach 0")]
     if kind == "randint" and not (low.is_integer() and high.is_integer()):
-        return None, [ConfigIssue(path, {"low": low, "high": high}, "a randint needs whole-number bounds",
-                                  "e.g. low: 2, high: 8 (both included)")]
+        return None, [
+            ConfigIssue(
+                path,
+                {"low": low, "high": high},
+                "a randint needs whole-number bounds",
+                "e.g. low: 2, high: 8 (both included)",
+            )
+        ]
     return Dimension(key, kind, low, high), []
 
 
@@ -184,8 +221,14 @@ def check_search(raw: Mapping[str, Any]) -> list[ConfigIssue]:
     s = cfg.search
     issues: list[ConfigIssue] = []
     if not s.space:
-        issues.append(ConfigIssue("search.space", {}, "the search space is empty: nothing to search",
-                                  "declare e.g. odedit.dual_lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}"))
+        issues.append(
+            ConfigIssue(
+                "search.space",
+                {},
+                "the search space is empty: nothing to search",
+                "declare e.g. odedit.dual_lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}",
+            )
+        )
     dims, grammar = parse_space(s.space)
     issues += grammar
     base = to_dict(cfg)
@@ -194,24 +237,55 @@ def check_search(raw: Mapping[str, Any]) -> list[ConfigIssue]:
             try:
                 sample_config(base, {dim.key: value})
             except ConfigError as err:
-                issues += [ConfigIssue(f"search.space.{dim.key}", value, f"{dim.key}={value!r} is refused by the "
-                                       f"config: {i.path}: {i.problem}", i.hint) for i in err.issues]
+                issues += [
+                    ConfigIssue(
+                        f"search.space.{dim.key}",
+                        value,
+                        f"{dim.key}={value!r} is refused by the config: {i.path}: {i.problem}",
+                        i.hint,
+                    )
+                    for i in err.issues
+                ]
                 break
     if s.metric not in METRICS:
-        issues.append(ConfigIssue("search.metric", s.metric, f"unknown metric; one of {', '.join(METRICS)}",
-                                  "objective is the mean of Rel, Gen and Loc"))
+        issues.append(
+            ConfigIssue(
+                "search.metric",
+                s.metric,
+                f"unknown metric; one of {', '.join(METRICS)}",
+                "objective is the mean of Rel, Gen and Loc",
+            )
+        )
     if cfg.stream.mode != "sequential":
-        issues.append(ConfigIssue("stream.mode", cfg.stream.mode, "a search runs lifelong (sequential) streams, "
-                                  "whose retention ASHA compares", "set stream.mode=sequential"))
+        issues.append(
+            ConfigIssue(
+                "stream.mode",
+                cfg.stream.mode,
+                "a search runs lifelong (sequential) streams, whose retention ASHA compares",
+                "set stream.mode=sequential",
+            )
+        )
     if cfg.stream.eval_every == 0:
-        issues.append(ConfigIssue("stream.eval_every", 0, "with no retention evaluation along the stream, trials "
-                                  "report only at their end and ASHA cannot stop any early",
-                                  f"set stream.eval_every, e.g. to search.grace_edits ({s.grace_edits})"))
+        issues.append(
+            ConfigIssue(
+                "stream.eval_every",
+                0,
+                "with no retention evaluation along the stream, trials "
+                "report only at their end and ASHA cannot stop any early",
+                f"set stream.eval_every, e.g. to search.grace_edits ({s.grace_edits})",
+            )
+        )
     if s.split == "test" and not (cfg.stream.num_edits and s.offset >= cfg.stream.num_edits):
-        issues.append(ConfigIssue("search.offset", s.offset, f"search.split=test edits test records from "
-                                  f"{s.offset} on, which overlaps the test stream (stream.num_edits="
-                                  f"{cfg.stream.num_edits}, from 0)", "set stream.num_edits > 0 and "
-                                  "search.offset >= stream.num_edits, or search on the validation split"))
+        issues.append(
+            ConfigIssue(
+                "search.offset",
+                s.offset,
+                f"search.split=test edits test records from "
+                f"{s.offset} on, which overlaps the test stream (stream.num_edits="
+                f"{cfg.stream.num_edits}, from 0)",
+                "set stream.num_edits > 0 and search.offset >= stream.num_edits, or search on the validation split",
+            )
+        )
     return issues
 
 

@@ -26,14 +26,15 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from odedit.config import Config
-from odedit.loading import parse_config
 from odedit.configlib import to_dict
+from odedit.loading import parse_config
 from odedit.metrics import PROTOCOLS
-from pipeline.storage.jsonio import read_json, write_json
 from pipeline.search.space import parse_space, sample_config
+from pipeline.storage.jsonio import read_json, write_json
 
 METRICS_FILE = "metrics.jsonl"
 TRIAL_FILE = "trial.json"
@@ -44,8 +45,9 @@ POLL_SECONDS = 1.0
 
 
 def _nanmean(values: Iterable[Any]) -> float:
-    vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(float(v))]
+    vals = [
+        float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
     return sum(vals) / len(vals) if vals else float("nan")
 
 
@@ -99,11 +101,19 @@ def _trial_tracker(cfg: Config, run_name: str, run_dir: str, parent_run_id: str,
     if record.get("mlflow_run_id"):
         tracker = attach_tracker(cfg, record["mlflow_run_id"], run_dir)
     else:
-        tracker = open_tracker(cfg, run_name, parent_run_id=parent_run_id or None, outbox_dir=run_dir,
-                               tags={"odedit.kind": "search-trial", "odedit.search": cfg.search.name,
-                                     "odedit.trial_id": trial_id})
-    record.update(trial_id=trial_id, run_name=run_name, mlflow_run_id=getattr(tracker, "run_id", ""),
-                  starts=record.get("starts", 0) + 1)
+        tracker = open_tracker(
+            cfg,
+            run_name,
+            parent_run_id=parent_run_id or None,
+            outbox_dir=run_dir,
+            tags={"odedit.kind": "search-trial", "odedit.search": cfg.search.name, "odedit.trial_id": trial_id},
+        )
+    record.update(
+        trial_id=trial_id,
+        run_name=run_name,
+        mlflow_run_id=getattr(tracker, "run_id", ""),
+        starts=record.get("starts", 0) + 1,
+    )
     write_json(record_path, record, indent=1)
     return tracker
 
@@ -121,15 +131,25 @@ class StreamDriver:
     workers' CPUs stay reserved and the next trials wait for them forever.
     """
 
-    def run(self, cfg: dict[str, Any], model_path: str, run_id: str, run_dir: str, run_name: str, num_edits: int,
-            offset: int, metrics_path: str) -> dict[str, Any]:
-        from pipeline.train.engine import run_stream
+    def run(
+        self,
+        cfg: dict[str, Any],
+        model_path: str,
+        run_id: str,
+        run_dir: str,
+        run_name: str,
+        num_edits: int,
+        offset: int,
+        metrics_path: str,
+    ) -> dict[str, Any]:
         from pipeline.reporting.tracking import attach_tracker
+        from pipeline.train.engine import run_stream
 
         config = parse_config(cfg)
         tracker = attach_tracker(config, run_id, run_dir)
-        return run_stream(config, model_path, tracker, run_name, num_edits, offset, progress=False,
-                          metrics_path=metrics_path)
+        return run_stream(
+            config, model_path, tracker, run_name, num_edits, offset, progress=False, metrics_path=metrics_path
+        )
 
 
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -148,8 +168,12 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     run_name = f"{cfg.search.name}-{trial_id}"
     run_dir = os.path.join(context["streams_dir"], run_name)
     os.makedirs(run_dir, exist_ok=True)
-    cfg = dataclasses.replace(cfg, stream=dataclasses.replace(
-        cfg.stream, split=cfg.search.split, run_name=run_name, storage_path=context["streams_dir"]))
+    cfg = dataclasses.replace(
+        cfg,
+        stream=dataclasses.replace(
+            cfg.stream, split=cfg.search.split, run_name=run_name, storage_path=context["streams_dir"]
+        ),
+    )
     tracker = _trial_tracker(cfg, run_name, run_dir, context["parent_run_id"], trial_id)
     tracker.log_params({"search.trial_id": trial_id, **{f"search.sample.{k}": v for k, v in sample.items()}})
     total = int(context["edits_total"])
@@ -160,13 +184,33 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         tracker.log_metrics({f"search/{k}": v for k, v in metrics.items() if math.isfinite(v)}, edits)
         if done:  # before the report: ASHA ends a trial that reaches max_t right there
             tracker.set_terminated("FINISHED")
-        ray.tune.report({**metrics, "training_iteration": edits, "edits": edits, "edits_total": total,
-                         "stream_done": done, "run_name": run_name, "mlflow_run_id": getattr(tracker, "run_id", "")})
+        ray.tune.report(
+            {
+                **metrics,
+                "training_iteration": edits,
+                "edits": edits,
+                "edits_total": total,
+                "stream_done": done,
+                "run_name": run_name,
+                "mlflow_run_id": getattr(tracker, "run_id", ""),
+            }
+        )
 
-    driver = ray.remote(num_cpus=0)(StreamDriver).options(
-        runtime_env={"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}).remote()
-    pending = driver.run.remote(to_dict(cfg), context["model_path"], getattr(tracker, "run_id", ""), run_dir,
-                                run_name, cfg.search.num_edits, cfg.search.offset, metrics_path)
+    driver = (
+        ray.remote(num_cpus=0)(StreamDriver)
+        .options(runtime_env={"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}})
+        .remote()
+    )
+    pending = driver.run.remote(
+        to_dict(cfg),
+        context["model_path"],
+        getattr(tracker, "run_id", ""),
+        run_dir,
+        run_name,
+        cfg.search.num_edits,
+        cfg.search.offset,
+        metrics_path,
+    )
     tail = MetricsTail(metrics_path)
     last = 0
     while True:

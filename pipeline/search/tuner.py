@@ -21,15 +21,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from odedit.config import Config
 from odedit.configlib import flatten, to_dict
-from pipeline.storage.jsonio import read_json, write_json
 from pipeline.search.space import METRICS, Dimension, parse_space, validate_search
 from pipeline.search.trials import TRIAL_FILE, run_trial
-
+from pipeline.storage.jsonio import read_json, write_json
 
 # ---------------------------------------------------------------------------------------------- driver
 
@@ -111,8 +111,13 @@ class Search:
         if model.name_or_path and os.path.isdir(model.name_or_path):
             model = dataclasses.replace(model, name_or_path=os.path.abspath(model.name_or_path))
         tracking = dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)) if cfg.tracking.enabled else cfg.tracking
-        return dataclasses.replace(cfg, model=model, tracking=tracking, output_dir=os.path.abspath(cfg.output_dir),
-                                   data=dataclasses.replace(cfg.data, shards_dir=shards))
+        return dataclasses.replace(
+            cfg,
+            model=model,
+            tracking=tracking,
+            output_dir=os.path.abspath(cfg.output_dir),
+            data=dataclasses.replace(cfg.data, shards_dir=shards),
+        )
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -126,10 +131,13 @@ class Search:
             raise ValueError(
                 f"search.split={s.split}: the shards in {self.shards_dir} hold no {s.split} edits after offset "
                 f"{s.offset}; for the demo world set data.demo.num_validation_edits > 0, for other sources mark "
-                "records split=validation or use search.split=test with search.offset >= stream.num_edits")
+                "records split=validation or use search.split=test with search.offset >= stream.num_edits"
+            )
         if s.grace_edits > n:
-            raise ValueError(f"search.grace_edits={s.grace_edits} exceeds the {n} edits of each trial's slice, so "
-                             f"ASHA could never stop a trial; set search.grace_edits <= {n}")
+            raise ValueError(
+                f"search.grace_edits={s.grace_edits} exceeds the {n} edits of each trial's slice, so "
+                f"ASHA could never stop a trial; set search.grace_edits <= {n}"
+            )
         return n
 
     def check_resources(self) -> None:
@@ -149,12 +157,15 @@ class Search:
                 f"search.max_concurrent={s.max_concurrent} trials x {per_trial:g} CPUs (search.cpus_per_trial "
                 f"{s.cpus_per_trial:g} + resources.num_workers {r.num_workers} x resources.cpus_per_worker "
                 f"{r.cpus_per_worker:g}) + 1 CPU for Ray Data's file listing exceed the cluster's {total:g} "
-                "CPUs; lower search.max_concurrent or resources.cpus_per_worker")
+                "CPUs; lower search.max_concurrent or resources.cpus_per_worker"
+            )
         gpus = s.max_concurrent * (s.gpus_per_trial + (r.num_workers if r.use_gpu else 0))
         if gpus > ray.cluster_resources().get("GPU", 0.0):
-            raise ValueError(f"search: {s.max_concurrent} concurrent trials need {gpus:g} GPUs (search.gpus_per_trial "
-                             "plus one per worker with resources.use_gpu); the cluster has "
-                             f"{ray.cluster_resources().get('GPU', 0.0):g}; lower search.max_concurrent")
+            raise ValueError(
+                f"search: {s.max_concurrent} concurrent trials need {gpus:g} GPUs (search.gpus_per_trial "
+                "plus one per worker with resources.use_gpu); the cluster has "
+                f"{ray.cluster_resources().get('GPU', 0.0):g}; lower search.max_concurrent"
+            )
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -168,8 +179,10 @@ class Search:
             changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             if changed:
                 shown = ", ".join(f"{k} ({old.get(k)!r} -> {fingerprint.get(k)!r})" for k in changed[:5])
-                raise ValueError(f"search.name={self.cfg.search.name!r}: {self.dir} holds a search started with "
-                                 f"another config ({shown}); pick another search.name or delete that directory")
+                raise ValueError(
+                    f"search.name={self.cfg.search.name!r}: {self.dir} holds a search started with "
+                    f"another config ({shown}); pick another search.name or delete that directory"
+                )
             return state, True
         os.makedirs(self.dir, exist_ok=True)
         parent = open_parent()
@@ -209,8 +222,13 @@ class Search:
     def _trainable(self, parent_run_id: str, edits_total: int) -> Any:
         from ray import tune
 
-        context = {"base": to_dict(self.run_cfg), "model_path": self.model_path, "streams_dir": self.streams_dir,
-                   "parent_run_id": parent_run_id, "edits_total": edits_total}
+        context = {
+            "base": to_dict(self.run_cfg),
+            "model_path": self.model_path,
+            "streams_dir": self.streams_dir,
+            "parent_run_id": parent_run_id,
+            "edits_total": edits_total,
+        }
         s = self.cfg.search
         resources = {"CPU": s.cpus_per_trial, **({"GPU": s.gpus_per_trial} if s.gpus_per_trial else {})}
         return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
@@ -239,18 +257,38 @@ class Search:
                 trainable,
                 param_space={d.key: d.domain() for d in self.dims},
                 tune_config=tune.TuneConfig(
-                    metric=s.metric, mode=s.mode, search_alg=self._searcher(), num_samples=s.num_samples,
-                    max_concurrent_trials=s.max_concurrent, reuse_actors=False,
-                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=edits_total,
-                                            grace_period=s.grace_edits, reduction_factor=s.reduction_factor)),
-                run_config=tune.RunConfig(name=os.path.basename(self.tune_dir), storage_path=self.dir,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                    metric=s.metric,
+                    mode=s.mode,
+                    search_alg=self._searcher(),
+                    num_samples=s.num_samples,
+                    max_concurrent_trials=s.max_concurrent,
+                    reuse_actors=False,
+                    scheduler=ASHAScheduler(
+                        time_attr="training_iteration",
+                        max_t=edits_total,
+                        grace_period=s.grace_edits,
+                        reduction_factor=s.reduction_factor,
+                    ),
+                ),
+                run_config=tune.RunConfig(
+                    name=os.path.basename(self.tune_dir),
+                    storage_path=self.dir,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
             )
         grid = tuner.fit()
         trials = sorted((self._outcome(r) for r in grid), key=lambda t: t.index)
         self._close_trial_runs(trials)
-        return SearchOutcome(trials, self.best(trials), state["parent_run_id"], self.searcher_name, restored, self.dir,
-                             edits_total, list(self.dims))
+        return SearchOutcome(
+            trials,
+            self.best(trials),
+            state["parent_run_id"],
+            self.searcher_name,
+            restored,
+            self.dir,
+            edits_total,
+            list(self.dims),
+        )
 
     def _outcome(self, result: Any) -> TrialOutcome:
         dims = {d.key: d for d in self.dims}
@@ -267,9 +305,17 @@ class Search:
             status = "error"
         else:
             status = "completed" if metrics.get("stream_done") else "stopped"
-        return TrialOutcome(index, trial_id, status, sample, {k: metrics.get(k) for k in (*METRICS, "edits")}, curve,
-                            record.get("run_name", ""), record.get("mlflow_run_id", ""),
-                            "" if result.error is None else f"{type(result.error).__name__}: {result.error}")
+        return TrialOutcome(
+            index,
+            trial_id,
+            status,
+            sample,
+            {k: metrics.get(k) for k in (*METRICS, "edits")},
+            curve,
+            record.get("run_name", ""),
+            record.get("mlflow_run_id", ""),
+            "" if result.error is None else f"{type(result.error).__name__}: {result.error}",
+        )
 
     def _close_trial_runs(self, trials: Sequence[TrialOutcome]) -> None:
         """Tag every trial's MLflow run with how the search ended it, and close the runs of trials whose
@@ -288,6 +334,11 @@ class Search:
     def best(self, trials: Sequence[TrialOutcome]) -> TrialOutcome | None:
         """The best trial that edited its whole slice (a stopped trial's score is from fewer edits)."""
         metric, sign = self.cfg.search.metric, (1.0 if self.cfg.search.mode == "max" else -1.0)
-        done = [t for t in trials if t.status == "completed" and isinstance(t.metrics.get(metric), (int, float))
-                and math.isfinite(t.metrics[metric])]
+        done = [
+            t
+            for t in trials
+            if t.status == "completed"
+            and isinstance(t.metrics.get(metric), (int, float))
+            and math.isfinite(t.metrics[metric])
+        ]
         return max(done, key=lambda t: sign * t.metrics[metric]) if done else None

@@ -17,8 +17,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.storage.jsonio import write_json
 
@@ -64,8 +65,9 @@ def read_marker(path: str | os.PathLike) -> dict | None:
 def write_marker(path: str | os.PathLike, info: dict) -> None:
     """Write the marker last: every file now under `path` with its size, plus `info`."""
     root = Path(path)
-    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
-             if p.is_file() and p.name != MARKER}
+    files = {
+        str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER
+    }
     write_json(root / MARKER, {"files": files, "info": info}, indent=1)
 
 
@@ -97,6 +99,8 @@ def ensure_dir(path: str | os.PathLike, build: Callable[[Path], dict]) -> tuple[
             shutil.rmtree(tmp, ignore_errors=True)
     final = read_marker(path)
     if final is None:
-        raise RuntimeError(f"cache entry {str(path)!r} was built but its marker does not verify; "
-                           "check free disk space and that nothing else writes into the cache")
+        raise RuntimeError(
+            f"cache entry {str(path)!r} was built but its marker does not verify; "
+            "check free disk space and that nothing else writes into the cache"
+        )
     return path, final, True

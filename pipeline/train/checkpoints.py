@@ -86,8 +86,10 @@ def load_state(directory: str, name: str) -> Any:
         with open(js, encoding="utf-8") as fh:
             skeleton = json.load(fh)
     except (OSError, ValueError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint part {name!r} in {directory!r} is unreadable ({exc}); delete that "
-                              "checkpoint directory to fall back to the previous one") from None
+        raise CheckpointError(
+            f"checkpoint part {name!r} in {directory!r} is unreadable ({exc}); delete that "
+            "checkpoint directory to fall back to the previous one"
+        ) from None
     try:
         return _join(skeleton, tensors)
     except KeyError as exc:
@@ -106,7 +108,7 @@ class RunStore:
         self.results_dir = os.path.join(run_dir, "results")
         self.keep = keep
 
-    def ensure(self) -> "RunStore":
+    def ensure(self) -> RunStore:
         for d in (self.run_dir, self.ckpt_dir, self.results_dir, os.path.join(self.run_dir, "workers")):
             os.makedirs(d, exist_ok=True)
         return self
@@ -144,7 +146,7 @@ class RunStore:
 
     def _prune(self, newest: str) -> None:
         done = sorted(d for d in os.listdir(self.ckpt_dir) if d.startswith("step-"))
-        for d in done[:-self.keep]:
+        for d in done[: -self.keep]:
             if d != newest:
                 shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
 

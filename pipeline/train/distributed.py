@@ -11,7 +11,8 @@ over workers, so a step whose edits are split between workers moves every replic
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ def deepspeed_config(stage: int, use_gpu: bool) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": bool(use_gpu)},
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
@@ -141,16 +142,22 @@ def wire_editor(editor: Any, cfg: Any, comm: TorchComm) -> Any:
     if cfg.resources.zero_stage == 0:
         base = torch_stepper_factory(cfg.method, cfg.odedit)
         probe = base(params)
-        editor.stepper_factory = lambda ps: AllReduceStepper(comm, ps, cfg.method.optimizer, cfg.method.lr, probe.rule,
-                                                             probe.p, probe.scale)
+        editor.stepper_factory = lambda ps: AllReduceStepper(
+            comm, ps, cfg.method.optimizer, cfg.method.lr, probe.rule, probe.p, probe.scale
+        )
         return None
     import deepspeed
 
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[cfg.method.optimizer]
     optimizer = opt_cls(params, lr=cfg.method.lr)
     ds_cfg = deepspeed_config(cfg.resources.zero_stage, cfg.resources.use_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=editor.adapter.model, optimizer=optimizer, model_parameters=params,
-                                           config=ds_cfg, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=editor.adapter.model,
+        optimizer=optimizer,
+        model_parameters=params,
+        config=ds_cfg,
+        dist_init_required=False,
+    )
     access = ZeroAccess(engine, cfg.resources.zero_stage)
     editor.access = access
     extra = objective.extra_parameters()

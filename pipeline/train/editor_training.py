@@ -27,11 +27,12 @@ import random
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from odedit.loading import parse_config
 from odedit.configlib import to_dict
 from odedit.envs import case_from_record
+from odedit.loading import parse_config
 from odedit.methods import METHODS
 from odedit.methods.mend.train import MetaTrainer, TrainableEditor
 from odedit.models import load_adapter
@@ -63,8 +64,11 @@ def training_cases(cfg: Any) -> list:
 
 def _cases_from_records(cfg: Any) -> list:
     source = SOURCES.get(cfg.data.source)(cfg)
-    roots = {"edit": source.image_root, "rephrase": source.rephrase_image_root or source.image_root,
-             "locality": source.locality_image_root or source.image_root}
+    roots = {
+        "edit": source.image_root,
+        "rephrase": source.rephrase_image_root or source.image_root,
+        "locality": source.locality_image_root or source.image_root,
+    }
     limits = ImageLimits.from_config(cfg.data)
 
     def load(path: str | None, kind: str) -> Any:
@@ -120,8 +124,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     train = config["train_cases"][rank::world]
     val = config["val_cases"][rank::world]
-    trainer = MetaTrainer(method, objective, train, val, reduce_sum if distributed else None, world,
-                          seed=cfg.seed + rank, reference_k=cfg.data.reference_k)
+    trainer = MetaTrainer(
+        method,
+        objective,
+        train,
+        val,
+        reduce_sum if distributed else None,
+        world,
+        seed=cfg.seed + rank,
+        reference_k=cfg.data.reference_k,
+    )
     before = trainer.evaluate()
     t0 = time.perf_counter()
     history = trainer.train(cfg.method.train_steps)
@@ -135,8 +147,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         dist.all_reduce(lo, op=dist.ReduceOp.MAX)
     metrics = {
-        "world_size": world, "steps": len(history), "train_seconds": train_seconds,
-        "train_edits": len(config["train_cases"]), "val_edits": len(config["val_cases"]),
+        "world_size": world,
+        "steps": len(history),
+        "train_seconds": train_seconds,
+        "train_edits": len(config["train_cases"]),
+        "val_edits": len(config["val_cases"]),
         "first_loss": history[0]["loss"] if "loss" in history[0] else history[0]["host"],
         "last_loss": history[-1]["loss"] if "loss" in history[-1] else history[-1]["host"],
         "replica_spread": float(hi + lo),
@@ -158,13 +173,17 @@ def train_editor(cfg: Any, cases_fn: Callable[[Any], Sequence[Any]] = training_c
     """Meta-train `cfg.method` on `cases_fn(cfg)`; write the hypernetwork and the summary; return the summary."""
     method_cls = METHODS.get(cfg.method.name).method_cls
     if not all(hasattr(method_cls, a) for a in ("meta_loss", "meta_parameters", "save_hypernet")):
-        raise SystemExit(f"error: method.name={cfg.method.name!r} has no trained components; "
-                         f"jobs.train_editor trains editors that implement {TrainableEditor.__name__} (e.g. mend)")
+        raise SystemExit(
+            f"error: method.name={cfg.method.name!r} has no trained components; "
+            f"jobs.train_editor trains editors that implement {TrainableEditor.__name__} (e.g. mend)"
+        )
     out_dir = prepare_output_dir(cfg)
     cases = list(cases_fn(cfg))
     if len(cases) < 2:
-        raise SystemExit(f"error: {len(cases)} training edit(s) found; jobs.train_editor needs at least 2 "
-                         "(check data.source/data.path and that records carry split: train)")
+        raise SystemExit(
+            f"error: {len(cases)} training edit(s) found; jobs.train_editor needs at least 2 "
+            "(check data.source/data.path and that records carry split: train)"
+        )
     train, val = split_train_val(cases, cfg.method.val_edits, cfg.seed)
     if cfg.model.name_or_path:
         model_cfg, model_path = cfg.model, cfg.model.name_or_path
@@ -173,18 +192,27 @@ def train_editor(cfg: Any, cases_fn: Callable[[Any], Sequence[Any]] = training_c
     run_cfg = dataclasses.replace(cfg, model=model_cfg)
     loop_config = {"cfg": to_dict(run_cfg), "model_path": model_path, "train_cases": train, "val_cases": val}
     with ray_session():  # joins the cluster under `ray job submit`, or starts a local one
-        trainer = build_trainer(train_loop_per_worker, loop_config, cfg.resources,
-                                name=f"train_editor_{cfg.method.name}",
-                                storage_path=os.path.abspath(os.path.join(out_dir, "ray_train")),
-                                max_failures=0)  # the loop has no resume: a restart would only repeat it
+        trainer = build_trainer(
+            train_loop_per_worker,
+            loop_config,
+            cfg.resources,
+            name=f"train_editor_{cfg.method.name}",
+            storage_path=os.path.abspath(os.path.join(out_dir, "ray_train")),
+            max_failures=0,
+        )  # the loop has no resume: a restart would only repeat it
         result = trainer.fit()
     if result.checkpoint is None or result.metrics is None:
         raise RuntimeError(f"the training run reported no checkpoint (error: {result.error!r})")
     hypernet_path = os.path.abspath(os.path.join(out_dir, HYPERNET_FILE))
     with result.checkpoint.as_directory() as d:
         shutil.copyfile(os.path.join(d, HYPERNET_FILE), hypernet_path)
-    summary = {"method": cfg.method.name, "odedit": cfg.odedit.enabled, "model": {"family": model_cfg.family,
-               "name_or_path": model_path}, "metrics": dict(result.metrics), "hypernet_path": hypernet_path,
-               "use_it_with": f"method.hypernet_path={hypernet_path}"}
+    summary = {
+        "method": cfg.method.name,
+        "odedit": cfg.odedit.enabled,
+        "model": {"family": model_cfg.family, "name_or_path": model_path},
+        "metrics": dict(result.metrics),
+        "hypernet_path": hypernet_path,
+        "use_it_with": f"method.hypernet_path={hypernet_path}",
+    }
     write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     return summary

@@ -23,8 +23,8 @@ import time
 from typing import Any
 
 from odedit.config import Config, dump_config
-from odedit.loading import parse_config
 from odedit.configlib import flatten, to_dict
+from odedit.loading import parse_config
 from pipeline.cluster.trainer import build_trainer
 from pipeline.storage.jsonio import write_json
 from pipeline.train.checkpoints import RunStore
@@ -96,8 +96,13 @@ def build_dataset(cfg: Config, shards: str) -> Any:
     ds = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
     split = cfg.stream.split
     ds = ds.filter(expr=f"split == '{split}'", num_cpus=0)
-    return ds.map_batches(_JoinReferences, fn_constructor_args=(shards,), batch_format="pyarrow", num_cpus=0,
-                          compute=ray.data.ActorPoolStrategy(size=1))
+    return ds.map_batches(
+        _JoinReferences,
+        fn_constructor_args=(shards,),
+        batch_format="pyarrow",
+        num_cpus=0,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -112,8 +117,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from odedit.models import load_adapter
     from odedit.stream import StreamHooks, StreamRunner, StreamState
     from pipeline.data.casesource import ShardCaseSource
-    from pipeline.train.distributed import TorchComm, wire_editor
     from pipeline.reporting.tracking import NullTracker, attach_tracker
+    from pipeline.train.distributed import TorchComm, wire_editor
 
     cfg = parse_config(config["cfg"])
     import ray.data
@@ -206,8 +211,10 @@ def write_results(store: RunStore, cfg: Config, result: Any, tracker: Any) -> No
     write_json(os.path.join(d, "summary.json"), _clean(result.summary))
     plot_retention(result.curve, os.path.join(d, "retention.png"))
     plot_metrics(result.summary, os.path.join(d, "metrics.png"))
-    tracker.log_metrics({f"final/{k}": v for k, v in result.summary["final"].items()
-                         if isinstance(v, float) and math.isfinite(v)}, result.summary["edits"])
+    tracker.log_metrics(
+        {f"final/{k}": v for k, v in result.summary["final"].items() if isinstance(v, float) and math.isfinite(v)},
+        result.summary["edits"],
+    )
     for name in ("rows.parquet", "curve.json", "ledger.jsonl", "summary.json", "retention.png", "metrics.png"):
         tracker.log_artifact(os.path.join(d, name), "results")
 
@@ -217,8 +224,14 @@ def write_results(store: RunStore, cfg: Config, result: Any, tracker: Any) -> No
 
 def build_stream_trainer(cfg: Config, run_name: str, loop_config: dict[str, Any], dataset: Any) -> Any:
     """The `TorchTrainer` of a stream: the shared builder, with the shards handed to every worker unsplit."""
-    return build_trainer(train_loop_per_worker, loop_config, cfg.resources, name=run_name,
-                         storage_path=storage_dir(cfg), datasets={DATASET: dataset})
+    return build_trainer(
+        train_loop_per_worker,
+        loop_config,
+        cfg.resources,
+        name=run_name,
+        storage_path=storage_dir(cfg),
+        datasets={DATASET: dataset},
+    )
 
 
 def check_cluster_fits(cfg: Config) -> None:
@@ -231,7 +244,8 @@ def check_cluster_fits(cfg: Config) -> None:
         raise ValueError(
             f"resources: {r.num_workers} workers x {r.cpus_per_worker} CPU leave {total - r.num_workers * r.cpus_per_worker:g} "
             f"of the cluster's {total:g} CPUs for Ray Data, which reads the shards for them; set "
-            f"resources.cpus_per_worker={max(0.1, (total - 1) / r.num_workers):g} or add CPUs")
+            f"resources.cpus_per_worker={max(0.1, (total - 1) / r.num_workers):g} or add CPUs"
+        )
 
 
 def for_workers(cfg: Config) -> Config:
@@ -248,17 +262,32 @@ def for_workers(cfg: Config) -> Config:
     def absolute(path: str) -> str:
         return os.path.abspath(path) if path and not os.path.isabs(path) else path
 
-    method = {f.name: absolute(getattr(cfg.method, f.name)) for f in dataclasses.fields(cfg.method)
-              if f.name.endswith("_path") and isinstance(getattr(cfg.method, f.name), str)}
+    method = {
+        f.name: absolute(getattr(cfg.method, f.name))
+        for f in dataclasses.fields(cfg.method)
+        if f.name.endswith("_path") and isinstance(getattr(cfg.method, f.name), str)
+    }
     tracking = dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)) if cfg.tracking.enabled else cfg.tracking
     return dataclasses.replace(
-        cfg, output_dir=absolute(cfg.output_dir), method=dataclasses.replace(cfg.method, **method),
+        cfg,
+        output_dir=absolute(cfg.output_dir),
+        method=dataclasses.replace(cfg.method, **method),
         data=dataclasses.replace(cfg.data, shards_dir=absolute(cfg.data.shards_dir)),
-        stream=dataclasses.replace(cfg.stream, storage_path=absolute(cfg.stream.storage_path)), tracking=tracking)
+        stream=dataclasses.replace(cfg.stream, storage_path=absolute(cfg.stream.storage_path)),
+        tracking=tracking,
+    )
 
 
-def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None = None, num_edits: int | None = None,
-               offset: int = 0, progress: bool = True, metrics_path: str | None = None) -> dict[str, Any]:
+def run_stream(
+    cfg: Config,
+    model_path: str,
+    tracker: Any,
+    run_name: str | None = None,
+    num_edits: int | None = None,
+    offset: int = 0,
+    progress: bool = True,
+    metrics_path: str | None = None,
+) -> dict[str, Any]:
     """Run one edit stream on the Ray cluster this process is connected to; returns its summary.
 
     `metrics_path`, when given, is a JSON-lines file to which rank 0 appends every metrics record of the
@@ -282,9 +311,16 @@ def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None 
     with open(config_path, "w", encoding="utf-8") as fh:
         fh.write(dump_config(cfg))
     tracker.log_artifact(config_path)
-    loop_config = {"cfg": to_dict(cfg), "run_dir": store.run_dir, "model_path": model_path, "shards_dir": shards,
-                   "run_id": getattr(tracker, "run_id", ""), "num_edits": edits, "offset": offset,
-                   "metrics_path": metrics_path or ""}
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "run_dir": store.run_dir,
+        "model_path": model_path,
+        "shards_dir": shards,
+        "run_id": getattr(tracker, "run_id", ""),
+        "num_edits": edits,
+        "offset": offset,
+        "metrics_path": metrics_path or "",
+    }
     trainer = build_stream_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
     done = threading.Event()
 
@@ -312,6 +348,10 @@ def run_stream(cfg: Config, model_path: str, tracker: Any, run_name: str | None 
         thread.join()
     with open(os.path.join(store.results_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
-    summary.update(run_name=run_name, run_dir=store.run_dir, wall_seconds=time.perf_counter() - t0,
-                   mlflow_run_id=getattr(tracker, "run_id", ""))
+    summary.update(
+        run_name=run_name,
+        run_dir=store.run_dir,
+        wall_seconds=time.perf_counter() - t0,
+        mlflow_run_id=getattr(tracker, "run_id", ""),
+    )
     return summary

@@ -43,10 +43,15 @@ def stream_identity(cfg: Any, model_path: str, shards_dir: str, num_edits: int, 
     from pipeline.data.shards import read_manifest
 
     flat = flatten(to_dict(cfg))
-    identity = {k: v for k, v in flat.items()
-                if k.startswith(_IDENTITY_SECTIONS) and k not in _NOT_IDENTITY}
-    identity.update({"model.path": os.path.abspath(model_path), "shards.config_hash": read_manifest(shards_dir)["config_hash"],
-                     "stream.edits": num_edits, "stream.offset": offset})
+    identity = {k: v for k, v in flat.items() if k.startswith(_IDENTITY_SECTIONS) and k not in _NOT_IDENTITY}
+    identity.update(
+        {
+            "model.path": os.path.abspath(model_path),
+            "shards.config_hash": read_manifest(shards_dir)["config_hash"],
+            "stream.edits": num_edits,
+            "stream.offset": offset,
+        }
+    )
     return {k: identity[k] for k in sorted(identity)}
 
 
@@ -85,12 +90,16 @@ def claim_run(run_dir: str, identity: dict[str, Any], on_change: str) -> str:
             return "resume"
         name = os.path.basename(run_dir.rstrip(os.sep))
         if on_change != "replace":
-            what = ("it was started by a version that did not record its settings" if old is None else
-                    "its settings differ: " + "; ".join(_differences(old, identity)))
+            what = (
+                "it was started by a version that did not record its settings"
+                if old is None
+                else "its settings differ: " + "; ".join(_differences(old, identity))
+            )
             raise RunMismatch(
                 f"stream.run_name={name!r}: the run directory {run_dir} holds another stream ({what}), so it "
                 f"cannot be resumed. Fix: choose a new stream.run_name, or set stream.on_change=replace to move "
-                f"the old run aside and start afresh")
+                f"the old run aside and start afresh"
+            )
         n = 1
         while os.path.exists(f"{run_dir}.replaced-{n}"):
             n += 1

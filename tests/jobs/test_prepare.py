@@ -8,11 +8,11 @@ import os
 
 import pytest
 
+from bench.synthetic import write_evqa_split
 from jobs.prepare import cli
-from pipeline.prepare import prepare as main
 from odedit.loading import load_config
 from odedit.registry import RegistryError
-from bench.synthetic import write_evqa_split
+from pipeline.prepare import prepare as main
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +21,24 @@ def world(tmp_path_factory):
     paths = write_evqa_split(str(root / "world"), n=8, min_side=24, max_side=80, seed=3)
     with open(paths["path"]) as fh:
         records = json.load(fh)
-    records[2]["alt"] = ""                                  # quarantined: empty target
-    records[5]["image"] = "val2014/missing.png"             # quarantined: missing image
+    records[2]["alt"] = ""  # quarantined: empty target
+    records[5]["image"] = "val2014/missing.png"  # quarantined: missing image
     with open(paths["path"], "w") as fh:
         json.dump(records, fh)
     return root, paths
 
 
 def overrides(paths, model_dir, out_dir):
-    return ["data.source=mmedit", f"data.path={paths['path']}", f"data.image_root={paths['image_root']}",
-            "data.rows_per_shard=12", "model.family=llava", f"model.name_or_path={model_dir}",
-            f"output_dir={out_dir}", "seed=0"]
+    return [
+        "data.source=mmedit",
+        f"data.path={paths['path']}",
+        f"data.image_root={paths['image_root']}",
+        "data.rows_per_shard=12",
+        "model.family=llava",
+        f"model.name_or_path={model_dir}",
+        f"output_dir={out_dir}",
+        "seed=0",
+    ]
 
 
 def test_prepare_main_end_to_end_then_reuse_then_determinism(world, tiny_dir, ray_local):

@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from jobs.results import main, plan
 from bench.synthetic import write_evqa_split
+from jobs.results import main, plan
 
 pytestmark = pytest.mark.slow
 

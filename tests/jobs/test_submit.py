@@ -40,16 +40,42 @@ def head(tmp_path_factory):
     # bind while another Ray instance of the test session holds them, and job submission then fails with
     # "No available agent".
     agent_ports = []
-    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                 "--metrics-export-port", "--ray-client-server-port"):
+    for flag in (
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--ray-client-server-port",
+    ):
         agent_ports += [flag, str(_free_port())]
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(
+        os.environ,
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    )
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-                             "--num-cpus", "2", "--port", str(port), "--dashboard-port", str(dash),
-                             "--dashboard-host", "127.0.0.1", "--disable-usage-stats", *agent_ports],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dash),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--disable-usage-stats",
+            *agent_ports,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -86,21 +112,45 @@ def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
         "model": {"family": "llava", "name_or_path": tiny_dir("llava")},
         "data": {"source": "mmedit", "path": paths["path"], "image_root": paths["image_root"]},
         "method": {"name": "ft", "lr": 0.05, "n_iter": 3},
-        "stream": {"mode": "sequential", "batch_size": 2, "eval_every": 2, "checkpoint_every": 1,
-                   "run_name": "submitted", "generation_eval": False},
+        "stream": {
+            "mode": "sequential",
+            "batch_size": 2,
+            "eval_every": 2,
+            "checkpoint_every": 1,
+            "run_name": "submitted",
+            "generation_eval": False,
+        },
         "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 2},
         "tracking": {"uri": uri, "experiment": "submit-test"},
         "output_dir": str(out),
     }
     cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text("# ray job submit --working-dir . -- python -m jobs.lifelong --config job.yaml\n"
-                        + yaml.safe_dump(config))
+    cfg_path.write_text(
+        "# ray job submit --working-dir . -- python -m jobs.lifelong --config job.yaml\n" + yaml.safe_dump(config)
+    )
     client_env = dict(env, RAY_AUTH_MODE="token")
     for _ in range(10):  # a freshly started head may not have its job agent up yet (HTTP 500 "No available agent")
         proc = subprocess.run(
-            [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
-             "--working-dir", ROOT, "--", "python", "-m", "jobs.lifelong", "--config", str(cfg_path)],
-            env=client_env, capture_output=True, text=True, timeout=900)
+            [
+                os.path.join(os.path.dirname(sys.executable), "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                ROOT,
+                "--",
+                "python",
+                "-m",
+                "jobs.lifelong",
+                "--config",
+                str(cfg_path),
+            ],
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if "No available agent" not in proc.stderr:
             break
         time.sleep(10)
@@ -121,8 +171,14 @@ def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
     assert "final/rel" in data.metrics and "immediate/rel" in data.metrics
     assert data.params["method.name"] == "ft" and data.params["seed"] == "0" and "git_commit" in data.params
     artifacts = {a.path for a in client.list_artifacts(run["mlflow_run_id"], "results")}
-    assert {"results/summary.json", "results/rows.parquet", "results/retention.png", "results/metrics.png",
-            "results/curve.json", "results/ledger.jsonl"} <= artifacts
+    assert {
+        "results/summary.json",
+        "results/rows.parquet",
+        "results/retention.png",
+        "results/metrics.png",
+        "results/curve.json",
+        "results/ledger.jsonl",
+    } <= artifacts
     assert "config.yaml" in {a.path for a in client.list_artifacts(run["mlflow_run_id"])}
 
 
@@ -130,7 +186,12 @@ def test_unauthenticated_client_is_refused(head):
     address, env = head
     client_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     client_env["RAY_AUTH_MODE"] = "disabled"
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "list", "--address", address],
-                          env=client_env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "list", "--address", address],
+        env=client_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "auth" in (proc.stdout + proc.stderr).lower()

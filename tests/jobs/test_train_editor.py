@@ -8,14 +8,14 @@ import os
 
 import pytest
 import torch
-
 from testdata import make_image
-from pipeline.train.editor_training import HYPERNET_FILE, SUMMARY_FILE, split_train_val, training_cases
-from pipeline.train.editor_training import train_editor as main
-from odedit.loading import load_config
+
 from odedit.envs import EditCase
+from odedit.loading import load_config
 from odedit.methods import METHODS
 from odedit.models import Sample
+from pipeline.train.editor_training import HYPERNET_FILE, SUMMARY_FILE, split_train_val, training_cases
+from pipeline.train.editor_training import train_editor as main
 
 COLORS = ("blue", "green", "red", "yellow")
 
@@ -28,13 +28,18 @@ def _training_edits(cfg) -> list[EditCase]:
         r = "what is the color of the shape ?" if i % 2 == 0 else "is there a triangle in the image ?"
         t = COLORS[i % len(COLORS)]
         rgb = (40 + 25 * i, 200 - 20 * i, 30)
-        cases.append(EditCase(f"train{i}", {
-            "in": [Sample(q, t, make_image(rgb, seed=i))],
-            "se_text": [Sample(r, t, make_image(rgb, seed=i))],
-            "se_image": [Sample(q, t, make_image(rgb, seed=50 + i))],
-            "out_text": [Sample("which city is the capital of france ?", "paris")],
-            "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 30, 200), seed=90 + i))],
-        }))
+        cases.append(
+            EditCase(
+                f"train{i}",
+                {
+                    "in": [Sample(q, t, make_image(rgb, seed=i))],
+                    "se_text": [Sample(r, t, make_image(rgb, seed=i))],
+                    "se_image": [Sample(q, t, make_image(rgb, seed=50 + i))],
+                    "out_text": [Sample("which city is the capital of france ?", "paris")],
+                    "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 30, 200), seed=90 + i))],
+                },
+            )
+        )
     return cases
 
 
@@ -50,8 +55,12 @@ def test_training_cases_from_mmedit_records_of_the_train_split(tmp_path):
     from bench.synthetic import write_evqa_split
 
     paths = write_evqa_split(str(tmp_path / "world"), n=3, min_side=24, max_side=48, seed=1)
-    base = ["data.source=mmedit", f"data.path={paths['path']}", f"data.image_root={paths['image_root']}",
-            f"output_dir={tmp_path / 'out'}"]
+    base = [
+        "data.source=mmedit",
+        f"data.path={paths['path']}",
+        f"data.image_root={paths['image_root']}",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     cases = training_cases(load_config(None, base + ["data.split=train"]))
     assert len(cases) == 3
     assert {"in", "se_text", "se_image", "out_text", "out_mm"} <= set(cases[0].samples)
@@ -63,12 +72,28 @@ def test_training_cases_from_mmedit_records_of_the_train_split(tmp_path):
 def test_train_editor_job_with_two_workers_writes_a_loadable_hypernetwork(tiny_dir, ray_local, tmp_path):
     model_dir = tiny_dir("llava")
     out = tmp_path / "train_editor"
-    cfg = load_config(None, [
-        "method.name=mend", "model.family=llava", f"model.name_or_path={model_dir}", f"output_dir={out}",
-        "odedit.enabled=true", "resources.num_workers=2", "method.train_steps=6", "method.val_edits=2",
-        "method.lr=3e-3", "method.lr_lr=3e-3", "method.edit_lr=5e-3", "method.rank=16", "method.cedit=1",
-        "method.iedit=1", "method.cloc=0.1", "data.reference_k=16",
-        "tracking.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            "method.name=mend",
+            "model.family=llava",
+            f"model.name_or_path={model_dir}",
+            f"output_dir={out}",
+            "odedit.enabled=true",
+            "resources.num_workers=2",
+            "method.train_steps=6",
+            "method.val_edits=2",
+            "method.lr=3e-3",
+            "method.lr_lr=3e-3",
+            "method.edit_lr=5e-3",
+            "method.rank=16",
+            "method.cedit=1",
+            "method.iedit=1",
+            "method.cloc=0.1",
+            "data.reference_k=16",
+            "tracking.enabled=false",
+        ],
+    )
     summary = main(cfg, _training_edits)
 
     on_disk = json.loads((out / SUMMARY_FILE).read_text())
@@ -82,7 +107,9 @@ def test_train_editor_job_with_two_workers_writes_a_loadable_hypernetwork(tiny_d
 
     path = on_disk["hypernet_path"]
     assert path == str(out / HYPERNET_FILE) and os.path.isfile(path)
-    reload = load_config(None, ["method.name=mend", "model.family=llava", "method.rank=16", f"method.hypernet_path={path}"])
+    reload = load_config(
+        None, ["method.name=mend", "model.family=llava", "method.rank=16", f"method.hypernet_path={path}"]
+    )
     from odedit.models import ADAPTERS
 
     adapter = ADAPTERS.get("llava").from_pretrained(model_dir)

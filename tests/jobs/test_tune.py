@@ -46,8 +46,14 @@ def world(tmp_path_factory, tiny_dir):
         "model": {"family": "llava", "name_or_path": tiny_dir("llava")},
         "data": {"source": "mmedit", "path": paths["path"], "image_root": paths["image_root"]},
         "method": {"name": "ft", "lr": 0.05, "n_iter": 2},
-        "stream": {"mode": "sequential", "batch_size": 4, "num_edits": TEST_EDITS, "eval_every": 4,
-                   "checkpoint_every": 1, "generation_eval": False},
+        "stream": {
+            "mode": "sequential",
+            "batch_size": 4,
+            "num_edits": TEST_EDITS,
+            "eval_every": 4,
+            "checkpoint_every": 1,
+            "generation_eval": False,
+        },
         "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 0},
         "tracking": {"experiment": "tune-test"},
         "search": {"space": SPACE, "num_samples": 3, "grace_edits": 4, "reduction_factor": 2},
@@ -99,8 +105,12 @@ def test_three_trial_asha_search_tracks_nested_runs_and_writes_a_runnable_best(w
         else:  # stopped by ASHA at its grace period
             assert t["status"] == "stopped" and edits == [4]
     # The first trial is the config's own values (include_default), the others are sampled inside the space.
-    assert trials[0]["sample"] == {"method.lr": 0.05, "odedit.w_loc": 1.0, "odedit.penalty": "learned",
-                                   "method.n_iter": 2}
+    assert trials[0]["sample"] == {
+        "method.lr": 0.05,
+        "odedit.w_loc": 1.0,
+        "odedit.penalty": "learned",
+        "method.n_iter": 2,
+    }
     for t in trials[1:]:
         assert 1e-3 <= t["sample"]["method.lr"] <= 1.0 and t["sample"]["method.n_iter"] in (2, 3)
 
@@ -121,8 +131,11 @@ def test_three_trial_asha_search_tracks_nested_runs_and_writes_a_runnable_best(w
     best = summary["best"]
     assert parent.data.params["best.trial_id"] == best["trial_id"]
     assert parent.data.metrics["best/objective"] == pytest.approx(best["metrics"]["objective"])
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "search")} == \
-        {"search/best.yaml", "search/objective.png", "search/trials.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "search")} == {
+        "search/best.yaml",
+        "search/objective.png",
+        "search/trials.json",
+    }
 
     # ---- best: the best completed trial, as a config jobs.lifelong loads unchanged, on the test stream
     completed = [t for t in trials if t["status"] == "completed"]
@@ -134,8 +147,12 @@ def test_three_trial_asha_search_tracks_nested_runs_and_writes_a_runnable_best(w
     assert best_cfg.stream.split == "test" and best_cfg.stream.num_edits == TEST_EDITS
     assert best_cfg.search.space == {}
     sample = best["sample"]
-    assert (best_cfg.method.lr, best_cfg.odedit.w_loc, best_cfg.odedit.penalty, best_cfg.method.n_iter) == \
-        (sample["method.lr"], sample["odedit.w_loc"], sample["odedit.penalty"], sample["method.n_iter"])
+    assert (best_cfg.method.lr, best_cfg.odedit.w_loc, best_cfg.odedit.penalty, best_cfg.method.n_iter) == (
+        sample["method.lr"],
+        sample["odedit.w_loc"],
+        sample["odedit.penalty"],
+        sample["method.n_iter"],
+    )
 
 
 def _terminated_trials(tune_dir: str) -> list[str]:
@@ -158,8 +175,9 @@ def test_killed_search_is_restored_without_repeating_finished_trials(world, tmp_
     command = _tune_command(world, out, "search.num_samples=2")
     # The driver is killed with its process group once Tune has persisted a finished trial.
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            command, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             finished: list[str] = []
             while not finished:
@@ -195,9 +213,15 @@ def test_bad_space_is_refused_before_anything_runs(world, tmp_path, capsys):
     from jobs.tune import cli
 
     out = tmp_path / "out"
-    rc = cli(["--config", world["config"], f"output_dir={out}",
-              "search.space={odedit.w_locc: {type: uniform, low: 0, high: 1}, method.n_iter: {type: randint, "
-              "low: 0, high: 2}}"])
+    rc = cli(
+        [
+            "--config",
+            world["config"],
+            f"output_dir={out}",
+            "search.space={odedit.w_locc: {type: uniform, low: 0, high: 1}, method.n_iter: {type: randint, "
+            "low: 0, high: 2}}",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "search.space.odedit.w_locc" in err and "did you mean 'w_loc'" in err

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from odedit.config import Config, ConfigError, dump_config
-from odedit.loading import load_config, parse_config, with_overrides
 from odedit.configlib import help_table
+from odedit.loading import load_config, parse_config, with_overrides
 from odedit.methods.ft import FTConfig
 from odedit.methods.lora import LoRAConfig
 
@@ -26,8 +26,16 @@ def test_defaults_are_valid_and_frozen():
 
 
 def test_yaml_round_trip_is_identity(tmp_path):
-    cfg = load_config(None, ["method.name=lora", "method.rank=4", "odedit.environments=[in, se_text]",
-                             "stream.batch_size=16", "search.space={odedit.dual_lr: {type: loguniform, low: 1e-4, high: 1e-2}}"])
+    cfg = load_config(
+        None,
+        [
+            "method.name=lora",
+            "method.rank=4",
+            "odedit.environments=[in, se_text]",
+            "stream.batch_size=16",
+            "search.space={odedit.dual_lr: {type: loguniform, low: 1e-4, high: 1e-2}}",
+        ],
+    )
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
     again = load_config(path)

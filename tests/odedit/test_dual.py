@@ -52,7 +52,7 @@ def test_fixed_and_off_modes():
 
 
 def test_adaptive_step_formula():
-    assert adaptive_step(2, 4.0, 1.5, 1.0) == pytest.approx(1 / (2 ** 1.5 * 4.0))
+    assert adaptive_step(2, 4.0, 1.5, 1.0) == pytest.approx(1 / (2**1.5 * 4.0))
     assert adaptive_step(1, 0.0, 1.1, 1.0) == 0.0
 
 

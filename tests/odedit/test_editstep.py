@@ -10,11 +10,11 @@ ODEdit's pass is that loss.
 from __future__ import annotations
 
 import torch
-
 from testdata import step_cases
-from odedit.loading import load_config
+
 from odedit.editstep import EnvOutputs, encode_envs, forward_envs
 from odedit.envs import attach_references
+from odedit.loading import load_config
 from odedit.methods import METHODS
 from odedit.objective import build_objective
 

@@ -20,7 +20,9 @@ def _output(targets: list[list[int]], seed: int) -> ForwardOutput:
     for b, row in enumerate(targets):
         for i, tok in enumerate(row):
             t[b, 4 - len(row) + i] = tok
-    batch = EncodedBatch({}, t, t < 0, torch.zeros(len(targets), dtype=torch.long), torch.zeros(len(targets), dtype=torch.bool))
+    batch = EncodedBatch(
+        {}, t, t < 0, torch.zeros(len(targets), dtype=torch.long), torch.zeros(len(targets), dtype=torch.bool)
+    )
     logits = (torch.randn(len(targets), 5, V, generator=g) * 2).requires_grad_()
     return ForwardOutput(logits, torch.zeros(len(targets), 5, 3), batch)
 
@@ -60,7 +62,9 @@ def test_one_pass_equals_each_environment_through_the_reference_functions(with_e
             lps = torch.cat([r.topk_logprobs for r in refs])
             value, slope = locality_risk_and_slope(o.answer_logits(), ids, lps, o.answer_row(), o.batch.size)
         else:
-            value, slope = reliability_risk_and_slope(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size)
+            value, slope = reliability_risk_and_slope(
+                o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size
+            )
         assert values[i].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-7), env
         assert slopes[i].item() == pytest.approx(slope.item(), rel=1e-5, abs=1e-7), env
         (ref_grad,) = torch.autograd.grad(value + slope.pow(2), o.logits)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from testdata import make_image
+
 from odedit.envs import EditCase, attach_references
 from odedit.evaluation import evaluate_cases, summarize
 from odedit.metrics import (
@@ -25,9 +25,13 @@ from odedit.models.base import EncodedBatch, ForwardOutput, Sample
 
 def _fake(logits: torch.Tensor, targets: torch.Tensor) -> ForwardOutput:
     B, L, _ = logits.shape
-    batch = EncodedBatch({"input_ids": torch.zeros(B, L, dtype=torch.long)}, targets,
-                         torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, dtype=torch.long),
-                         torch.zeros(B, dtype=torch.bool))
+    batch = EncodedBatch(
+        {"input_ids": torch.zeros(B, L, dtype=torch.long)},
+        targets,
+        torch.zeros(B, L, dtype=torch.bool),
+        torch.zeros(B, dtype=torch.long),
+        torch.zeros(B, dtype=torch.bool),
+    )
     return ForwardOutput(logits, torch.zeros(B, L, 4), batch)
 
 
@@ -95,11 +99,17 @@ def test_mean_value_skips_missing_and_carries_protocol():
 def test_pre_edit_locality_is_one_and_padding_invariant(tiny_adapter, family):
     adapter = tiny_adapter(family)
     img = make_image((0, 0, 255))
-    cases = [EditCase(f"e{i}", {
-        "in": [Sample("what color is the shape ?", "red", img)],
-        "out_text": [Sample("who wrote it ?" + " it" * i, "paris")],
-        "out_mm": [Sample("is there a circle ?", "yes no", make_image((0, 255, 0), seed=i))],
-    }) for i in range(3)]
+    cases = [
+        EditCase(
+            f"e{i}",
+            {
+                "in": [Sample("what color is the shape ?", "red", img)],
+                "out_text": [Sample("who wrote it ?" + " it" * i, "paris")],
+                "out_mm": [Sample("is there a circle ?", "yes no", make_image((0, 255, 0), seed=i))],
+            },
+        )
+        for i in range(3)
+    ]
     attach_references(adapter, cases, k=10)
     rows = evaluate_cases(adapter, cases, batch_size=2)
     assert all(r["t_loc"] == 1.0 and r["m_loc"] == 1.0 for r in rows)

@@ -11,17 +11,46 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from odedit.config import Config, ConfigError
-from odedit.loading import parse_config
 from odedit.configlib import to_dict
+from odedit.loading import parse_config
 from odedit.records import EditRecord, validate_record
 
-KEYS = ["id", "src", "alt", "prompt", "target", "pred", "rephrase", "image", "image_rephrase", "loc", "loc_ans",
-        "m_loc", "m_loc_q", "m_loc_a", "hard_images", "hard_answers", "task", "split", "extra", "weird"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=30),
-                    st.binary(max_size=10),
-                    st.sampled_from(["", " ", "../x.png", "/abs.png", "a/b.png", "vqa", "caption", "test", "\udc80"]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                         max_size=3), max_leaves=6)
+KEYS = [
+    "id",
+    "src",
+    "alt",
+    "prompt",
+    "target",
+    "pred",
+    "rephrase",
+    "image",
+    "image_rephrase",
+    "loc",
+    "loc_ans",
+    "m_loc",
+    "m_loc_q",
+    "m_loc_a",
+    "hard_images",
+    "hard_answers",
+    "task",
+    "split",
+    "extra",
+    "weird",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=30),
+    st.binary(max_size=10),
+    st.sampled_from(["", " ", "../x.png", "/abs.png", "a/b.png", "vqa", "caption", "test", "\udc80"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
 records = st.dictionaries(st.sampled_from(KEYS), values, max_size=12) | values
 
 
@@ -43,13 +72,38 @@ SECTIONS = {
     "resources": ["num_workers", "zero_stage", "cpus_per_worker"],
     "bogus": ["x"],
 }
-cfg_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 50), st.floats(-1e3, 1e3), st.just(float("nan")), st.just(float("inf")),
-                       st.text(max_size=12), st.lists(st.integers(-2, 5), max_size=3),
-                       st.sampled_from(["lora", "ft", "grace", "single", "sequential", "learned", "off", "llava",
-                                        "1e-3", "{}", "in", "bfloat16", "last"]))
+cfg_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 50),
+    st.floats(-1e3, 1e3),
+    st.just(float("nan")),
+    st.just(float("inf")),
+    st.text(max_size=12),
+    st.lists(st.integers(-2, 5), max_size=3),
+    st.sampled_from(
+        [
+            "lora",
+            "ft",
+            "grace",
+            "single",
+            "sequential",
+            "learned",
+            "off",
+            "llava",
+            "1e-3",
+            "{}",
+            "in",
+            "bfloat16",
+            "last",
+        ]
+    ),
+)
 configs = st.dictionaries(st.sampled_from(list(SECTIONS)), st.none(), max_size=4).flatmap(
-    lambda secs: st.fixed_dictionaries({s: st.dictionaries(st.sampled_from(SECTIONS[s]), cfg_values, max_size=4)
-                                        for s in secs}))
+    lambda secs: st.fixed_dictionaries(
+        {s: st.dictionaries(st.sampled_from(SECTIONS[s]), cfg_values, max_size=4) for s in secs}
+    )
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

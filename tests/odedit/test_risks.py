@@ -81,7 +81,7 @@ def test_mmd_matches_explicit_double_loop():
     sigmas = torch.tensor([0.5, 1.0, 2.0])
 
     def k(a, b):
-        return sum(math.exp(-((a - b) ** 2).sum().item() / (2 * s ** 2)) for s in sigmas.tolist())
+        return sum(math.exp(-((a - b) ** 2).sum().item() / (2 * s**2)) for s in sigmas.tolist())
 
     exx = sum(k(a, b) for a, b in itertools.product(x, x)) / 9
     eyy = sum(k(a, b) for a, b in itertools.product(y, y)) / 16
@@ -124,7 +124,7 @@ def test_penalty_matches_finite_difference_in_omega(reduction):
     h = 1e-3
     fd = [abs((r(torch.tensor(1 + h)) - r(torch.tensor(1 - h))).item() / (2 * h)) for r in risks]
     agg = sum(fd) / len(fd) if reduction == "mean" else sum(fd)
-    assert got == pytest.approx(agg ** 2, rel=1e-3)
+    assert got == pytest.approx(agg**2, rel=1e-3)
 
 
 def test_penalty_is_differentiable_in_the_logits_only_through_first_order_graph():
@@ -158,9 +158,14 @@ def test_closed_form_slopes_equal_double_backward(k):
     ref_ids, ref_lp = _full_refs(torch.randn(4, 9))
     ref_ids, ref_lp = ref_ids[:, :k], ref_lp[:, :k]  # k = 9: all tokens stored, the tail is clamped at eps
     cases = [
-        (lambda lg, w=1.0: reliability_risk(lg, targets, rows, n, w), lambda lg: reliability_risk_and_slope(lg, targets, rows, n)),
-        (lambda lg, w=1.0: locality_risk(lg, ref_ids, ref_lp, rows, n, w),
-         lambda lg: locality_risk_and_slope(lg, ref_ids, ref_lp, rows, n)),
+        (
+            lambda lg, w=1.0: reliability_risk(lg, targets, rows, n, w),
+            lambda lg: reliability_risk_and_slope(lg, targets, rows, n),
+        ),
+        (
+            lambda lg, w=1.0: locality_risk(lg, ref_ids, ref_lp, rows, n, w),
+            lambda lg: locality_risk_and_slope(lg, ref_ids, ref_lp, rows, n),
+        ),
     ]
     for reference, closed in cases:
         logits = (torch.randn(4, 9) * 3).requires_grad_()

@@ -7,17 +7,19 @@ import math
 
 import pytest
 import torch
-
 from testdata import make_image
-from odedit.loading import load_config
+
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references
+from odedit.loading import load_config
 from odedit.models import Sample
 from odedit.stream import APPLIED, FAILED, StreamHooks, StreamRunner, StreamState
 
-QUESTIONS = [("what color is the shape ?", "what is the color of the shape ?"),
-             ("does the image contain a triangle ?", "is there a triangle in the image ?"),
-             ("is there a circle ?", "does the image contain a circle ?")]
+QUESTIONS = [
+    ("what color is the shape ?", "what is the color of the shape ?"),
+    ("does the image contain a triangle ?", "is there a triangle in the image ?"),
+    ("is there a circle ?", "does the image contain a circle ?"),
+]
 ANSWERS = ["blue", "green", "red", "yellow", "gray", "black"]
 
 
@@ -26,13 +28,18 @@ def _cases(n: int) -> list[EditCase]:
     for i in range(n):
         q, r = QUESTIONS[i % 3]
         img = make_image((200, 30 + 20 * i, 30), seed=i)
-        out.append(EditCase(f"e{i}", {
-            "in": [Sample(q, ANSWERS[i % 6], img)],
-            "se_text": [Sample(r, ANSWERS[i % 6], img)],
-            "se_image": [Sample(q, ANSWERS[i % 6], make_image((200, 30 + 20 * i, 30), seed=100 + i))],
-            "out_text": [Sample("which city is the capital of france ?", "paris")],
-            "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=200 + i))],
-        }))
+        out.append(
+            EditCase(
+                f"e{i}",
+                {
+                    "in": [Sample(q, ANSWERS[i % 6], img)],
+                    "se_text": [Sample(r, ANSWERS[i % 6], img)],
+                    "se_image": [Sample(q, ANSWERS[i % 6], make_image((200, 30 + 20 * i, 30), seed=100 + i))],
+                    "out_text": [Sample("which city is the capital of france ?", "paris")],
+                    "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=200 + i))],
+                },
+            )
+        )
     return out
 
 
@@ -52,8 +59,9 @@ def test_sequential_stream_curve_ledger_and_summary(setup):
     adapter, cases = setup
     cfg = _cfg("stream.batch_size=2", "stream.eval_every=2", "stream.retention_sample=3")
     metrics = []
-    result = StreamRunner(Editor(adapter, cfg), cfg, hooks=StreamHooks(on_metrics=lambda m, s: metrics.append((s, m)))
-                          ).run(cases)
+    result = StreamRunner(
+        Editor(adapter, cfg), cfg, hooks=StreamHooks(on_metrics=lambda m, s: metrics.append((s, m)))
+    ).run(cases)
     assert [e["edit_id"] for e in result.ledger] == [c.edit_id for c in cases]
     assert [e["step"] for e in result.ledger] == [0, 0, 1, 1, 2, 2]
     assert all(e["status"] == APPLIED for e in result.ledger)
@@ -77,8 +85,9 @@ def test_single_mode_leaves_the_model_unchanged(setup):
     result = StreamRunner(editor, cfg).run(cases[:3])
     after = adapter.model.state_dict()
     assert all(torch.equal(installed[k], after[k]) for k in installed)
-    assert dual and all(torch.equal(a, b) for a, b in zip(dual, editor.objective.extra_parameters())), \
+    assert dual and all(torch.equal(a, b) for a, b in zip(dual, editor.objective.extra_parameters())), (
         "each single edit starts from the same lambda-network (edits are independent)"
+    )
     assert [r["final_rel"] == r["rel"] for r in result.rows] == [True] * 3
 
 
@@ -149,9 +158,12 @@ def test_diverging_step_is_rolled_back_and_the_stream_goes_on(setup, kind, recor
     # (before, a NaN or runaway lambda-network stayed and failed every later step at its first iteration).
     assert all(torch.equal(a, b) for a, b in zip(dual_before, editor.objective.extra_parameters()))
     assert result.summary["edits_failed"] == 4 and result.summary["edits_applied"] == 0
-    record_outcome("fault", {"nan": "edit step whose loss turns NaN", "lambda": "runaway lambda (over lambda_max)"}[kind],
-                   "step rolled back bit-exactly, edits marked failed with the reason, stream goes on",
-                   result.ledger[0]["reason"])
+    record_outcome(
+        "fault",
+        {"nan": "edit step whose loss turns NaN", "lambda": "runaway lambda (over lambda_max)"}[kind],
+        "step rolled back bit-exactly, edits marked failed with the reason, stream goes on",
+        result.ledger[0]["reason"],
+    )
 
 
 def _same(a, b) -> bool:
@@ -176,8 +188,9 @@ def test_sequences_of_t_edits_each_start_from_the_pre_edit_model(setup, tiny_ada
     cfg = _cfg(f"method.name={method}", "stream.sequence_length=2", "stream.checkpoint_every=0")
     installed = {k: v.clone() for k, v in adapter.model.state_dict().items()}
     metrics = []
-    result = StreamRunner(Editor(adapter, cfg), cfg, hooks=StreamHooks(on_metrics=lambda m, s: metrics.append((s, m)))
-                          ).run(cases)
+    result = StreamRunner(
+        Editor(adapter, cfg), cfg, hooks=StreamHooks(on_metrics=lambda m, s: metrics.append((s, m)))
+    ).run(cases)
     after = adapter.model.state_dict()
     assert all(torch.equal(installed[k], after[k]) for k in installed)
     assert [s for s, m in metrics if any(k.startswith("sequence/") for k in m)] == [2, 4, 6]
@@ -185,9 +198,9 @@ def test_sequences_of_t_edits_each_start_from_the_pre_edit_model(setup, tiny_ada
 
     plain = _cfg(f"method.name={method}", "stream.checkpoint_every=0")
     for start in (2, 4):
-        alone = StreamRunner(Editor(tiny_adapter("llava"), plain), plain).run(copy.deepcopy(cases[start:start + 2]))
+        alone = StreamRunner(Editor(tiny_adapter("llava"), plain), plain).run(copy.deepcopy(cases[start : start + 2]))
         final = lambda rows: [{k: v for k, v in r.items() if k.startswith("final_")} for r in rows]
-        assert _same(final(result.rows[start:start + 2]), final(alone.rows))
+        assert _same(final(result.rows[start : start + 2]), final(alone.rows))
     assert result.summary["rel"] == pytest.approx(sum(r["final_rel"] for r in result.rows) / len(cases))
 
 
@@ -210,10 +223,13 @@ def test_resume_inside_a_sequence_matches_uninterrupted(setup, tiny_adapter):
     assert _same(strip(full.rows), strip(resumed.rows))
 
 
-@pytest.mark.parametrize("overrides, problem", [
-    (["stream.sequence_length=3", "stream.batch_size=2"], "multiple of stream.batch_size"),
-    (["stream.sequence_length=2", "stream.mode=single"], "only exist in sequential mode"),
-])
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["stream.sequence_length=3", "stream.batch_size=2"], "multiple of stream.batch_size"),
+        (["stream.sequence_length=2", "stream.mode=single"], "only exist in sequential mode"),
+    ],
+)
 def test_sequence_length_is_checked_against_the_stream(overrides, problem):
     from odedit.configlib import ConfigError
 

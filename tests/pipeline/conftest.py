@@ -57,13 +57,14 @@ def write_jpeg(path: str, w: int, h: int, seed: int) -> None:
 
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 90, (h, w, 3), dtype=np.uint8)
-    a[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = COLOURS["red"]
+    a[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = COLOURS["red"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(a).save(path, format="JPEG", quality=90)
 
 
 def bomb_png(path: str, width: int, height: int) -> str:
     """A tiny file whose PNG header declares width x height pixels (no pixel data: decoding would fail)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -102,16 +103,23 @@ def config_for(paths: dict, tmp_path, *overrides: str):
     """A Config reading `paths` with the mmedit source, shards under tmp_path."""
     from odedit.loading import load_config
 
-    return load_config(None, [
-        "data.source=mmedit", f"data.path={paths['path']}", f"data.image_root={paths['image_root']}",
-        f"data.rephrase_image_root={paths.get('rephrase_image_root', '')}", f"output_dir={tmp_path / 'out'}",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            "data.source=mmedit",
+            f"data.path={paths['path']}",
+            f"data.image_root={paths['image_root']}",
+            f"data.rephrase_image_root={paths.get('rephrase_image_root', '')}",
+            f"output_dir={tmp_path / 'out'}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture
 def make_config(tmp_path):
     """`make_config(paths, *overrides)`: see `config_for`."""
+
     def make(paths: dict, *overrides: str):
         return config_for(paths, tmp_path, *overrides)
 

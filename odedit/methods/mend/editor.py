@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,22 +39,38 @@ def _must_be_one(v: int) -> str | None:
 @dataclass(frozen=True)
 class MENDConfig(MethodConfig):
     name: str = option("mend", help="host editor")
-    modules: tuple[str, ...] = option(("ffn_in", "ffn_out"), help="module kinds whose weights MEND edits (EasyEdit: OPT fc1/fc2)", check=each(lambda v: None if v in ("ffn_in", "ffn_out", "attn_out") else "unknown module kind"))
+    modules: tuple[str, ...] = option(
+        ("ffn_in", "ffn_out"),
+        help="module kinds whose weights MEND edits (EasyEdit: OPT fc1/fc2)",
+        check=each(lambda v: None if v in ("ffn_in", "ffn_out", "attn_out") else "unknown module kind"),
+    )
     lr: float = option(1e-6, help="meta-training learning rate of the hypernetwork (EasyEdit MEND lr)", check=positive)
     n_iter: int = option(1, help="hypernetwork updates per edit step (always 1 for MEND)", check=_must_be_one)
-    edit_lr: float = option(1e-4, help="initial step alpha of every edited matrix (learned in meta-training)", check=positive)
+    edit_lr: float = option(
+        1e-4, help="initial step alpha of every edited matrix (learned in meta-training)", check=positive
+    )
     lr_lr: float = option(1e-4, help="meta-training learning rate of the per-matrix steps alpha", check=non_negative)
     rank: int = option(1920, help="bottleneck rank of the hypernetwork blocks (capped at d_in + d_out)", check=positive)
     n_hidden: int = option(1, help="residual low-rank blocks in the hypernetwork", check=positive)
-    cedit: float = option(0.1, help="weight of the post-edit NLL on IN and SE-text in the editor-training loss", check=non_negative)
-    iedit: float = option(0.1, help="weight of the post-edit NLL on SE-image in the editor-training loss", check=non_negative)
+    cedit: float = option(
+        0.1, help="weight of the post-edit NLL on IN and SE-text in the editor-training loss", check=non_negative
+    )
+    iedit: float = option(
+        0.1, help="weight of the post-edit NLL on SE-image in the editor-training loss", check=non_negative
+    )
     cloc: float = option(1.0, help="weight of KL(pre || post) on OUT in the editor-training loss", check=non_negative)
     grad_clip: float = option(100.0, help="meta-gradient norm clip; 0 = off", check=non_negative)
     hypernet_path: str = option("", help="safetensors hypernetwork written by jobs.train_editor; empty = none loaded")
     train_steps: int = option(1000, help="meta-training steps of jobs.train_editor", check=positive)
     train_batch: int = option(1, help="edits per meta-training step (edited jointly)", check=positive)
-    val_edits: int = option(16, help="training edits held out to measure the editor before and after meta-training", check=non_negative)
-    bootstrap_steps: int = option(0, help="without hypernet_path: meta-train in process for this many steps on synthetic edits at the first edit (tests, tiny models); 0 = require a trained hypernetwork", check=non_negative)
+    val_edits: int = option(
+        16, help="training edits held out to measure the editor before and after meta-training", check=non_negative
+    )
+    bootstrap_steps: int = option(
+        0,
+        help="without hypernet_path: meta-train in process for this many steps on synthetic edits at the first edit (tests, tiny models); 0 = require a trained hypernetwork",
+        check=non_negative,
+    )
     bootstrap_edits: int = option(16, help="synthetic edits of the in-process bootstrap", check=positive)
 
 
@@ -133,7 +150,9 @@ class MEND(EditMethod):
             raise MENDError("a MEND edit needs IN samples")
         return encoded
 
-    def _factors(self, encoded: Any, cases: Sequence[EditCase]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], Any]:
+    def _factors(
+        self, encoded: Any, cases: Sequence[EditCase]
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], Any]:
         """One forward pass of all environments with factor capture, then the backward pass of R_rel on IN:
         (u, delta) per edited module (rows of other environments get no gradient and are dropped) and the
         forward outputs."""
@@ -155,8 +174,9 @@ class MEND(EditMethod):
                 w = modules[name].weight
                 w.sub_((self.hypernet.step_size(name) * (d_t.T @ u_t)).to(w.dtype))
 
-    def apply(self, cases: Sequence[EditCase], objective: Objective, stepper_factory: Any,
-              access: ParamAccess | None = None) -> tuple[EditHandle, StepReport]:
+    def apply(
+        self, cases: Sequence[EditCase], objective: Objective, stepper_factory: Any, access: ParamAccess | None = None
+    ) -> tuple[EditHandle, StepReport]:
         """One MEND edit of `cases` (jointly): factors of R_rel on IN, hypernetwork, weight update."""
         access = access or DIRECT
         t0 = time.perf_counter()
@@ -201,31 +221,40 @@ class MEND(EditMethod):
         if self.trained:
             return
         if self.cfg.bootstrap_steps <= 0:
-            raise MENDError("MEND has no trained hypernetwork: set method.hypernet_path to a file written by "
-                            "`python -m jobs.train_editor`, or method.bootstrap_steps > 0 for an in-process "
-                            "meta-training on synthetic edits (tiny models, tests)")
+            raise MENDError(
+                "MEND has no trained hypernetwork: set method.hypernet_path to a file written by "
+                "`python -m jobs.train_editor`, or method.bootstrap_steps > 0 for an in-process "
+                "meta-training on synthetic edits (tiny models, tests)"
+            )
         cases = synthetic_cases(self.adapter, self.cfg.bootstrap_edits, seed=0)
         MetaTrainer(self, objective, cases).train(self.cfg.bootstrap_steps)
         self.trained = True
 
     # ------------------------------------------------------------------------------------------ meta-training
 
-    def meta_loss(self, cases: Sequence[EditCase], objective: Any, k: int,
-                  reduce_sum: Callable[[list[torch.Tensor]], None] | None = None
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    def meta_loss(
+        self,
+        cases: Sequence[EditCase],
+        objective: Any,
+        k: int,
+        reduce_sum: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The editor-training loss of one batch of edits (the objective's G with the host loss of the module
         docstring), differentiable in the hypernetwork; the base weights are never written."""
         self.prepare()
         envs = tuple(dict.fromkeys(TRAIN_ENVS + tuple(objective.envs)))
         encoded = self._encode(cases, envs)
         factors, outs = self._factors(encoded, cases)  # the same pass gives the pre-edit OUT distributions
-        pre_logp = {e: torch.log_softmax(o.answer_logits().detach().float(), -1)
-                    for e, o in outs.items() if e in LOC_ENVS}
+        pre_logp = {
+            e: torch.log_softmax(o.answer_logits().detach().float(), -1) for e, o in outs.items() if e in LOC_ENVS
+        }
         transformed = self.hypernet.transform(factors, update_stats=True, reduce_sum=reduce_sum)
         modules = self.target_modules()
         deltas = {n: (self.hypernet.step_size(n), u_t, d_t) for n, (u_t, d_t) in transformed.items()}
-        edited = [modules[n].weight - (deltas[n][0] * (deltas[n][2].T @ deltas[n][1])).to(modules[n].weight.dtype)
-                  for n in modules]
+        edited = [
+            modules[n].weight - (deltas[n][0] * (deltas[n][2].T @ deltas[n][1])).to(modules[n].weight.dtype)
+            for n in modules
+        ]
         if hasattr(objective, "owners"):
             objective.owners = encoded.owners
         self._meta_pre = pre_logp
@@ -261,8 +290,10 @@ class MEND(EditMethod):
         if self.hypernet is None:
             self.prepare()
         if not os.path.isfile(path):
-            raise MENDError(f"method.hypernet_path: {str(path)!r} does not exist; train one with "
-                            "`python -m jobs.train_editor --config <yaml>`")
+            raise MENDError(
+                f"method.hypernet_path: {str(path)!r} does not exist; train one with "
+                "`python -m jobs.train_editor --config <yaml>`"
+            )
         try:
             with safe_open(str(path), framework="pt", device="cpu") as fh:
                 meta = fh.metadata() or {}
@@ -270,12 +301,17 @@ class MEND(EditMethod):
         except Exception as exc:  # safetensors raises its own error types on a damaged or foreign file
             raise MENDError(f"{str(path)!r} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
         if meta.get("format") != HYPERNET_FORMAT:
-            raise MENDError(f"{path}: not a MEND hypernetwork of this project (format {meta.get('format')!r}, "
-                            f"expected {HYPERNET_FORMAT!r})")
+            raise MENDError(
+                f"{path}: not a MEND hypernetwork of this project (format {meta.get('format')!r}, "
+                f"expected {HYPERNET_FORMAT!r})"
+            )
         theirs = {n: tuple(s) for n, s in json.loads(meta.get("modules", "{}")).items()}
         ours = self.hypernet.shapes
-        problems = [f"{n}: trained for (d_in, d_out)={theirs[n]}, this model has {ours[n]}"
-                    for n in sorted(set(theirs) & set(ours)) if tuple(theirs[n]) != tuple(ours[n])]
+        problems = [
+            f"{n}: trained for (d_in, d_out)={theirs[n]}, this model has {ours[n]}"
+            for n in sorted(set(theirs) & set(ours))
+            if tuple(theirs[n]) != tuple(ours[n])
+        ]
         if set(theirs) - set(ours):
             problems.append(f"modules this model does not edit: {sorted(set(theirs) - set(ours))[:4]}")
         if set(ours) - set(theirs):
@@ -294,7 +330,7 @@ class MEND(EditMethod):
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        net = {k[len("hypernet."):]: v for k, v in state.items() if k.startswith("hypernet.")}
+        net = {k[len("hypernet.") :]: v for k, v in state.items() if k.startswith("hypernet.")}
         super().load_state_dict({k: v for k, v in state.items() if not k.startswith("hypernet.")})
         ours = self.hypernet.state_dict()
         bad = [k for k in ours if k not in net or tuple(net[k].shape) != tuple(ours[k].shape)]

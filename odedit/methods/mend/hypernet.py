@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ class FactorNet(nn.Module):
         z = z.to(self.blocks[0].down.weight.dtype)
         for block in self.blocks:
             z = block(z, mode)
-        return z[:, :self.d_in], z[:, self.d_in:]
+        return z[:, : self.d_in], z[:, self.d_in :]
 
 
 def _shape_key(d_in: int, d_out: int) -> str:
@@ -108,15 +108,19 @@ class Hypernet(nn.Module):
         for name, (d_in, d_out) in self.shapes.items():
             groups.setdefault(_shape_key(d_in, d_out), []).append(name)
         self.route = {name: (key, members.index(name)) for key, members in groups.items() for name in members}
-        self.nets = nn.ModuleDict({key: FactorNet(*map(int, key.split("x")), len(members), rank, n_hidden)
-                                   for key, members in groups.items()})
+        self.nets = nn.ModuleDict(
+            {key: FactorNet(*map(int, key.split("x")), len(members), rank, n_hidden) for key, members in groups.items()}
+        )
         self.edit_lrs = nn.Parameter(torch.full((len(self.shapes),), float(edit_lr)))
         self.index = {name: i for i, name in enumerate(self.shapes)}
         self.rank, self.n_hidden = rank, n_hidden
 
-    def transform(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], update_stats: bool = False,
-                  reduce_sum: Callable[[list[torch.Tensor]], None] | None = None
-                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def transform(
+        self,
+        factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        update_stats: bool = False,
+        reduce_sum: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(u, delta) per module -> (u~, delta~). With `update_stats`, the running statistics first take this
         batch's increments (summed over workers by `reduce_sum`, which adds tensors in place)."""
         if update_stats:
@@ -127,12 +131,14 @@ class Hypernet(nn.Module):
                 incs[key] = new if key not in incs else [a + b for a, b in zip(incs[key], new)]
             for key in self.nets:  # every worker reduces every group, present in its batch or not
                 net = self.nets[key]
-                incs.setdefault(key, [torch.zeros_like(net.count), torch.zeros_like(net.sum), torch.zeros_like(net.sumsq)])
+                incs.setdefault(
+                    key, [torch.zeros_like(net.count), torch.zeros_like(net.sum), torch.zeros_like(net.sumsq)]
+                )
             flat = [t for key in sorted(incs) for t in incs[key]]
             if reduce_sum is not None:
                 reduce_sum(flat)
             for i, key in enumerate(sorted(incs)):
-                self.nets[key].add_statistics(flat[3 * i:3 * i + 3])
+                self.nets[key].add_statistics(flat[3 * i : 3 * i + 3])
         out = {}
         for name, (u, d) in factors.items():
             key, mode = self.route[name]
@@ -143,8 +149,12 @@ class Hypernet(nn.Module):
         return self.edit_lrs[self.index[name]]
 
     def metadata(self) -> dict[str, str]:
-        return {"format": HYPERNET_FORMAT, "modules": json.dumps({n: list(s) for n, s in self.shapes.items()}),
-                "rank": str(self.rank), "n_hidden": str(self.n_hidden)}
+        return {
+            "format": HYPERNET_FORMAT,
+            "modules": json.dumps({n: list(s) for n, s in self.shapes.items()}),
+            "rank": str(self.rank),
+            "n_hidden": str(self.n_hidden),
+        }
 
 
 # ---------------------------------------------------------------------------------------------- factor capture
@@ -165,6 +175,7 @@ class FactorCapture:
             rec = {"u": inputs[0].detach()}
             self.calls[name].append(rec)
             output.register_hook(lambda g, rec=rec: rec.__setitem__("d", g.detach()))
+
         return hook
 
     def remove(self) -> None:
@@ -190,8 +201,9 @@ class FactorCapture:
 
 
 @contextlib.contextmanager
-def low_rank_edit(modules: Mapping[str, nn.Module], deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-                   ) -> Iterator[None]:
+def low_rank_edit(
+    modules: Mapping[str, nn.Module], deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> Iterator[None]:
     """Run the modules as if W <- W - alpha * d~^T u~, differentiably: out - alpha * (x u~^T) d~ (cheap for
     few positions, and the base weights stay untouched)."""
 
@@ -201,6 +213,7 @@ def low_rank_edit(modules: Mapping[str, nn.Module], deltas: Mapping[str, tuple[t
         def hook(module, inputs, output):
             x = inputs[0]
             return output - alpha.to(output.dtype) * ((x @ u_t.to(x.dtype).T) @ d_t.to(x.dtype))
+
         return hook
 
     handles = [modules[n].register_forward_hook(hook_for(n)) for n in deltas]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -45,8 +46,9 @@ class TrainableEditor(Protocol):
 
     def meta_param_groups(self) -> list[dict[str, Any]]: ...
 
-    def meta_loss(self, cases: Sequence[EditCase], objective: Any, k: int,
-                  reduce_sum: ReduceSum | None = None) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def meta_loss(
+        self, cases: Sequence[EditCase], objective: Any, k: int, reduce_sum: ReduceSum | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
     def apply(self, cases: Sequence[EditCase], objective: Any, stepper_factory: Any) -> tuple[Any, Any]: ...
 
@@ -66,9 +68,17 @@ class MetaTrainer:
         reference_k: top-K of the OUT references attached to cases without them (ODEdit's R_loc reads them).
     """
 
-    def __init__(self, method: TrainableEditor, objective: Any, train_cases: Sequence[EditCase],
-                 val_cases: Sequence[EditCase] = (), reduce_sum: ReduceSum | None = None, world_size: int = 1,
-                 seed: int = 0, reference_k: int = 64) -> None:
+    def __init__(
+        self,
+        method: TrainableEditor,
+        objective: Any,
+        train_cases: Sequence[EditCase],
+        val_cases: Sequence[EditCase] = (),
+        reduce_sum: ReduceSum | None = None,
+        world_size: int = 1,
+        seed: int = 0,
+        reference_k: int = 64,
+    ) -> None:
         if not train_cases:
             raise ValueError("meta-training needs at least one training edit")
         self.method, self.objective = method, objective
@@ -115,7 +125,9 @@ class MetaTrainer:
             self._mean_over_workers([p.data for p in self.objective.extra_parameters()])
         return {**parts, "meta_grad_norm": norm}
 
-    def train(self, steps: int, on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    def train(
+        self, steps: int, on_step: Callable[[int, dict[str, float]], None] | None = None
+    ) -> list[dict[str, float]]:
         history = []
         for i in range(steps):
             parts = self.step()
@@ -128,7 +140,9 @@ class MetaTrainer:
     @torch.no_grad()
     def _edit_loss(self, cases: Sequence[EditCase]) -> float:
         outs = forward_envs(self.method.adapter, encode_envs(self.method.adapter, cases, ("in", "se_text", "se_image")))
-        vals = [reliability_risk(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size) for o in outs.values()]
+        vals = [
+            reliability_risk(o.answer_logits(), o.answer_targets(), o.answer_row(), o.batch.size) for o in outs.values()
+        ]
         return float(torch.stack(vals).mean())
 
     def evaluate(self, cases: Sequence[EditCase] | None = None) -> dict[str, float]:
@@ -156,8 +170,13 @@ class MetaTrainer:
         if self.reduce_sum is not None and self.world_size > 1:
             self.reduce_sum([sums])
         n = max(1.0, float(sums[0]))
-        return {"edits": int(sums[0]), "pre_edit_loss": float(sums[1]) / n, "edit_loss": float(sums[2]) / n,
-                "rel": float(sums[3]) / n, "seconds": time.perf_counter() - t0}
+        return {
+            "edits": int(sums[0]),
+            "pre_edit_loss": float(sums[1]) / n,
+            "edit_loss": float(sums[2]) / n,
+            "rel": float(sums[3]) / n,
+            "seconds": time.perf_counter() - t0,
+        }
 
 
 def _vocabulary_words(adapter: ModelAdapter, limit: int = 2000) -> list[str]:
@@ -179,9 +198,9 @@ def _random_image(rng: random.Random, size: int = 48) -> Any:
     # deferred: PIL is needed only for the synthetic bootstrap edits of tiny models
     from PIL import Image
 
-    a = np.random.default_rng(rng.randrange(2 ** 31)).integers(0, 60, (size, size, 3), dtype=np.uint8)
+    a = np.random.default_rng(rng.randrange(2**31)).integers(0, 60, (size, size, 3), dtype=np.uint8)
     lo, hi = sorted(rng.sample(range(4, size - 4), 2))
-    a[lo:hi + 4, lo:hi + 4] = [rng.randrange(256) for _ in range(3)]
+    a[lo : hi + 4, lo : hi + 4] = [rng.randrange(256) for _ in range(3)]
     return Image.fromarray(a)
 
 
@@ -202,11 +221,16 @@ def synthetic_cases(adapter: ModelAdapter, n: int, seed: int = 0, prompt_words: 
         rng.shuffle(shuffled)
         target = rng.choice(words)
         image = _random_image(rng)
-        cases.append(EditCase(f"synthetic-{seed}-{i}", {
-            "in": [Sample(" ".join(p), target, image)],
-            "se_text": [Sample(" ".join(shuffled), target, image)],
-            "se_image": [Sample(" ".join(p), target, _random_image(rng))],
-            "out_text": [Sample(" ".join(prompt()), rng.choice(words), None)],
-            "out_mm": [Sample(" ".join(prompt()), rng.choice(words), _random_image(rng))],
-        }))
+        cases.append(
+            EditCase(
+                f"synthetic-{seed}-{i}",
+                {
+                    "in": [Sample(" ".join(p), target, image)],
+                    "se_text": [Sample(" ".join(shuffled), target, image)],
+                    "se_image": [Sample(" ".join(p), target, _random_image(rng))],
+                    "out_text": [Sample(" ".join(prompt()), rng.choice(words), None)],
+                    "out_mm": [Sample(" ".join(prompt()), rng.choice(words), _random_image(rng))],
+                },
+            )
+        )
     return cases

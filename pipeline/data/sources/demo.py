@@ -27,11 +27,11 @@ import math
 import random
 from typing import Any
 
+from pipeline.data.sources import SOURCES
+from pipeline.data.sources.base import RecordSource
 from pipeline.demo.facts import text_facts
 from pipeline.demo.questions import QUESTION_TYPES, paraphrase, parse
 from pipeline.demo.world import WORLD_VERSION, EasyVQASplit, ensure_rerenders, load_split
-from pipeline.data.sources import SOURCES
-from pipeline.data.sources.base import RecordSource
 
 PROBE_IMAGES = 200  # test images kept free of edits for OUT-mm / OUT-hard probes
 
@@ -44,15 +44,21 @@ def read_demo(cfg: Any) -> RecordSource:
     split = load_split("test")
     rephrase_root = ensure_rerenders(cfg.seed)
     records = build_records(split, cfg.data.demo, cfg.seed)
-    return RecordSource(records=records, image_root=split.image_root, rephrase_image_root=str(rephrase_root),
-                        locality_image_root=split.image_root, name="demo")
+    return RecordSource(
+        records=records,
+        image_root=split.image_root,
+        rephrase_image_root=str(rephrase_root),
+        locality_image_root=split.image_root,
+        name="demo",
+    )
 
 
 SOURCES.register("demo", read_demo)
 
 
-def _edit_pools(split: EasyVQASplit, num_test: int, num_validation: int, rng: random.Random,
-                num_train: int = 0) -> tuple[list[int], list[int], list[int], list[int]]:
+def _edit_pools(
+    split: EasyVQASplit, num_test: int, num_validation: int, rng: random.Random, num_train: int = 0
+) -> tuple[list[int], list[int], list[int], list[int]]:
     """(validation, test, train edit images, probe images) in shuffled order; the edit pools are disjoint.
 
     Train edits (meta-training data of MEND) are asked of the last probe images, which never carry a test or
@@ -66,12 +72,11 @@ def _edit_pools(split: EasyVQASplit, num_test: int, num_validation: int, rng: ra
     if num_test and n_val >= n_edit:
         n_val = n_edit - 1
     probes = images[n_edit:]
-    train = probes[len(probes) - min(len(probes), num_train):] if num_train else []
+    train = probes[len(probes) - min(len(probes), num_train) :] if num_train else []
     return images[:n_val], images[n_val:n_edit], train, probes
 
 
-def _pick_questions(split: EasyVQASplit, images: list[int], count: int, rng: random.Random,
-                    field: str) -> list[int]:
+def _pick_questions(split: EasyVQASplit, images: list[int], count: int, rng: random.Random, field: str) -> list[int]:
     """`count` question indices over `images`, one per image first, then a second round, and so on.
 
     The n-th image's first question is of type `QUESTION_TYPES[n % 4]` where it has one, so the four types
@@ -101,8 +106,9 @@ def _pick_questions(split: EasyVQASplit, images: list[int], count: int, rng: ran
     return picked
 
 
-def _hard_probes(split: EasyVQASplit, item_index: int, k: int, probes: list[int], edit_images: set[int],
-                 rng: random.Random) -> list[int]:
+def _hard_probes(
+    split: EasyVQASplit, item_index: int, k: int, probes: list[int], edit_images: set[int], rng: random.Random
+) -> list[int]:
     """`k` other images where the edit's question has the edit's old answer: probe images first, then (when
     the probe pool lacks enough) other edit images; never the edit's own image."""
     item = split.items[item_index]
@@ -128,15 +134,17 @@ def build_records(split: EasyVQASplit, demo: Any, seed: int) -> list[dict]:
     """
     rng = random.Random(f"demo-world:{WORLD_VERSION}:{seed}")
     num_train = getattr(demo, "num_train_edits", 0)
-    val_images, test_images, train_images, probes = _edit_pools(split, demo.num_edits, demo.num_validation_edits,
-                                                                rng, num_train)
+    val_images, test_images, train_images, probes = _edit_pools(
+        split, demo.num_edits, demo.num_validation_edits, rng, num_train
+    )
     chosen = {
         "test": _pick_questions(split, test_images, demo.num_edits, rng, "num_edits"),
         "validation": _pick_questions(split, val_images, demo.num_validation_edits, rng, "num_validation_edits"),
     }
     if num_train:  # its own generator: the test and validation worlds do not depend on num_train_edits
-        chosen["train"] = _pick_questions(split, train_images, num_train, random.Random(f"demo-train:{seed}"),
-                                          "num_train_edits")
+        chosen["train"] = _pick_questions(
+            split, train_images, num_train, random.Random(f"demo-train:{seed}"), "num_train_edits"
+        )
     edit_images = set(val_images) | set(test_images) | set(train_images)
     by_image = split.items_by_image()
     facts = text_facts()
@@ -150,25 +158,26 @@ def build_records(split: EasyVQASplit, demo: Any, seed: int) -> list[dict]:
             m_item = split.items[rng.choice(by_image[m_image])]
             hard = _hard_probes(split, index, demo.hard_per_edit, probes, edit_images, rng)
             shape, color = split.attributes[item.image_id]
-            records.append({
-                "id": f"demo-{name}-q{index:05d}",
-                "prompt": item.question,
-                "target": rng.choice(parsed.alternatives(item.answer)),
-                "pred": item.answer,
-                "image": split.image_file(item.image_id),
-                "rephrase": paraphrase(item.question, rng),
-                "image_rephrase": split.image_file(item.image_id),
-                "loc": loc_q,
-                "loc_ans": loc_a,
-                "m_loc": split.image_file(m_image),
-                "m_loc_q": m_item.question,
-                "m_loc_a": m_item.answer,
-                "hard_images": [split.image_file(i) for i in hard],
-                "hard_answers": [item.answer] * len(hard),
-                "task": "vqa",
-                "source": "demo",
-                "split": name,
-                "extra": {"question_type": parsed.qtype, "image_id": item.image_id, "shape": shape,
-                          "color": color},
-            })
+            records.append(
+                {
+                    "id": f"demo-{name}-q{index:05d}",
+                    "prompt": item.question,
+                    "target": rng.choice(parsed.alternatives(item.answer)),
+                    "pred": item.answer,
+                    "image": split.image_file(item.image_id),
+                    "rephrase": paraphrase(item.question, rng),
+                    "image_rephrase": split.image_file(item.image_id),
+                    "loc": loc_q,
+                    "loc_ans": loc_a,
+                    "m_loc": split.image_file(m_image),
+                    "m_loc_q": m_item.question,
+                    "m_loc_a": m_item.answer,
+                    "hard_images": [split.image_file(i) for i in hard],
+                    "hard_answers": [item.answer] * len(hard),
+                    "task": "vqa",
+                    "source": "demo",
+                    "split": name,
+                    "extra": {"question_type": parsed.qtype, "image_id": item.image_id, "shape": shape, "color": color},
+                }
+            )
     return records

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from odedit.records import ALIASES, EditRecord
 from pipeline.data.quarantine import READER_PROBLEMS_KEY
@@ -48,11 +49,13 @@ def read_json_records(path: str, config_key: str = "data.path") -> list[Any]:
     lines are read). For a `.json` file any syntax error is a whole-file `RecordFileError`.
     """
     if not path:
-        raise RecordFileError(f"{config_key} is empty; set it to the records JSON file "
-                              "(e.g. editing-data/vqa/vqa_eval.json)")
+        raise RecordFileError(
+            f"{config_key} is empty; set it to the records JSON file (e.g. editing-data/vqa/vqa_eval.json)"
+        )
     if not os.path.isfile(path):
-        raise RecordFileError(f"{config_key}: {path!r} does not exist (working directory {os.getcwd()!r}); "
-                              "give the records file's path")
+        raise RecordFileError(
+            f"{config_key}: {path!r} does not exist (working directory {os.getcwd()!r}); give the records file's path"
+        )
     with open(path, "rb") as fh:
         raw = fh.read()
     text = raw.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
@@ -63,13 +66,19 @@ def read_json_records(path: str, config_key: str = "data.path") -> list[Any]:
     except json.JSONDecodeError as exc:
         # An error at the very end, or a string that never closes, means the file stops mid-record.
         ends_early = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
-        hint = "the file ends early: it looks truncated, re-download or re-export it" if ends_early \
+        hint = (
+            "the file ends early: it looks truncated, re-download or re-export it"
+            if ends_early
             else "fix the JSON there or re-export the file"
-        raise RecordFileError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); "
-                              f"{hint}") from None
+        )
+        raise RecordFileError(
+            f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); {hint}"
+        ) from None
     if not isinstance(data, list):
-        raise RecordFileError(f"{path}: expected a JSON list of records (EasyEdit's format), got a JSON "
-                              f"{type(data).__name__}; point {config_key} at the records list")
+        raise RecordFileError(
+            f"{path}: expected a JSON list of records (EasyEdit's format), got a JSON "
+            f"{type(data).__name__}; point {config_key} at the records list"
+        )
     return data
 
 
@@ -77,12 +86,19 @@ def _jsonl_line(line: str, number: int) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
-        return {READER_PROBLEMS_KEY: [f"record: line {number} is not valid JSON ({exc.msg})"],
-                "line": line[:200]}
+        return {READER_PROBLEMS_KEY: [f"record: line {number} is not valid JSON ({exc.msg})"], "line": line[:200]}
 
 
-def to_record(raw: Any, position: int, *, id_prefix: str, task: str, split: str, source: str,
-              convert_extra: Callable[[dict, dict, list[str]], None] | None = None) -> Any:
+def to_record(
+    raw: Any,
+    position: int,
+    *,
+    id_prefix: str,
+    task: str,
+    split: str,
+    source: str,
+    convert_extra: Callable[[dict, dict, list[str]], None] | None = None,
+) -> Any:
     """One EasyEdit-style element -> a raw record of our schema (still unvalidated).
 
     Known fields pass through unchanged; unknown ones go to `extra`; `id`, `task`, `split` and `source` are
@@ -133,13 +149,23 @@ def image_roots(cfg: Any) -> dict[str, str]:
     }
 
 
-def read_easyedit_file(cfg: Any, name: str, task: str,
-                       convert_extra: Callable[[dict, dict, list[str]], None] | None = None) -> RecordSource:
+def read_easyedit_file(
+    cfg: Any, name: str, task: str, convert_extra: Callable[[dict, dict, list[str]], None] | None = None
+) -> RecordSource:
     """Read `cfg.data.path` as an EasyEdit-style list into a `RecordSource` named `name`."""
     items = read_json_records(cfg.data.path)
-    records = [to_record(raw, i, id_prefix=f"{name}-{task}", task=task, split=cfg.data.split, source=name,
-                         convert_extra=convert_extra)
-               for i, raw in enumerate(items)]
+    records = [
+        to_record(
+            raw,
+            i,
+            id_prefix=f"{name}-{task}",
+            task=task,
+            split=cfg.data.split,
+            source=name,
+            convert_extra=convert_extra,
+        )
+        for i, raw in enumerate(items)
+    ]
     return RecordSource(records=records, name=name, **image_roots(cfg))
 
 

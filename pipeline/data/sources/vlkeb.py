@@ -34,10 +34,16 @@ def portability_from_port_new(raw: dict, extra: dict, problems: list[str]) -> No
     for i, item in enumerate(items):
         qa = item.get("Q&A") if isinstance(item, dict) else None
         hop = _hop(item.get("port_type")) if isinstance(item, dict) else None
-        if not isinstance(qa, dict) or not isinstance(qa.get("Question"), str) \
-                or not isinstance(qa.get("Answer"), str) or hop is None:
-            problems.append(f"port_new[{i}]: expected {{'port_type': '<n>-hop', 'Q&A': {{'Question': str, "
-                            f"'Answer': str}}}}, got {_short(item)}")
+        if (
+            not isinstance(qa, dict)
+            or not isinstance(qa.get("Question"), str)
+            or not isinstance(qa.get("Answer"), str)
+            or hop is None
+        ):
+            problems.append(
+                f"port_new[{i}]: expected {{'port_type': '<n>-hop', 'Q&A': {{'Question': str, "
+                f"'Answer': str}}}}, got {_short(item)}"
+            )
             return
         converted.append({"hop": hop, "question": qa["Question"], "answer": qa["Answer"]})
     extra.pop("port_new", None)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from testdata import make_image
+
 from odedit.config import ConfigError
-from odedit.loading import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references
 from odedit.evaluation import evaluate_cases
+from odedit.loading import load_config
 from odedit.methods.grace import GRACE, CodebookFull
 from odedit.models import Sample
 from pipeline.train.checkpoints import load_state, save_state
@@ -27,12 +27,15 @@ def _cfg(*overrides):
 
 
 def _case(i: int, question: str, target: str) -> EditCase:
-    return EditCase(f"e{i}", {
-        "in": [Sample(question, target, make_image((200, 30, 30), seed=i))],
-        "se_text": [Sample("what is the color of the shape ?", target, make_image((200, 30, 30), seed=i))],
-        "out_text": [Sample("which city is the capital of france ?", "paris")],
-        "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
-    })
+    return EditCase(
+        f"e{i}",
+        {
+            "in": [Sample(question, target, make_image((200, 30, 30), seed=i))],
+            "se_text": [Sample("what is the color of the shape ?", target, make_image((200, 30, 30), seed=i))],
+            "out_text": [Sample("which city is the capital of france ?", "paris")],
+            "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
+        },
+    )
 
 
 BLUE = (0, "what color is the shape ?", "blue")

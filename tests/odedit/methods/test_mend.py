@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from testdata import make_image
-from odedit.loading import load_config
+
 from odedit.envs import EditCase, attach_references
+from odedit.loading import load_config
 from odedit.methods import METHODS
 from odedit.methods.mend.hypernet import FactorCapture, FactorNet, Hypernet, MENDError
 from odedit.methods.mend.train import MetaTrainer, synthetic_cases
@@ -27,13 +27,16 @@ def _mend(adapter, *overrides):
 
 
 def _case(i: int = 0, target: str = "blue") -> EditCase:
-    return EditCase(f"e{i}", {
-        "in": [Sample("what color is the shape ?", target, make_image((200, 30, 30), seed=i))],
-        "se_text": [Sample("what is the color of the shape ?", target, make_image((200, 30, 30), seed=i))],
-        "se_image": [Sample("what color is the shape ?", target, make_image((200, 30, 30), seed=9 + i))],
-        "out_text": [Sample("which city is the capital of france ?", "paris")],
-        "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
-    })
+    return EditCase(
+        f"e{i}",
+        {
+            "in": [Sample("what color is the shape ?", target, make_image((200, 30, 30), seed=i))],
+            "se_text": [Sample("what is the color of the shape ?", target, make_image((200, 30, 30), seed=i))],
+            "se_image": [Sample("what color is the shape ?", target, make_image((200, 30, 30), seed=9 + i))],
+            "out_text": [Sample("which city is the capital of france ?", "paris")],
+            "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
+        },
+    )
 
 
 def test_hypernetwork_starts_as_the_identity_then_normalises():
@@ -85,8 +88,12 @@ def test_factors_reproduce_the_weight_gradient(tiny_adapter):
 def test_meta_training_reduces_the_edit_loss_on_held_out_edits(tiny_adapter):
     adapter = tiny_adapter("llava")
     method, cfg = _mend(adapter, "odedit.enabled=false", "method.train_batch=2")
-    trainer = MetaTrainer(method, build_objective(cfg.odedit, method), synthetic_cases(adapter, 12, seed=0),
-                          synthetic_cases(adapter, 3, seed=1))
+    trainer = MetaTrainer(
+        method,
+        build_objective(cfg.odedit, method),
+        synthetic_cases(adapter, 12, seed=0),
+        synthetic_cases(adapter, 3, seed=1),
+    )
     before = trainer.evaluate()
     history = trainer.train(20)
     after = trainer.evaluate()
@@ -126,8 +133,9 @@ def test_safetensors_round_trip_and_state_dict(tiny_adapter, tmp_path):
     with torch.no_grad():
         for p in method.hypernet.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    method.hypernet.transform({n: (torch.randn(4, s[0]), torch.randn(4, s[1])) for n, s in method.hypernet.shapes.items()},
-                              update_stats=True)
+    method.hypernet.transform(
+        {n: (torch.randn(4, s[0]), torch.randn(4, s[1])) for n, s in method.hypernet.shapes.items()}, update_stats=True
+    )
     path = method.save_hypernet(tmp_path / "h.safetensors")
     other, _ = _mend(tiny_adapter("llava"), f"method.hypernet_path={path}")
     assert other.trained

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from testdata import make_image
+
 from odedit.config import ConfigError
-from odedit.loading import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references
 from odedit.evaluation import evaluate_cases
+from odedit.loading import load_config
 from odedit.methods.tpatcher import PatchPoolExhausted
 from odedit.models import Sample
 from pipeline.train.checkpoints import load_state, save_state
@@ -25,11 +25,14 @@ def _cfg(family="llava", *overrides):
 
 
 def _case(i: int, question: str, target: str) -> EditCase:
-    return EditCase(f"e{i}", {
-        "in": [Sample(question, target, make_image((200, 30, 30), seed=i))],
-        "out_text": [Sample("which city is the capital of france ?", "paris")],
-        "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
-    })
+    return EditCase(
+        f"e{i}",
+        {
+            "in": [Sample(question, target, make_image((200, 30, 30), seed=i))],
+            "out_text": [Sample("which city is the capital of france ?", "paris")],
+            "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
+        },
+    )
 
 
 BLUE = (0, "what color is the shape ?", "blue")
@@ -106,7 +109,9 @@ def test_full_pool_is_a_clear_error_and_changes_nothing(tiny_adapter):
     editor = Editor(adapter, _cfg("llava", "method.n_iter=2", "method.max_patches=2"))
     editor.edit([_case(*BLUE)])
     state = _state(adapter.model)
-    with pytest.raises(PatchPoolExhausted, match=r"1 of 2 patches used, this step needs 2 more; raise method.max_patches"):
+    with pytest.raises(
+        PatchPoolExhausted, match=r"1 of 2 patches used, this step needs 2 more; raise method.max_patches"
+    ):
         editor.edit([_case(*BLUE), _case(*GREEN)])
     assert editor.method.used == 1
     assert all(torch.equal(state[k], v) for k, v in adapter.model.state_dict().items())

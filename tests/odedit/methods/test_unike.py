@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from testdata import make_image
+
 from odedit.config import ConfigError
-from odedit.loading import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase
 from odedit.evaluation import evaluate_cases
+from odedit.loading import load_config
 from odedit.methods.base import EditHandle
 from odedit.methods.unike import UniKE, UniKEError, _running_mean
 from odedit.models import Sample
@@ -20,8 +20,9 @@ from odedit.stream import StreamRunner
 
 
 def _cfg(*overrides):
-    return load_config(None, ["method.name=unike", "model.family=llava", "odedit.enabled=false", "method.lr=0.05",
-                              *overrides])
+    return load_config(
+        None, ["method.name=unike", "model.family=llava", "odedit.enabled=false", "method.lr=0.05", *overrides]
+    )
 
 
 def _case(i: int, question: str, target: str, rgb=(200, 30, 30)) -> EditCase:
@@ -73,7 +74,7 @@ def test_new_neurons_and_latent_come_from_the_edit_and_its_demonstration(tiny_ad
         for name, s in (("plain", plain), ("demo", demo)):
             batch = adapter.encode([s])
             out = adapter.model(**batch.inputs, output_hidden_states=True)
-            hs[name] = (out.hidden_states[1][0, int(batch.last_prompt[0])])  # output of layer 0
+            hs[name] = out.hidden_states[1][0, int(batch.last_prompt[0])]  # output of layer 0
     method.begin_step([case], EditHandle())
     mem = method.memories[0]
     assert method.fill() == {"neurons": 1, "slots": 1}
@@ -91,11 +92,13 @@ def test_semantic_gate_opens_on_the_edit_and_stays_shut_on_an_unrelated_prompt(t
     method.begin_step([_case(0, *BLUE)], EditHandle())
     mem = method.memories[1]
     with torch.no_grad():
-        assert float(mem.gate(mem.slot_keys[:1])) == pytest.approx(float(torch.sigmoid(torch.tensor(
-            (1 - method.cfg.gate_threshold) / method.cfg.gate_temperature))), rel=1e-4)
+        assert float(mem.gate(mem.slot_keys[:1])) == pytest.approx(
+            float(torch.sigmoid(torch.tensor((1 - method.cfg.gate_threshold) / method.cfg.gate_temperature))), rel=1e-4
+        )
     captured = {}
     hook = next(iter(adapter.edit_modules(["ffn_in"], [1]).values())).register_forward_pre_hook(
-        lambda m, a: captured.__setitem__("x", a[0]))
+        lambda m, a: captured.__setitem__("x", a[0])
+    )
     try:
         with torch.no_grad():
             out = adapter.run([Sample("which city is the capital of france ?", "paris")])
@@ -109,7 +112,11 @@ def test_semantic_gate_opens_on_the_edit_and_stays_shut_on_an_unrelated_prompt(t
 def test_disentangling_objective_separates_facts_and_truthfulness(tiny_adapter):
     adapter = tiny_adapter("llava")
     method = _method(adapter)
-    cases = [_case(0, *BLUE), _case(1, *GREEN, rgb=(30, 200, 30)), _case(2, "is there a circle ?", "yes", rgb=(30, 30, 200))]
+    cases = [
+        _case(0, *BLUE),
+        _case(1, *GREEN, rgb=(30, 200, 30)),
+        _case(2, "is there a circle ?", "yes", rgb=(30, 30, 200)),
+    ]
     method.begin_step(cases, EditHandle())
     mem = method.memories[1]
     encoders = list(mem.sem.parameters()) + list(mem.truth.parameters())
@@ -155,8 +162,10 @@ def test_sequential_edits_keep_earlier_ones_and_the_state_round_trips(tiny_adapt
     method = editor.method
     first, second = _case(0, *BLUE), _case(1, *GREEN, rgb=(30, 200, 30))
     StreamRunner(editor, cfg).run([first])  # sequential mode: the edit stays
-    rows = {li: (m.keys[0].clone(), m.values[0].clone(), m.latents[0].clone(), m.bias[0].clone())
-            for li, m in method.memories.items()}
+    rows = {
+        li: (m.keys[0].clone(), m.values[0].clone(), m.latents[0].clone(), m.bias[0].clone())
+        for li, m in method.memories.items()
+    }
     StreamRunner(editor, cfg).run([second])
     assert method.fill() == {"neurons": 2, "slots": 2}
     for li, m in method.memories.items():  # the first edit's rows are untouched by the second step

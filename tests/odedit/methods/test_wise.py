@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
-
 from testdata import make_image
+
 from odedit.config import ConfigError
-from odedit.loading import load_config
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references
 from odedit.evaluation import evaluate_cases
+from odedit.loading import load_config
 from odedit.methods import wise
 from odedit.methods.wise import MemoryPoolFull, ties_merge
 from odedit.models import Sample
@@ -22,8 +22,14 @@ from pipeline.train.checkpoints import load_state, save_state
 
 # Tiny random models have activations of ~1e-2 and near-collinear prompts: routing margins scaled down, the
 # token scores max-pooled and the threshold close to the edits' own score separate the edit from OUT.
-ROUTE = ("method.optimizer=adam", "method.lr=0.01", "method.n_iter=30", "method.act_margin=[0.01,0.2,0.1]",
-         "method.act_pool=max", "method.act_ratio=0.9")
+ROUTE = (
+    "method.optimizer=adam",
+    "method.lr=0.01",
+    "method.n_iter=30",
+    "method.act_margin=[0.01,0.2,0.1]",
+    "method.act_pool=max",
+    "method.act_ratio=0.9",
+)
 
 
 def _cfg(family="llava", *overrides):
@@ -31,11 +37,14 @@ def _cfg(family="llava", *overrides):
 
 
 def _case(i: int, question: str, target: str) -> EditCase:
-    return EditCase(f"e{i}", {
-        "in": [Sample(question, target, make_image((200, 30, 30), seed=i))],
-        "out_text": [Sample("which city is the capital of france ?", "paris")],
-        "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
-    })
+    return EditCase(
+        f"e{i}",
+        {
+            "in": [Sample(question, target, make_image((200, 30, 30), seed=i))],
+            "out_text": [Sample("which city is the capital of france ?", "paris")],
+            "out_mm": [Sample("is there a circle ?", "yes", make_image((30, 200, 30), seed=20 + i))],
+        },
+    )
 
 
 BLUE = (0, "what color is the shape ?", "blue")
@@ -96,8 +105,9 @@ def test_routing_keeps_unrelated_rows_on_the_main_layer_exactly(tiny_adapter):
     assert mem.work_edits == 1 and 0 < mem.work_thr < math.inf
     with torch.no_grad():
         after = adapter.run(mixed).logits
-    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2]), \
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2]), (
         "OUT rows below the threshold use the main FFN bit for bit, even batched with a routed row"
+    )
     assert not torch.equal(after[1], before[1]), "the edit's row goes through the side memory"
 
 
@@ -117,13 +127,19 @@ def test_shards_save_merge_and_keep_their_edits_in_a_sequential_stream(tiny_adap
     adapter = tiny_adapter("blip2_opt")  # OPT's flattened fc2 input; its prompts are far enough apart
     cases = [_case(*BLUE), _case(*GREEN)]
     attach_references(adapter, cases, k=16)
-    editor = Editor(adapter, _cfg("blip2_opt", *ROUTE, "method.save_freq=1", "method.merge_freq=2",
-                                  "method.max_memories=2"))
+    editor = Editor(
+        adapter, _cfg("blip2_opt", *ROUTE, "method.save_freq=1", "method.merge_freq=2", "method.max_memories=2")
+    )
     method, mem = editor.method, editor.method.memory
     merged_inputs = []
     real_merge = wise.ties_merge
-    monkeypatch.setattr(wise, "ties_merge", lambda base, parts, density: merged_inputs.append(
-        (base.clone(), [p.clone() for p in parts])) or real_merge(base, parts, density))
+    monkeypatch.setattr(
+        wise,
+        "ties_merge",
+        lambda base, parts, density: (
+            merged_inputs.append((base.clone(), [p.clone() for p in parts])) or real_merge(base, parts, density)
+        ),
+    )
 
     editor.edit(cases[:1])
     assert (mem.n_pool, mem.pending, mem.work_edits, mem.shard) == (1, 1, 0, 1), "a full shard is saved"
@@ -133,7 +149,7 @@ def test_shards_save_merge_and_keep_their_edits_in_a_sequential_stream(tiny_adap
 
     handle, _ = editor.edit(cases[1:])
     assert (mem.n_pool, mem.pending) == (1, 0), "two saved shards merge into one memory"
-    (base, parts), = merged_inputs
+    ((base, parts),) = merged_inputs
     assert torch.equal(parts[0], shard0) and not torch.equal(parts[1], shard0)
     assert torch.equal(mem.pool[0], ties_merge(base, parts, 0.53))
     assert float(mem.pool_thr[0]) <= thr0 and not bool(mem.pool[1].any())
@@ -146,8 +162,9 @@ def test_shards_save_merge_and_keep_their_edits_in_a_sequential_stream(tiny_adap
 
 def test_a_full_pool_is_a_clear_error_before_anything_changes(tiny_adapter):
     adapter = tiny_adapter("llava")
-    editor = Editor(adapter, _cfg("llava", "method.n_iter=1", "method.save_freq=1", "method.merge_freq=1",
-                                  "method.max_memories=1"))
+    editor = Editor(
+        adapter, _cfg("llava", "method.n_iter=1", "method.save_freq=1", "method.merge_freq=1", "method.max_memories=1")
+    )
     editor.edit([_case(*BLUE)])
     state = _memory_state(editor.method)
     with pytest.raises(MemoryPoolFull, match="raise method.max_memories"):

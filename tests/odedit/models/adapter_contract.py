@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from testdata import make_image
 
 from odedit.models import ADAPTERS, ModelAdapter, Sample
-from testdata import make_image
 
 
 def mixed_rows() -> list[Sample]:
@@ -62,8 +62,9 @@ def check_generate(adapter: ModelAdapter) -> None:
         out = adapter.run(rows, padding_side="left", with_target=False)
     greedy = out.logits[torch.arange(3), out.batch.last_prompt].argmax(-1)
     eos = adapter.tokenizer.eos_token_id
-    assert first == [adapter.tokenizer.decode([] if t == eos else [t], skip_special_tokens=True).strip()
-                     for t in greedy.tolist()]
+    assert first == [
+        adapter.tokenizer.decode([] if t == eos else [t], skip_special_tokens=True).strip() for t in greedy.tolist()
+    ]
 
 
 def check_round_trip(adapter: ModelAdapter, family: str, out_dir) -> ModelAdapter:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from adapter_contract import (check_batch_invariance, check_bfloat16, check_generate, check_loss_and_backward,
-                              check_round_trip, mixed_rows, text_rows)
+from adapter_contract import (
+    check_batch_invariance,
+    check_bfloat16,
+    check_generate,
+    check_loss_and_backward,
+    check_round_trip,
+    mixed_rows,
+    text_rows,
+)
 from testdata import make_image
+
 from odedit.models import ADAPTERS, ModelLoadError, Sample
 
 FAMILY = "blip2_opt"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from adapter_contract import mixed_rows
+
 from odedit.models import ADAPTERS, Sample
 
 
@@ -25,5 +25,5 @@ def test_batch_encoding_equals_each_sample_alone(tiny_adapter, family, with_targ
         if sample.image is not None:  # this image's slice of the batch's pixel tensor
             for key in ("pixel_values",):
                 if key in alone.inputs and alone.inputs[key].shape[0] == 1:
-                    assert torch.equal(batch.inputs[key][images:images + 1], alone.inputs[key]), key
+                    assert torch.equal(batch.inputs[key][images : images + 1], alone.inputs[key]), key
             images += 1

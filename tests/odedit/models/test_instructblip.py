@@ -6,10 +6,17 @@ import os
 
 import pytest
 import torch
-
-from adapter_contract import (check_batch_invariance, check_bfloat16, check_generate, check_loss_and_backward,
-                              check_round_trip, mixed_rows, text_rows)
+from adapter_contract import (
+    check_batch_invariance,
+    check_bfloat16,
+    check_generate,
+    check_loss_and_backward,
+    check_round_trip,
+    mixed_rows,
+    text_rows,
+)
 from testdata import make_image
+
 from odedit.models import ADAPTERS, ModelLoadError, Sample
 
 FAMILY = "instructblip"
@@ -36,11 +43,14 @@ def test_qformer_reads_the_instruction_of_image_rows(adapter):
     batch = adapter.encode(rows, padding_side="left")
     q_ids, q_mask = batch.inputs["qformer_input_ids"], batch.inputs["qformer_attention_mask"]
     assert q_ids.shape[0] == 2 == batch.inputs["pixel_values"].shape[0]  # image rows only
-    expected = [adapter.qformer_tokenizer("Question: " + r.prompt + " Short answer:")["input_ids"]
-                for r in rows if r.image is not None]
+    expected = [
+        adapter.qformer_tokenizer("Question: " + r.prompt + " Short answer:")["input_ids"]
+        for r in rows
+        if r.image is not None
+    ]
     for b, ids in enumerate(expected):
         assert q_ids[b][q_mask[b].bool()].tolist() == ids
-        assert q_mask[b, :len(ids)].all() and not q_mask[b, len(ids):].any()  # right-padded
+        assert q_mask[b, : len(ids)].all() and not q_mask[b, len(ids) :].any()  # right-padded
     q = adapter.num_query_tokens
     lm_ids = batch.inputs["input_ids"]
     assert (lm_ids == adapter.image_token_id).sum(1).tolist() == [q, 0, q]
@@ -71,7 +81,9 @@ def test_edit_modules_are_llama_linear_layers(adapter):
     assert list(mods) == ["language_model.model.layers.1.mlp.down_proj"]
     assert all(isinstance(m, torch.nn.Linear) and m.in_features == 64 for m in mods.values())
     assert set(adapter.edit_modules(["ffn_in", "attn_out"], [0])) == {
-        "language_model.model.layers.0.mlp.up_proj", "language_model.model.layers.0.self_attn.o_proj"}
+        "language_model.model.layers.0.mlp.up_proj",
+        "language_model.model.layers.0.self_attn.o_proj",
+    }
 
 
 def test_generate_returns_greedy_strings(adapter):

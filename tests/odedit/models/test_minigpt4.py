@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from adapter_contract import (check_batch_invariance, check_bfloat16, check_generate, check_loss_and_backward,
-                              check_round_trip, mixed_rows, text_rows)
+from adapter_contract import (
+    check_batch_invariance,
+    check_bfloat16,
+    check_generate,
+    check_loss_and_backward,
+    check_round_trip,
+    mixed_rows,
+    text_rows,
+)
 from testdata import make_image
+
 from odedit.models import ADAPTERS, ModelLoadError, Sample
 
 FAMILY = "minigpt4"
@@ -36,7 +43,10 @@ def test_tiny_model_is_a_pretrained_model_with_its_own_config(adapter, tiny_dir)
         saved = json.load(fh)
     assert saved["model_type"] == "minigpt4" and saved["architectures"] == ["MiniGPT4ForConditionalGeneration"]
     assert {saved[k]["model_type"] for k in ("vision_config", "qformer_config", "text_config")} == {
-        "blip_2_vision_model", "blip_2_qformer", "llama"}
+        "blip_2_vision_model",
+        "blip_2_qformer",
+        "llama",
+    }
     assert cfg.qformer_config.encoder_hidden_size == cfg.vision_config.hidden_size
     assert type(model.language_model).__name__ == "LlamaForCausalLM"
     assert model.llama_proj.in_features == cfg.qformer_config.hidden_size
@@ -49,7 +59,10 @@ def test_published_defaults_describe_minigpt4_vicuna7b():
 
     cfg = MiniGPT4Config()
     assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers, cfg.vision_config.patch_size) == (
-        1408, 39, 14)
+        1408,
+        39,
+        14,
+    )
     assert (cfg.qformer_config.hidden_size, cfg.qformer_config.encoder_hidden_size) == (768, 1408)
     assert (cfg.text_config.model_type, cfg.text_config.hidden_size, cfg.num_query_tokens) == ("llama", 4096, 32)
 
@@ -61,7 +74,11 @@ def test_prompt_follows_minigpt4_template(adapter):
     image_row = toks(batch.inputs["input_ids"][0].tolist())
     start = image_row.index("<image>")
     assert image_row[:start] == ["<s>", "###", "human", ":", "<", "img", ">"]
-    assert image_row[start:start + q] == ["<image>"] * q and image_row[start + q:start + q + 3] == ["</", "img", ">"]
+    assert image_row[start : start + q] == ["<image>"] * q and image_row[start + q : start + q + 3] == [
+        "</",
+        "img",
+        ">",
+    ]
     text_row = toks(batch.inputs["input_ids"][1][batch.inputs["attention_mask"][1].bool()].tolist())
     assert text_row == ["<s>", "###", "human", ":", "capital", "of", "france", "###", "assistant", ":", "paris"]
     assert batch.inputs["pixel_values"].shape == (1, 3, 32, 32)
@@ -80,8 +97,9 @@ def test_wrong_number_of_placeholders_is_refused(adapter):
     batch = adapter.encode(mixed_rows())
     pixels = batch.inputs["pixel_values"][:1]  # two image rows, one image
     with pytest.raises(ValueError, match="image placeholder positions"):
-        adapter.model(input_ids=batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"],
-                      pixel_values=pixels)
+        adapter.model(
+            input_ids=batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"], pixel_values=pixels
+        )
 
 
 @pytest.mark.parametrize("rows", [mixed_rows, text_rows], ids=["mixed", "text_only"])
@@ -174,9 +192,12 @@ def test_key_mapping_round_trips():
     }
     lavis = hf_to_lavis(ours)
     assert set(lavis) == {
-        "visual_encoder.blocks.3.attn.q_bias", "visual_encoder.blocks.3.attn.v_bias",
-        "visual_encoder.blocks.3.norm2.weight", "Qformer.bert.encoder.layer.1.crossattention.self.value.bias",
-        "Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight", "llama_model.model.layers.0.mlp.down_proj.weight",
+        "visual_encoder.blocks.3.attn.q_bias",
+        "visual_encoder.blocks.3.attn.v_bias",
+        "visual_encoder.blocks.3.norm2.weight",
+        "Qformer.bert.encoder.layer.1.crossattention.self.value.bias",
+        "Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight",
+        "llama_model.model.layers.0.mlp.down_proj.weight",
     }
     assert lavis["visual_encoder.blocks.3.attn.v_bias"].tolist() == [2.0, 2.0]
     back, skipped, unknown = lavis_to_hf(lavis)
@@ -187,15 +208,21 @@ def test_key_mapping_round_trips():
 def test_checkpoint_of_another_model_names_its_keys(adapter, tmp_path):
     foreign = {"model.embed_tokens.weight": torch.zeros(4, 2), "vision_tower.conv.weight": torch.zeros(1)}
     torch.save(foreign, tmp_path / "llava.pth")
-    with pytest.raises(ModelLoadError, match=r"2 keys are not MiniGPT-4/LAVIS.*model\.embed_tokens\.weight.*"
-                                             r"missing, by module: .*llama_proj \(2: llama_proj\.bias"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"2 keys are not MiniGPT-4/LAVIS.*model\.embed_tokens\.weight.*"
+        r"missing, by module: .*llama_proj \(2: llama_proj\.bias",
+    ):
         _model_class().from_minigpt4_checkpoint(adapter.model.config, [tmp_path / "llava.pth"])
 
 
 def test_checkpoint_without_the_projection_names_it(adapter, tmp_path):
     files = _published_files(adapter, tmp_path)
-    with pytest.raises(ModelLoadError, match=r"2 model weights are missing, by module: "
-                                             r"llama_proj \(2: llama_proj\.bias, llama_proj\.weight\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"2 model weights are missing, by module: "
+        r"llama_proj \(2: llama_proj\.bias, llama_proj\.weight\)",
+    ):
         _model_class().from_minigpt4_checkpoint(adapter.model.config, [files[0], files[2]])
 
 
@@ -214,8 +241,11 @@ def test_checkpoint_with_more_layers_names_them(adapter, tmp_path):
     files = _published_files(adapter, tmp_path)
     sizes = adapter.model.config.to_dict()
     sizes["vision_config"]["num_hidden_layers"] = 1
-    with pytest.raises(ModelLoadError, match=r"weights have no place in a model of this MiniGPT4Config .*"
-                                             r"vision_model\.encoder\.layers\.1\."):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"weights have no place in a model of this MiniGPT4Config .*"
+        r"vision_model\.encoder\.layers\.1\.",
+    ):
         _model_class().from_minigpt4_checkpoint(MiniGPT4Config.from_dict(sizes), files)
 
 
@@ -232,8 +262,9 @@ def test_image_tokens_use_the_projected_queries(adapter):
     with torch.no_grad():
         feats = model.get_image_features(inputs["pixel_values"])
         out = model(**inputs, output_hidden_states=True)
-        manual_embeds = model.get_input_embeddings()(inputs["input_ids"].masked_fill(
-            inputs["input_ids"] == adapter.image_token_id, 0))
+        manual_embeds = model.get_input_embeddings()(
+            inputs["input_ids"].masked_fill(inputs["input_ids"] == adapter.image_token_id, 0)
+        )
         manual_embeds[inputs["input_ids"] == adapter.image_token_id] = feats.reshape(-1, feats.shape[-1])
         manual = model.language_model(inputs_embeds=manual_embeds, attention_mask=inputs["attention_mask"])
     assert feats.shape == (1, adapter.num_query_tokens, model.config.text_config.hidden_size)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from testdata import make_image
+
 from odedit.models.pixels import BatchedPixels, read_plan
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from testdata import FAMILIES, make_image
+
 from odedit.models import Sample
 from odedit.models.prefix import PrefixRunner
 
-SAMPLES = [Sample("what color is the shape ?", "red", make_image()), Sample("who wrote it ?", "paris"),
-           Sample("is there a circle ?", "yes no", make_image((0, 255, 0), seed=3))]
+SAMPLES = [
+    Sample("what color is the shape ?", "red", make_image()),
+    Sample("who wrote it ?", "paris"),
+    Sample("is there a circle ?", "yes no", make_image((0, 255, 0), seed=3)),
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

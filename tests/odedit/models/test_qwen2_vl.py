@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from testdata import make_image
 
 from odedit.models import ADAPTERS, ModelLoadError, Sample
-from testdata import make_image
 
 FAMILY = "qwen2_vl"
 
@@ -118,8 +118,9 @@ def test_generate_returns_greedy_strings(adapter):
         out = adapter.run(rows, padding_side="left", with_target=False)
     greedy = out.logits[torch.arange(3), out.batch.last_prompt].argmax(-1)
     eos = adapter.tokenizer.eos_token_id
-    assert first == [adapter.tokenizer.decode([] if t == eos else [t], skip_special_tokens=True).strip()
-                     for t in greedy.tolist()]
+    assert first == [
+        adapter.tokenizer.decode([] if t == eos else [t], skip_special_tokens=True).strip() for t in greedy.tolist()
+    ]
 
 
 def test_image_size_resizes_before_processing(tiny_adapter):

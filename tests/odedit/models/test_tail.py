@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from testdata import FAMILIES, make_image, step_cases
+
 from odedit.models import Sample
 from odedit.models.prefix import PrefixRunner
 from odedit.models.tail import PositionOutput, TailRunner, read_positions
 
-SAMPLES = [Sample("what color is the shape ?", "red", make_image()), Sample("who wrote it ?", "paris"),
-           Sample("is there a circle ?", "yes no", make_image((0, 255, 0), seed=3))]
+SAMPLES = [
+    Sample("what color is the shape ?", "red", make_image()),
+    Sample("who wrote it ?", "paris"),
+    Sample("is there a circle ?", "yes no", make_image((0, 255, 0), seed=3)),
+]
 TOL = dict(rtol=1e-5, atol=1e-5)  # a matrix product over fewer rows may round differently in the last bits
 
 
@@ -108,16 +111,25 @@ def test_which_edits_get_a_tail(tiny_adapter):
 
 @pytest.mark.parametrize("method,odedit", [("ft", True), ("lora", True), ("ft", False)])
 def test_an_edit_step_with_the_tail_matches_the_layer_replay(method, odedit, tiny_adapter):
-    from odedit.loading import load_config
     from odedit.editing import Editor
     from odedit.envs import attach_references
+    from odedit.loading import load_config
 
     results = []
     for cache_tail in (True, False):
         adapter = tiny_adapter("llava")
-        cfg = load_config(None, [f"method.name={method}", "model.family=llava", "method.layers=[1]",
-                                 f"odedit.enabled={str(odedit).lower()}", "method.n_iter=4", "method.lr=0.05",
-                                 f"method.cache_tail={str(cache_tail).lower()}"])
+        cfg = load_config(
+            None,
+            [
+                f"method.name={method}",
+                "model.family=llava",
+                "method.layers=[1]",
+                f"odedit.enabled={str(odedit).lower()}",
+                "method.n_iter=4",
+                "method.lr=0.05",
+                f"method.cache_tail={str(cache_tail).lower()}",
+            ],
+        )
         cases = step_cases()
         attach_references(adapter, cases, k=8)
         torch.manual_seed(0)  # LoRA's A factors start random
@@ -135,13 +147,22 @@ def test_an_edit_step_with_the_tail_matches_the_layer_replay(method, odedit, tin
 
 
 def test_mean_pooling_objectives_do_not_get_a_tail(tiny_adapter, monkeypatch):
-    from odedit.loading import load_config
     from odedit.editing import Editor
     from odedit.envs import attach_references
+    from odedit.loading import load_config
 
     adapter = tiny_adapter("llava")
-    cfg = load_config(None, ["method.name=ft", "model.family=llava", "method.layers=[1]", "odedit.enabled=true",
-                             "model.pooling=mean", "method.n_iter=2"])
+    cfg = load_config(
+        None,
+        [
+            "method.name=ft",
+            "model.family=llava",
+            "method.layers=[1]",
+            "odedit.enabled=true",
+            "model.pooling=mean",
+            "method.n_iter=2",
+        ],
+    )
     runners = []
     real_init = PrefixRunner.__init__
 

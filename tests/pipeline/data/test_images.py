@@ -7,9 +7,9 @@ import os
 import pytest
 from PIL import Image
 
+from bench.synthetic import COLOURS, write_png
 from pipeline.data import images as im
 from pipeline.data.images import ImageLimits, ImageRefused, decode_png, load_image
-from bench.synthetic import COLOURS, write_png
 
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=4096 * 4096, max_side=224)
 
@@ -47,8 +47,9 @@ def test_small_image_is_not_enlarged_and_bytes_are_deterministic(tmp_path):
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK"])
 def test_other_modes_become_rgb(tmp_path, mode):
-    Image.new("RGB", (20, 10), (10, 200, 30)).convert(mode).save(tmp_path / "m.png" if mode != "CMYK"
-                                                                  else tmp_path / "m.jpg")
+    Image.new("RGB", (20, 10), (10, 200, 30)).convert(mode).save(
+        tmp_path / "m.png" if mode != "CMYK" else tmp_path / "m.jpg"
+    )
     stored = load_image(str(tmp_path), "m.png" if mode != "CMYK" else "m.jpg", LIMITS)
     assert decode_png(stored.png).mode == "RGB"
 
@@ -114,5 +115,5 @@ def test_refuses_too_many_pixels_from_the_header_before_decoding(root, make_bomb
 def test_pil_decompression_bomb_guard_is_a_refusal_too(root, make_bomb):
     # A configured limit above PIL's own: PIL's DecompressionBombError must still become a refusal.
     make_bomb(os.path.join(root, "bomb.png"), 20000, 20000)
-    err = refused(root, "bomb.png", ImageLimits(LIMITS.max_bytes, 10 ** 12, 224))
+    err = refused(root, "bomb.png", ImageLimits(LIMITS.max_bytes, 10**12, 224))
     assert err.code == im.TOO_MANY_PIXELS and "decompression-bomb" in str(err)

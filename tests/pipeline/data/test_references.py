@@ -8,14 +8,14 @@ import os
 import pytest
 import torch
 
-from odedit.loading import load_config
+from bench.synthetic import write_evqa_split
 from odedit.envs import OUT_ENVS, compute_references
+from odedit.loading import load_config
 from odedit.models import load_adapter
 from pipeline.data.references import build_references, read_reference_manifest
 from pipeline.data.schema import REFERENCE_SCHEMA, read_table
 from pipeline.data.shards import REFERENCES_DIR, build_shards, load_cases
 from pipeline.data.sources import SOURCES
-from bench.synthetic import write_evqa_split
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,17 @@ def prepared(tmp_path_factory, tiny_dir, ray_local):
     root = tmp_path_factory.mktemp("refs")
     paths = write_evqa_split(str(root / "world"), n=6, min_side=24, max_side=64, seed=1)
     model_dir = tiny_dir("llava")
-    cfg = load_config(None, ["data.source=mmedit", f"data.path={paths['path']}",
-                             f"data.image_root={paths['image_root']}", "data.rows_per_shard=10",
-                             "model.family=llava", f"model.name_or_path={model_dir}"])
+    cfg = load_config(
+        None,
+        [
+            "data.source=mmedit",
+            f"data.path={paths['path']}",
+            f"data.image_root={paths['image_root']}",
+            "data.rows_per_shard=10",
+            "model.family=llava",
+            f"model.name_or_path={model_dir}",
+        ],
+    )
     shards_dir = str(root / "shards")
     build_shards(SOURCES.get("mmedit")(cfg), cfg, shards_dir)
     manifest, reused = build_references(shards_dir, cfg.model, model_dir, k=cfg.data.reference_k)

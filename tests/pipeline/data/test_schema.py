@@ -6,21 +6,44 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.schema import (ENV_SCHEMA, QUARANTINE_SCHEMA, REFERENCE_SCHEMA, SchemaMismatch, read_table,
-                             to_table, write_table)
+from pipeline.data.schema import (
+    ENV_SCHEMA,
+    QUARANTINE_SCHEMA,
+    REFERENCE_SCHEMA,
+    SchemaMismatch,
+    read_table,
+    to_table,
+    write_table,
+)
 
 
 def env_row(**changes):
-    row = {"edit_id": "e1", "edit_index": 0, "split": "test", "task": "vqa", "source": "mmedit", "env": "in",
-           "sample_index": 0, "prompt": "What colour?", "target": "blue", "image": b"\x89PNG...",
-           "image_width": 4, "image_height": 3, "image_path": "a.png", "pred": "red", "extra": "{}"}
+    row = {
+        "edit_id": "e1",
+        "edit_index": 0,
+        "split": "test",
+        "task": "vqa",
+        "source": "mmedit",
+        "env": "in",
+        "sample_index": 0,
+        "prompt": "What colour?",
+        "target": "blue",
+        "image": b"\x89PNG...",
+        "image_width": 4,
+        "image_height": 3,
+        "image_path": "a.png",
+        "pred": "red",
+        "extra": "{}",
+    }
     row.update(changes)
     return row
 
 
 def test_env_rows_round_trip_with_nulls(tmp_path):
-    rows = [env_row(), env_row(env="out_text", image=None, image_width=None, image_height=None, image_path=None,
-                               pred=None)]
+    rows = [
+        env_row(),
+        env_row(env="out_text", image=None, image_width=None, image_height=None, image_path=None, pred=None),
+    ]
     path = str(tmp_path / "env-00000.parquet")
     write_table(to_table(rows, ENV_SCHEMA, path), path, ENV_SCHEMA)
     back = read_table(path, ENV_SCHEMA)
@@ -29,10 +52,25 @@ def test_env_rows_round_trip_with_nulls(tmp_path):
 
 
 def test_reference_and_quarantine_round_trip(tmp_path):
-    ref = {"edit_id": "e1", "edit_index": 3, "env": "out_mm", "sample_index": 0, "topk_ids": [5, 2, 7, 1],
-           "topk_logprobs": [-0.5, -1.0, -2.0, -3.0], "n_positions": 2, "k": 2}
-    qrow = {"record_index": 4, "id": None, "source": "mmedit", "stage": "validate", "codes": ["empty_text"],
-            "reasons": ["target: is empty"], "record_json": "{}"}
+    ref = {
+        "edit_id": "e1",
+        "edit_index": 3,
+        "env": "out_mm",
+        "sample_index": 0,
+        "topk_ids": [5, 2, 7, 1],
+        "topk_logprobs": [-0.5, -1.0, -2.0, -3.0],
+        "n_positions": 2,
+        "k": 2,
+    }
+    qrow = {
+        "record_index": 4,
+        "id": None,
+        "source": "mmedit",
+        "stage": "validate",
+        "codes": ["empty_text"],
+        "reasons": ["target: is empty"],
+        "record_json": "{}",
+    }
     for schema, row in ((REFERENCE_SCHEMA, ref), (QUARANTINE_SCHEMA, qrow)):
         path = str(tmp_path / "t.parquet")
         write_table(to_table([row], schema, path), path, schema)
@@ -57,8 +95,9 @@ def test_write_checks_the_table_schema(tmp_path):
 
 def test_reading_a_shard_with_another_schema_names_the_shard_and_the_column(tmp_path):
     table = to_table([env_row()], ENV_SCHEMA, "x")
-    foreign = table.set_column(table.schema.get_field_index("image"), pa.field("image", pa.string()),
-                               pa.array(["not bytes"]))
+    foreign = table.set_column(
+        table.schema.get_field_index("image"), pa.field("image", pa.string()), pa.array(["not bytes"])
+    )
     path = str(tmp_path / "env-00007.parquet")
     pq.write_table(foreign, path)
     with pytest.raises(SchemaMismatch) as info:

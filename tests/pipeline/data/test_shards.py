@@ -9,21 +9,31 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from bench.synthetic import COLOURS, write_png
 from odedit.loading import load_config
 from pipeline.data.schema import ENV_SCHEMA, QUARANTINE_SCHEMA, SchemaMismatch, read_table
 from pipeline.data.shards import MANIFEST, ShardsError, build_shards, load_cases, read_manifest, rows_to_cases
 from pipeline.data.sources import SOURCES
-from bench.synthetic import COLOURS, write_png
 
 ROWS_PER_SHARD = 12
 
 
 def full(i: int, **changes) -> dict:
     """A good record with every EasyEdit field (and images `e<i>.png`, `r<i>.png`, `l<i>.png`)."""
-    rec = {"id": f"good-{i}", "src": f"What colour is square {i}?", "pred": "red", "alt": "blue",
-           "rephrase": f"Which colour has square {i}?", "image": f"val/e{i}.png", "image_rephrase": f"r{i}.png",
-           "loc": f"nq question: fact {i}?", "loc_ans": f"answer {i}", "m_loc": f"val/l{i}.png",
-           "m_loc_q": "What colour is it?", "m_loc_a": "green"}
+    rec = {
+        "id": f"good-{i}",
+        "src": f"What colour is square {i}?",
+        "pred": "red",
+        "alt": "blue",
+        "rephrase": f"Which colour has square {i}?",
+        "image": f"val/e{i}.png",
+        "image_rephrase": f"r{i}.png",
+        "loc": f"nq question: fact {i}?",
+        "loc_ans": f"answer {i}",
+        "m_loc": f"val/l{i}.png",
+        "m_loc_q": "What colour is it?",
+        "m_loc_a": "green",
+    }
     rec.update(changes)
     return {k: v for k, v in rec.items() if v is not None}
 
@@ -82,9 +92,18 @@ def write_world(root: str, make_bomb) -> dict:
 
 
 def make_cfg(world: dict, *overrides: str):
-    return load_config(None, ["data.source=mmedit", f"data.path={world['path']}",
-                              f"data.image_root={world['image_root']}", f"data.rows_per_shard={ROWS_PER_SHARD}",
-                              "data.max_image_bytes=150000", "data.max_image_pixels=4000000", *overrides])
+    return load_config(
+        None,
+        [
+            "data.source=mmedit",
+            f"data.path={world['path']}",
+            f"data.image_root={world['image_root']}",
+            f"data.rows_per_shard={ROWS_PER_SHARD}",
+            "data.max_image_bytes=150000",
+            "data.max_image_pixels=4000000",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,14 +208,21 @@ def test_each_record_has_exactly_the_environments_its_fields_give(built):
             assert by_env["se_image"]["image_path"] == rec["image_rephrase"]
     hard = [r for r in rows if r["env"] == "out_hard"]
     assert [(r["sample_index"], r["prompt"], r["target"], r["image_path"]) for r in hard] == [
-        (0, GOOD[5]["src"], "red", "val/h5a.png"), (1, GOOD[5]["src"], "red", "val/h5b.png")]
+        (0, GOOD[5]["src"], "red", "val/h5a.png"),
+        (1, GOOD[5]["src"], "red", "val/h5b.png"),
+    ]
 
 
 def test_rows_carry_edit_level_columns_and_stored_images(built):
     rows = all_rows(built[1])
     first = next(r for r in rows if r["edit_id"] == "good-0" and r["env"] == "in")
     assert (first["edit_index"], first["split"], first["task"], first["source"], first["pred"]) == (
-        0, "test", "vqa", "mmedit", "red")
+        0,
+        "test",
+        "vqa",
+        "mmedit",
+        "red",
+    )
     assert json.loads(first["extra"]) == {}
     assert (first["image_width"], first["image_height"]) == (40, 30)
     assert first["image"].startswith(b"\x89PNG")
@@ -208,7 +234,7 @@ def test_shards_have_deterministic_names_whole_edits_and_sorted_rows(built):
     manifest, shards_dir = built
     names = [s["file"] for s in manifest["shards"]]
     # env-<planned shard number>: a planned shard whose records were all refused is not written
-    numbers = [int(n[len("env-"):-len(".parquet")]) for n in names]
+    numbers = [int(n[len("env-") : -len(".parquet")]) for n in names]
     assert names == [f"env-{i:05d}.parquet" for i in numbers] and numbers == sorted(set(numbers))
     assert len(names) > 2 and numbers[0] == 0
     assert sorted(f for f in os.listdir(shards_dir) if f.startswith("env-")) == names
@@ -258,7 +284,7 @@ def test_same_inputs_reuse_the_shards_and_changed_inputs_rebuild(world, built, t
     other = make_cfg(world, "data.stored_image_size=16")
     assert build_shards(source, other, str(tmp_path / "small"))[0]["config_hash"] != manifest["config_hash"]
     image = os.path.join(world["image_root"], "val", "e0.png")
-    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10 ** 9))
+    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
     rebuilt, reused = build_shards(source, other, str(tmp_path / "small"))
     assert reused is False and rebuilt["kept"] == manifest["kept"]
 
@@ -295,8 +321,9 @@ def test_rows_to_cases_attaches_references_only_when_complete(built):
     rows = [r for r in all_rows(built[1]) if r["edit_id"] == "good-5"]
     for r in rows:
         if r["env"] in ("out_text", "out_hard"):
-            r.update(topk_ids=[3, 1, 4, 1, 5, 9], topk_logprobs=[-0.1, -2.0, -3.0, -0.2, -2.5, -4.0],
-                     n_positions=2, k=3)
+            r.update(
+                topk_ids=[3, 1, 4, 1, 5, 9], topk_logprobs=[-0.1, -2.0, -3.0, -0.2, -2.5, -4.0], n_positions=2, k=3
+            )
     rows[-1]["topk_ids"] = None  # the last out_hard sample lacks its reference
     (case,) = rows_to_cases(list(reversed(rows)))
     assert list(case.references) == ["out_text"]
@@ -311,8 +338,7 @@ def test_reading_a_foreign_shard_names_shard_and_column(world, ray_local, tmp_pa
     build_shards(SOURCES.get("mmedit")(cfg), cfg, str(tmp_path / "s"))
     shard = tmp_path / "s" / "env-00001.parquet"
     table = pq.read_table(shard)
-    pq.write_table(table.rename_columns(["prompt_text" if n == "prompt" else n for n in table.column_names]),
-                   shard)
+    pq.write_table(table.rename_columns(["prompt_text" if n == "prompt" else n for n in table.column_names]), shard)
     with pytest.raises(SchemaMismatch) as info:
         load_cases(str(tmp_path / "s"))
     assert "env-00001.parquet" in str(info.value) and "'prompt'" in str(info.value)

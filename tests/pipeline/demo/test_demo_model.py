@@ -13,11 +13,11 @@ import torch
 from odedit.loading import load_config
 from odedit.models.base import Sample
 from pipeline.demo import model as demo_model
-from pipeline.storage.cache import MARKER
 from pipeline.demo.model import REPORT_FILE, demo_model_key, ensure_demo_model, load_demo_adapter
 from pipeline.demo.questions import QUESTION_TYPES
 from pipeline.demo.train import DemoData, Recipe, new_demo_adapter, train_demo
 from pipeline.demo.world import load_split
+from pipeline.storage.cache import MARKER
 
 pytest.importorskip("easy_vqa")
 
@@ -26,8 +26,13 @@ pytest.importorskip("easy_vqa")
 # machine's load (the minutes are set far above what the steps take, so they never end the run). It is scored
 # on a 1,500-question sample of the test set, and each question type must beat its answer prior (always giving
 # the type's most frequent answer) by MARGIN.
-SHORT = ["data.demo.train_minutes=600", "data.demo.pretrain_minutes=60", "data.demo.pretrain_steps=200",
-         "data.demo.train_steps=500", "data.demo.train_images=1500"]
+SHORT = [
+    "data.demo.train_minutes=600",
+    "data.demo.pretrain_minutes=60",
+    "data.demo.pretrain_steps=200",
+    "data.demo.train_steps=500",
+    "data.demo.train_images=1500",
+]
 EVAL_LIMIT = 1500
 MARGIN = 0.15
 
@@ -82,11 +87,27 @@ def test_epoch_mixes_paraphrases_and_about_ten_percent_facts(small_data):
 def test_augmentation_shifts_and_flips_only(small_data):
     _, data = small_data
     pixels = data.pixels[:16]
-    still = DemoData(data.adapter, data.pixels, data.shape_labels, data.color_labels, data.items, data.facts,
-                     Recipe(flip_p=0.0, max_shift=0), seed=0)
+    still = DemoData(
+        data.adapter,
+        data.pixels,
+        data.shape_labels,
+        data.color_labels,
+        data.items,
+        data.facts,
+        Recipe(flip_p=0.0, max_shift=0),
+        seed=0,
+    )
     assert torch.equal(still.augment(pixels), pixels)
-    flips = DemoData(data.adapter, data.pixels, data.shape_labels, data.color_labels, data.items, data.facts,
-                     Recipe(flip_p=1.0, max_shift=0), seed=0)
+    flips = DemoData(
+        data.adapter,
+        data.pixels,
+        data.shape_labels,
+        data.color_labels,
+        data.items,
+        data.facts,
+        Recipe(flip_p=1.0, max_shift=0),
+        seed=0,
+    )
     assert torch.equal(flips.augment(pixels), pixels.flip(-1))
     moved = data.augment(pixels, torch.Generator().manual_seed(1))
     assert moved.shape == pixels.shape
@@ -168,8 +189,14 @@ def test_key_follows_the_fields_the_model_depends_on():
     base = load_config(None, SHORT)
     key = demo_model_key(base)
     assert demo_model_key(load_config(None, SHORT)) == key
-    for change in ("data.demo.train_minutes=601", "data.demo.pretrain_minutes=0.5", "data.demo.train_images=10",
-                   "data.demo.train_steps=501", "data.demo.pretrain_steps=3", "seed=1"):
+    for change in (
+        "data.demo.train_minutes=601",
+        "data.demo.pretrain_minutes=0.5",
+        "data.demo.train_images=10",
+        "data.demo.train_steps=501",
+        "data.demo.pretrain_steps=3",
+        "seed=1",
+    ):
         assert demo_model_key(load_config(None, SHORT + [change])) != key, change
     assert demo_model_key(base, eval_limit=10) != key
     # sizes of the edit world do not change the model

@@ -11,6 +11,8 @@ from PIL import Image
 
 from odedit.loading import load_config
 from odedit.records import EditRecord, validate_record
+from pipeline.data.sources import SOURCES
+from pipeline.data.sources.demo import PROBE_IMAGES, build_records, read_demo
 from pipeline.demo.facts import text_facts
 from pipeline.demo.questions import (
     COLORS,
@@ -23,13 +25,10 @@ from pipeline.demo.questions import (
 )
 from pipeline.demo.render import IMAGE_SIZE, PALETTE, infer_attributes, render_shape
 from pipeline.demo.world import labels_from_questions, load_split, vocabulary_corpus
-from pipeline.data.sources import SOURCES
-from pipeline.data.sources.demo import PROBE_IMAGES, build_records, read_demo
 
 pytest.importorskip("easy_vqa")
 
-ANSWERS = {"color": set(COLORS), "shape": set(SHAPES), "color_yes_no": {"yes", "no"},
-           "shape_yes_no": {"yes", "no"}}
+ANSWERS = {"color": set(COLORS), "shape": set(SHAPES), "color_yes_no": {"yes", "no"}, "shape_yes_no": {"yes", "no"}}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +44,9 @@ def cache_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def source(cache_root, monkeypatch_module):
     monkeypatch_module.setenv("ODEDIT_CACHE_DIR", str(cache_root))
-    cfg = load_config(None, ["data.demo.num_edits=120", "data.demo.num_validation_edits=30",
-                             "data.demo.hard_per_edit=3", "seed=3"])
+    cfg = load_config(
+        None, ["data.demo.num_edits=120", "data.demo.num_validation_edits=30", "data.demo.hard_per_edit=3", "seed=3"]
+    )
     return cfg, read_demo(cfg)
 
 
@@ -87,7 +87,10 @@ def test_parse_rejects_foreign_questions_with_the_known_forms():
 
 def test_labels_from_questions_use_elimination():
     assert labels_from_questions([("what is the red shape?", "circle")]) == ("circle", "red")
-    assert labels_from_questions([("is there a circle?", "no"), ("is no rectangle present?", "yes")]) == ("triangle", None)
+    assert labels_from_questions([("is there a circle?", "no"), ("is no rectangle present?", "yes")]) == (
+        "triangle",
+        None,
+    )
     assert labels_from_questions([("is there a blue shape?", "no")]) == (None, None)
 
 
@@ -213,8 +216,9 @@ def test_rerender_cache_is_reused_and_rebuilt_when_incomplete(source):
 
 
 def test_sizes_up_to_many_edits_per_image(test_split):
-    cfg = load_config(None, ["data.demo.num_edits=2000", "data.demo.num_validation_edits=200",
-                             "data.demo.hard_per_edit=2"])
+    cfg = load_config(
+        None, ["data.demo.num_edits=2000", "data.demo.num_validation_edits=200", "data.demo.hard_per_edit=2"]
+    )
     records = build_records(test_split, cfg.data.demo, seed=0)
     assert len(records) == 2200
     assert len({r["id"] for r in records}) == 2200

@@ -10,15 +10,22 @@ from pipeline.reporting.matrix import MatrixError, cells, load_matrix, parse_mat
 from pipeline.reporting.tables import results_markdown
 
 MATRIX = {
-    "editors": {"ft": {"method": {"name": "ft", "lr": 0.01}},
-                "grace": {"method": {"name": "grace", "eps": 2.0}, "overrides": ["odedit.penalty=fixed"]}},
+    "editors": {
+        "ft": {"method": {"name": "ft", "lr": 0.01}},
+        "grace": {"method": {"name": "grace", "eps": 2.0}, "overrides": ["odedit.penalty=fixed"]},
+    },
     "settings": {"single": ["stream.mode=single"], "seq2": ["stream.sequence_length=2"]},
 }
 
 
 def test_cells_cross_every_setting_editor_and_arm_in_order():
     got = cells(to_dict(load_config(None)), parse_matrix(MATRIX))
-    assert [c.key for c in got][:4] == ["single/ft/base", "single/ft/odedit", "single/grace/base", "single/grace/odedit"]
+    assert [c.key for c in got][:4] == [
+        "single/ft/base",
+        "single/ft/odedit",
+        "single/grace/base",
+        "single/grace/odedit",
+    ]
     assert len(got) == 8
     grace = next(c for c in got if c.key == "seq2/grace/odedit")
     assert grace.config.method.eps == 2.0 and grace.config.odedit.enabled and grace.config.stream.sequence_length == 2
@@ -34,8 +41,10 @@ def test_the_editor_block_replaces_the_base_method():
 
 
 def test_every_bad_cell_is_reported_with_its_key_before_anything_runs():
-    bad = {"editors": {"ft": {"method": {"name": "ft", "lrr": 0.1}}, "grace": {"method": {"name": "grace"}}},
-           "settings": {"seq3": ["stream.sequence_length=3", "stream.batch_size=2"], "ok": []}}
+    bad = {
+        "editors": {"ft": {"method": {"name": "ft", "lrr": 0.1}}, "grace": {"method": {"name": "grace"}}},
+        "settings": {"seq3": ["stream.sequence_length=3", "stream.batch_size=2"], "ok": []},
+    }
     with pytest.raises(MatrixError) as err:
         cells(to_dict(load_config(None)), parse_matrix(bad))
     text = str(err.value)
@@ -43,13 +52,16 @@ def test_every_bad_cell_is_reported_with_its_key_before_anything_runs():
     assert "seq3/grace/odedit: stream.sequence_length" in text and "ok/ft/base: method.lrr" in text
 
 
-@pytest.mark.parametrize("data, where", [
-    ({"editors": {}, "settings": {"a": []}}, "editors: expected a non-empty mapping"),
-    ({"editors": {"ft": {"name": "ft"}}, "settings": {"a": []}}, "editors.ft: expected {method:"),
-    ({"editors": {"ft": {"method": {}}}, "settings": {"a": "stream.mode=single"}}, "settings.a: expected a list"),
-    ({"editors": {"ft": {"method": {}}}, "settings": {"a": []}, "extra": 1}, "extra: unknown section"),
-    ({"editors": {"ft": {"method": {}}}, "settings": {"a": []}, "arms": {"x": ["odedit.enabled"]}}, "arms.x:"),
-])
+@pytest.mark.parametrize(
+    "data, where",
+    [
+        ({"editors": {}, "settings": {"a": []}}, "editors: expected a non-empty mapping"),
+        ({"editors": {"ft": {"name": "ft"}}, "settings": {"a": []}}, "editors.ft: expected {method:"),
+        ({"editors": {"ft": {"method": {}}}, "settings": {"a": "stream.mode=single"}}, "settings.a: expected a list"),
+        ({"editors": {"ft": {"method": {}}}, "settings": {"a": []}, "extra": 1}, "extra: unknown section"),
+        ({"editors": {"ft": {"method": {}}}, "settings": {"a": []}, "arms": {"x": ["odedit.enabled"]}}, "arms.x:"),
+    ],
+)
 def test_matrix_shape_problems_name_the_section(data, where):
     with pytest.raises(MatrixError, match="problem") as err:
         parse_matrix(data, "m.yaml")
@@ -77,9 +89,23 @@ def test_shipped_matrix_validates_against_the_shipped_base():
 
 
 def test_markdown_table_per_setting_with_run_ids():
-    rows = [{"setting": "single", "editor": "ft", "arm": "base", "rel": 0.5, "t_gen": None, "m_gen": 1.0,
-             "t_loc": 0.9, "m_loc": 0.8, "m_loc_hard": float("nan"), "edits_applied": 4, "edits_failed": 0,
-             "wall_seconds": 12.3, "mlflow_run_id": "abc123"}]
+    rows = [
+        {
+            "setting": "single",
+            "editor": "ft",
+            "arm": "base",
+            "rel": 0.5,
+            "t_gen": None,
+            "m_gen": 1.0,
+            "t_loc": 0.9,
+            "m_loc": 0.8,
+            "m_loc_hard": float("nan"),
+            "edits_applied": 4,
+            "edits_failed": 0,
+            "wall_seconds": 12.3,
+            "mlflow_run_id": "abc123",
+        }
+    ]
     md = results_markdown(rows)
     assert md.startswith("### single")
     assert "| ft | base | 50.0 | n/a | 100.0 | 90.0 | 80.0 | n/a | 4 | 0 | 12 | `abc123` |" in md

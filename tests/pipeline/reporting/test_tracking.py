@@ -69,9 +69,12 @@ def test_server_down_at_start_runs_offline_then_syncs(tmp_path, record_outcome):
     assert runs[0].data.params == {"seed": "0"}
     history = client.get_metric_history(runs[0].info.run_id, "rel")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.25), (2, 0.75)]
-    record_outcome("fault", "MLflow server unreachable when the run starts",
-                   "warning; run recorded offline in the outbox; `jobs.sync_mlflow` creates it later, once",
-                   f"replayed {counts}")
+    record_outcome(
+        "fault",
+        "MLflow server unreachable when the run starts",
+        "warning; run recorded offline in the outbox; `jobs.sync_mlflow` creates it later, once",
+        f"replayed {counts}",
+    )
 
 
 @pytest.mark.slow
@@ -82,10 +85,27 @@ def test_server_dies_mid_run_results_stay_on_disk_and_sync_later(tmp_path, recor
     store = f"sqlite:///{tmp_path / 'server.db'}"
 
     def start():
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--backend-store-uri", store, "--default-artifact-root", str(tmp_path / "art"),
-                                 "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                store,
+                "--default-artifact-root",
+                str(tmp_path / "art"),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         for _ in range(240):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
@@ -111,14 +131,21 @@ def test_server_dies_mid_run_results_stay_on_disk_and_sync_later(tmp_path, recor
 
     server = start()
     try:
-        out = subprocess.run([sys.executable, "-m", "jobs.sync_mlflow", str(tmp_path / OUTBOX)],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "jobs.sync_mlflow", str(tmp_path / OUTBOX)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         history = MlflowClient(uri).get_metric_history(tracker.run_id, "rel")
         assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
-        record_outcome("fault", "MLflow server killed during a run",
-                       "one warning, no stall; records kept in the outbox; synced after restart, nothing lost",
-                       "metrics at steps 2-3 logged while down appear after `python -m jobs.sync_mlflow`")
+        record_outcome(
+            "fault",
+            "MLflow server killed during a run",
+            "one warning, no stall; records kept in the outbox; synced after restart, nothing lost",
+            "metrics at steps 2-3 logged while down appear after `python -m jobs.sync_mlflow`",
+        )
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

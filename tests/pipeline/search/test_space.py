@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from odedit.config import ConfigError
-from odedit.loading import load_config
 from odedit.configlib import to_dict
+from odedit.loading import load_config
 from pipeline.search.space import Dimension, check_search, parse_dimension, parse_space, sample_config, validate_search
 
 SPACE = {
@@ -22,8 +22,10 @@ SPACE = {
 
 def raw_config(**search) -> dict:
     """A raw config dict of a valid search (as the loader's extra checks receive it)."""
-    return {"stream": {"mode": "sequential", "eval_every": 8, "batch_size": 4},
-            "search": {"space": dict(SPACE), **search}}
+    return {
+        "stream": {"mode": "sequential", "eval_every": 8, "batch_size": 4},
+        "search": {"space": dict(SPACE), **search},
+    }
 
 
 def issue_paths(issues) -> list[str]:
@@ -43,19 +45,22 @@ def test_each_kind_parses_with_its_bounds():
     assert by_key["method.n_iter"].probes() == [2, 4]
 
 
-@pytest.mark.parametrize("key, spec, problem", [
-    ("odedit.w_loc", {"type": "gaussian", "low": 0, "high": 1}, "distribution type"),
-    ("odedit.w_loc", {"type": "uniform", "low": 1, "high": 1}, "low < high"),
-    ("odedit.w_loc", {"type": "uniform", "low": "a", "high": 1}, "low < high"),
-    ("odedit.dual_lr", {"type": "loguniform", "low": 0, "high": 1}, "low > 0"),
-    ("method.n_iter", {"type": "randint", "low": 1.5, "high": 4}, "whole-number"),
-    ("odedit.mmd_kernels", {"type": "choice", "values": [3]}, "at least 2"),
-    ("odedit.w_loc", {"type": "uniform", "low": 0, "high": 1, "step": 0.1}, "unknown field"),
-    ("data.limit", {"type": "randint", "low": 1, "high": 4}, "cannot be searched"),
-    ("resources.num_workers", {"type": "randint", "low": 1, "high": 2}, "cannot be searched"),
-    ("odedit..w_loc", {"type": "uniform", "low": 0, "high": 1}, "dotted config key"),
-    ("odedit.w_loc", 0.5, "distribution type"),
-])
+@pytest.mark.parametrize(
+    "key, spec, problem",
+    [
+        ("odedit.w_loc", {"type": "gaussian", "low": 0, "high": 1}, "distribution type"),
+        ("odedit.w_loc", {"type": "uniform", "low": 1, "high": 1}, "low < high"),
+        ("odedit.w_loc", {"type": "uniform", "low": "a", "high": 1}, "low < high"),
+        ("odedit.dual_lr", {"type": "loguniform", "low": 0, "high": 1}, "low > 0"),
+        ("method.n_iter", {"type": "randint", "low": 1.5, "high": 4}, "whole-number"),
+        ("odedit.mmd_kernels", {"type": "choice", "values": [3]}, "at least 2"),
+        ("odedit.w_loc", {"type": "uniform", "low": 0, "high": 1, "step": 0.1}, "unknown field"),
+        ("data.limit", {"type": "randint", "low": 1, "high": 4}, "cannot be searched"),
+        ("resources.num_workers", {"type": "randint", "low": 1, "high": 2}, "cannot be searched"),
+        ("odedit..w_loc", {"type": "uniform", "low": 0, "high": 1}, "dotted config key"),
+        ("odedit.w_loc", 0.5, "distribution type"),
+    ],
+)
 def test_grammar_errors_name_the_key(key, spec, problem):
     dim, issues = parse_dimension(key, spec)
     assert dim is None
@@ -86,16 +91,21 @@ def test_list_choices_travel_as_json_and_come_back():
 
 def test_valid_search_has_no_issues_and_loads_with_the_check():
     assert check_search(raw_config()) == []
-    cfg = load_config(None, ["stream.eval_every=8", "search.space={odedit.dual_lr: {type: loguniform, low: 1e-4, "
-                             "high: 1e-2}}"], extra_checks=[check_search])
+    cfg = load_config(
+        None,
+        ["stream.eval_every=8", "search.space={odedit.dual_lr: {type: loguniform, low: 1e-4, high: 1e-2}}"],
+        extra_checks=[check_search],
+    )
     validate_search(cfg)
 
 
 def test_bad_keys_and_refused_values_are_named_before_any_trial():
-    space = {"method.lrr": {"type": "uniform", "low": 0.1, "high": 1.0},          # misspelt key
-             "odedit.w_gen": {"type": "uniform", "low": -1.0, "high": 1.0},       # -1 refused by its check
-             "odedit.penalty": {"type": "choice", "values": ["learned", "fixd"]},  # not a valid choice
-             "method.rank": {"type": "randint", "low": 2, "high": 8}}              # a LoRA knob, method is ft
+    space = {
+        "method.lrr": {"type": "uniform", "low": 0.1, "high": 1.0},  # misspelt key
+        "odedit.w_gen": {"type": "uniform", "low": -1.0, "high": 1.0},  # -1 refused by its check
+        "odedit.penalty": {"type": "choice", "values": ["learned", "fixd"]},  # not a valid choice
+        "method.rank": {"type": "randint", "low": 2, "high": 8},
+    }  # a LoRA knob, method is ft
     with pytest.raises(ConfigError) as info:
         load_config(None, ["stream.eval_every=8", f"search.space={json.dumps(space)}"], extra_checks=[check_search])
     issues = {i.path: i for i in info.value.issues}
@@ -109,16 +119,23 @@ def test_bad_keys_and_refused_values_are_named_before_any_trial():
     assert "method.rank" in str(info.value)
 
 
-@pytest.mark.parametrize("change, path", [
-    ({"search": {"space": {}}}, "search.space"),
-    ({"search": {"space": SPACE, "metric": "accuracy"}}, "search.metric"),
-    ({"stream": {"mode": "single", "eval_every": 8}}, "stream.mode"),
-    ({"stream": {"mode": "sequential", "eval_every": 0}}, "stream.eval_every"),
-    ({"search": {"space": SPACE, "split": "test", "offset": 10}, "stream": {"num_edits": 20, "eval_every": 8}},
-     "search.offset"),
-    ({"search": {"space": SPACE, "split": "test", "offset": 10}, "stream": {"num_edits": 0, "eval_every": 8}},
-     "search.offset"),
-])
+@pytest.mark.parametrize(
+    "change, path",
+    [
+        ({"search": {"space": {}}}, "search.space"),
+        ({"search": {"space": SPACE, "metric": "accuracy"}}, "search.metric"),
+        ({"stream": {"mode": "single", "eval_every": 8}}, "stream.mode"),
+        ({"stream": {"mode": "sequential", "eval_every": 0}}, "stream.eval_every"),
+        (
+            {"search": {"space": SPACE, "split": "test", "offset": 10}, "stream": {"num_edits": 20, "eval_every": 8}},
+            "search.offset",
+        ),
+        (
+            {"search": {"space": SPACE, "split": "test", "offset": 10}, "stream": {"num_edits": 0, "eval_every": 8}},
+            "search.offset",
+        ),
+    ],
+)
 def test_settings_a_search_needs(change, path):
     raw = raw_config()
     for section, values in change.items():

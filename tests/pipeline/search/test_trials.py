@@ -19,8 +19,10 @@ SPACE = {
 
 def raw_config(**search) -> dict:
     """A raw config dict of a valid search (as the loader's extra checks receive it)."""
-    return {"stream": {"mode": "sequential", "eval_every": 8, "batch_size": 4},
-            "search": {"space": dict(SPACE), **search}}
+    return {
+        "stream": {"mode": "sequential", "eval_every": 8, "batch_size": 4},
+        "search": {"space": dict(SPACE), **search},
+    }
 
 
 def issue_paths(issues) -> list[str]:
@@ -57,4 +59,3 @@ def test_metrics_tail_reads_only_complete_retention_lines(tmp_path):
         fh.write(rec(8, "retention")[15:] + rec(12, "retention"))
     assert tail.retention_points() == [(8, {"rel": 0.8}), (12, {"rel": 1.2})]
     assert tail.retention_points() == []
-

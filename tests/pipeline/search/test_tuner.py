@@ -19,8 +19,10 @@ SPACE = {
 
 def raw_config(**search) -> dict:
     """A raw config dict of a valid search (as the loader's extra checks receive it)."""
-    return {"stream": {"mode": "sequential", "eval_every": 8, "batch_size": 4},
-            "search": {"space": dict(SPACE), **search}}
+    return {
+        "stream": {"mode": "sequential", "eval_every": 8, "batch_size": 4},
+        "search": {"space": dict(SPACE), **search},
+    }
 
 
 def issue_paths(issues) -> list[str]:
@@ -31,8 +33,16 @@ def issue_paths(issues) -> list[str]:
 
 
 def _search(tmp_path, *overrides):
-    cfg = load_config(None, [f"output_dir={tmp_path}", "stream.eval_every=8", "method.lr=0.01",
-                             f"search.space={json.dumps(SPACE)}", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "stream.eval_every=8",
+            "method.lr=0.01",
+            f"search.space={json.dumps(SPACE)}",
+            *overrides,
+        ],
+    )
     return Search(cfg, cfg, str(tmp_path / "model"))
 
 
@@ -46,8 +56,13 @@ def test_best_is_the_best_trial_that_edited_its_whole_slice(tmp_path):
     def trial(i, status, value):
         return TrialOutcome(i, f"t{i}", status, {}, {"objective": value}, [])
 
-    trials = [trial(1, "completed", 0.5), trial(2, "stopped", 0.9), trial(3, "completed", 0.7),
-              trial(4, "error", 0.99), trial(5, "completed", float("nan"))]
+    trials = [
+        trial(1, "completed", 0.5),
+        trial(2, "stopped", 0.9),
+        trial(3, "completed", 0.7),
+        trial(4, "error", 0.99),
+        trial(5, "completed", float("nan")),
+    ]
     assert _search(tmp_path).best(trials).index == 3
     assert _search(tmp_path, "search.mode=min").best(trials).index == 1
     assert _search(tmp_path).best(trials[1:2]) is None

@@ -18,12 +18,12 @@ import time
 import pytest
 import torch
 
+from bench.synthetic import write_evqa_split
 from odedit.loading import load_config, with_overrides
 from odedit.metrics import HEADLINE
+from pipeline.reporting.tracking import NullTracker
 from pipeline.train.checkpoints import RunStore, load_state
 from pipeline.train.engine import run_stream, storage_dir
-from bench.synthetic import write_evqa_split
-from pipeline.reporting.tracking import NullTracker
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +39,31 @@ def prepared(tmp_path_factory, tiny_dir, ray_local):
 
     root = tmp_path_factory.mktemp("engine")
     paths = write_evqa_split(str(root / "world"), n=16, min_side=24, max_side=64, seed=5)
-    cfg = load_config(None, [
-        "data.source=mmedit", f"data.path={paths['path']}", f"data.image_root={paths['image_root']}",
-        "data.rows_per_shard=20", "model.family=llava", f"model.name_or_path={tiny_dir('llava')}",
-        f"output_dir={root / 'out'}", "seed=0", "tracking.enabled=false",
-        "method.name=ft", "method.lr=0.05", "method.n_iter=4", "odedit.enabled=false",
-        "stream.mode=sequential", "stream.batch_size=4", "stream.eval_every=8", "stream.checkpoint_every=1",
-        "stream.generation_eval=false", "resources.cpus_per_worker=0.5", "resources.max_failures=2",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.source=mmedit",
+            f"data.path={paths['path']}",
+            f"data.image_root={paths['image_root']}",
+            "data.rows_per_shard=20",
+            "model.family=llava",
+            f"model.name_or_path={tiny_dir('llava')}",
+            f"output_dir={root / 'out'}",
+            "seed=0",
+            "tracking.enabled=false",
+            "method.name=ft",
+            "method.lr=0.05",
+            "method.n_iter=4",
+            "odedit.enabled=false",
+            "stream.mode=sequential",
+            "stream.batch_size=4",
+            "stream.eval_every=8",
+            "stream.checkpoint_every=1",
+            "stream.generation_eval=false",
+            "resources.cpus_per_worker=0.5",
+            "resources.max_failures=2",
+        ],
+    )
     cfg, model_path, _ = prepare(cfg)
     return cfg, model_path
 
@@ -131,9 +148,12 @@ def test_killed_worker_resumes_with_same_ledger_and_metrics(prepared, record_out
         assert (a is None and b is None) or abs(a - b) <= METRIC_TOL, (m, a, b)
     wa, wb = _final_weights(cfg_ref, "uninterrupted"), _final_weights(cfg_k, name)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "the resumed model is bit-identical"
-    record_outcome("fault", "Ray Train worker killed (SIGKILL) mid-stream",
-                   "group restarted from the last checkpoint; ledger, metrics and weights equal an uninterrupted run",
-                   f"killed after {killed['at']} of 16 edits; 0 edits lost, 0 applied twice")
+    record_outcome(
+        "fault",
+        "Ray Train worker killed (SIGKILL) mid-stream",
+        "group restarted from the last checkpoint; ledger, metrics and weights equal an uninterrupted run",
+        f"killed after {killed['at']} of 16 edits; 0 edits lost, 0 applied twice",
+    )
 
 
 def test_resubmitted_finished_stream_resumes_at_its_end(prepared, one_worker):
@@ -160,8 +180,15 @@ def test_workers_get_every_location_absolute(monkeypatch):
     from pipeline.train.engine import for_workers
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config(None, ["method.name=mend", "method.hypernet_path=outputs/x/hypernet.safetensors",
-                             "output_dir=outputs/rel", "data.shards_dir=outputs/rel/shards"])
+    cfg = load_config(
+        None,
+        [
+            "method.name=mend",
+            "method.hypernet_path=outputs/x/hypernet.safetensors",
+            "output_dir=outputs/rel",
+            "data.shards_dir=outputs/rel/shards",
+        ],
+    )
     out = for_workers(cfg)
     assert out.method.hypernet_path == os.path.abspath("outputs/x/hypernet.safetensors")
     assert out.output_dir == os.path.abspath("outputs/rel")
@@ -179,12 +206,14 @@ def test_a_prefetched_main_pass_yields_the_same_cases(prepared):
     import pyarrow.parquet as pq
 
     from pipeline.data.casesource import ShardCaseSource
-    from pipeline.train.engine import shards_dir
     from pipeline.data.shards import read_manifest
+    from pipeline.train.engine import shards_dir
 
     cfg, _ = prepared
     shards = shards_dir(cfg)
-    rows = [r for s in read_manifest(shards)["shards"] for r in pq.read_table(os.path.join(shards, s["file"])).to_pylist()]
+    rows = [
+        r for s in read_manifest(shards)["shards"] for r in pq.read_table(os.path.join(shards, s["file"])).to_pylist()
+    ]
     plain = ShardCaseSource(shards, "test", rows=lambda: iter(rows))
     early = ShardCaseSource(shards, "test", rows=lambda: iter(rows))
     early.prefetch()

@@ -56,25 +56,35 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, record_ou
     with open(os.path.join(store.ckpt_dir, "LATEST"), "w") as fh:
         fh.write("step-000009")
     assert store.latest().endswith("step-000001")
-    record_outcome("fault", "checkpoint write killed mid-write", "previous checkpoint stays the latest, readable",
-                   f"leftover temporary dirs: {[d for d in os.listdir(store.ckpt_dir) if d.startswith('.tmp-')]}")
+    record_outcome(
+        "fault",
+        "checkpoint write killed mid-write",
+        "previous checkpoint stays the latest, readable",
+        f"leftover temporary dirs: {[d for d in os.listdir(store.ckpt_dir) if d.startswith('.tmp-')]}",
+    )
 
 
 @pytest.mark.slow
 def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_dir, ray_local, record_outcome):
-    from odedit.loading import load_config
-    from pipeline.train.engine import run_stream, storage_dir
-    from pipeline.experiment import prepared
     from bench.synthetic import write_evqa_split
+    from odedit.loading import load_config
+    from pipeline.experiment import prepared
     from pipeline.reporting.tracking import NullTracker
+    from pipeline.train.engine import run_stream, storage_dir
 
     paths = write_evqa_split(str(tmp_path / "world"), n=16, min_side=24, max_side=48, seed=4)
     config = {
         "model": {"family": "llava", "name_or_path": tiny_dir("llava")},
         "data": {"source": "mmedit", "path": paths["path"], "image_root": paths["image_root"]},
         "method": {"name": "ft", "lr": 0.05, "n_iter": 3},
-        "stream": {"mode": "sequential", "batch_size": 2, "checkpoint_every": 1, "eval_every": 4,
-                   "run_name": "resubmitted", "generation_eval": False},
+        "stream": {
+            "mode": "sequential",
+            "batch_size": 2,
+            "checkpoint_every": 1,
+            "eval_every": 4,
+            "run_name": "resubmitted",
+            "generation_eval": False,
+        },
         "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 2},
         "tracking": {"enabled": False},
         "output_dir": str(tmp_path / "out"),
@@ -87,8 +97,9 @@ def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_d
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     cmd = [sys.executable, "-m", "jobs.lifelong", "--config", str(cfg_path)]
 
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     killed_at = None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and first.poll() is None:
@@ -122,6 +133,9 @@ def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_d
     a = load_state(store.latest(), "editable")
     b = load_state(RunStore(os.path.join(storage_dir(cfg), "reference")).latest(), "editable")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    record_outcome("fault", "job driver killed mid-stream, job resubmitted with the same run name",
-                   "resumed from the last checkpoint; ledger and metrics equal an uninterrupted run",
-                   f"killed after {killed_at} of 16 edits; 0 edits lost, 0 applied twice")
+    record_outcome(
+        "fault",
+        "job driver killed mid-stream, job resubmitted with the same run name",
+        "resumed from the last checkpoint; ledger and metrics equal an uninterrupted run",
+        f"killed after {killed_at} of 16 edits; 0 edits lost, 0 applied twice",
+    )

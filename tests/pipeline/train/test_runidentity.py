@@ -37,9 +37,16 @@ def test_identity_holds_what_the_stream_computes_and_not_where_it_is_stored(shar
     base = _identity(shards)
     assert base["model.path"] == "/models/a" and base["shards.config_hash"] == "abc123"
     assert base["stream.edits"] == 8 and base["method.lr"] == load_config(None, []).method.lr
-    for same in ("stream.storage_path=/elsewhere", "stream.run_name=x", "stream.checkpoint_every=7",
-                 "stream.on_change=replace", "output_dir=/tmp/o", "tracking.enabled=false",
-                 "resources.num_workers=4", "resources.zero_stage=3"):
+    for same in (
+        "stream.storage_path=/elsewhere",
+        "stream.run_name=x",
+        "stream.checkpoint_every=7",
+        "stream.on_change=replace",
+        "output_dir=/tmp/o",
+        "tracking.enabled=false",
+        "resources.num_workers=4",
+        "resources.zero_stage=3",
+    ):
         assert _identity(shards, same) == base, same
     for other in ("method.lr=0.5", "odedit.enabled=false", "seed=3", "stream.batch_size=4", "odedit.w_loc=2.0"):
         assert _identity(shards, other) != base, other

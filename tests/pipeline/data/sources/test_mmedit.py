@@ -11,8 +11,19 @@ from odedit.records import EditRecord, validate_record
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.mmedit import RecordFileError
 
-EASYEDIT_FIELDS = ("src", "pred", "rephrase", "alt", "image", "image_rephrase", "loc", "loc_ans", "m_loc",
-                   "m_loc_q", "m_loc_a")
+EASYEDIT_FIELDS = (
+    "src",
+    "pred",
+    "rephrase",
+    "alt",
+    "image",
+    "image_rephrase",
+    "loc",
+    "loc_ans",
+    "m_loc",
+    "m_loc_q",
+    "m_loc_a",
+)
 OURS = {"src": "prompt", "alt": "target"}
 
 
@@ -44,12 +55,14 @@ def test_evqa_file_builds_every_environment_from_its_roots(evqa_exact, make_conf
     assert (manifest["kept"], manifest["quarantined"]) == (2, 0)
     case = load_cases(str(tmp_path / "shards"))[0]
     rec = evqa_exact["records"][0]
-    got = {env: [(s.prompt, s.target, None if s.image is None else s.image.size) for s in samples]
-           for env, samples in case.samples.items()}
+    got = {
+        env: [(s.prompt, s.target, None if s.image is None else s.image.size) for s in samples]
+        for env, samples in case.samples.items()
+    }
     assert got == {
-        "in": [(rec["src"], rec["alt"], (224, 168))],           # 320x240 JPEG shrunk to a 224 longer side
+        "in": [(rec["src"], rec["alt"], (224, 168))],  # 320x240 JPEG shrunk to a 224 longer side
         "se_text": [(rec["rephrase"], rec["alt"], (224, 168))],
-        "se_image": [(rec["src"], rec["alt"], (224, 149))],     # the 300x200 PNG under the rephrase root
+        "se_image": [(rec["src"], rec["alt"], (224, 149))],  # the 300x200 PNG under the rephrase root
         "out_text": [(rec["loc"], rec["loc_ans"], None)],
         "out_mm": [(rec["m_loc_q"], rec["m_loc_a"], (224, 168))],
     }

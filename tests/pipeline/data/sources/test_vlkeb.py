@@ -9,14 +9,23 @@ from pipeline.data.sources import SOURCES
 
 
 def vlkeb_record(**changes):
-    rec = {"src": "What is the name of this building?", "pred": "Louvre", "alt": "Big Ben",
-           "rephrase": "What is this building called?", "image": "m.0104lr/google_15.jpg",
-           "image_rephrase": "m.0104lr/google_16.jpg", "loc": "nq question: who wrote hamlet",
-           "loc_ans": "Shakespeare", "m_loc": "m.02j9z/google_3.jpg", "m_loc_q": "What is in the image?",
-           "m_loc_a": "a river",
-           "port_new": [{"port_type": "1-hop", "Q&A": {"Question": "In which city is it?", "Answer": "London"}},
-                        {"port_type": "2-hop", "Q&A": {"Question": "Which river flows there?",
-                                                       "Answer": "Thames"}}]}
+    rec = {
+        "src": "What is the name of this building?",
+        "pred": "Louvre",
+        "alt": "Big Ben",
+        "rephrase": "What is this building called?",
+        "image": "m.0104lr/google_15.jpg",
+        "image_rephrase": "m.0104lr/google_16.jpg",
+        "loc": "nq question: who wrote hamlet",
+        "loc_ans": "Shakespeare",
+        "m_loc": "m.02j9z/google_3.jpg",
+        "m_loc_q": "What is in the image?",
+        "m_loc_a": "a river",
+        "port_new": [
+            {"port_type": "1-hop", "Q&A": {"Question": "In which city is it?", "Answer": "London"}},
+            {"port_type": "2-hop", "Q&A": {"Question": "Which river flows there?", "Answer": "Thames"}},
+        ],
+    }
     rec.update(changes)
     return rec
 
@@ -24,8 +33,9 @@ def vlkeb_record(**changes):
 def read(tmp_path, make_config, records):
     path = tmp_path / "eval_multihop.json"
     path.write_text(json.dumps(records))
-    return SOURCES.get("vlkeb")(make_config({"path": str(path), "image_root": str(tmp_path / "VLKEB_images")},
-                                            "data.source=vlkeb"))
+    return SOURCES.get("vlkeb")(
+        make_config({"path": str(path), "image_root": str(tmp_path / "VLKEB_images")}, "data.source=vlkeb")
+    )
 
 
 def test_portability_goes_to_extra_and_core_fields_map(tmp_path, make_config):
@@ -35,10 +45,17 @@ def test_portability_goes_to_extra_and_core_fields_map(tmp_path, make_config):
     assert validate_record(raw) == [] and "_reader_problems" not in raw
     record = EditRecord.from_raw(raw)
     assert (record.id, record.prompt, record.target, record.m_loc) == (
-        "vlkeb-vqa-00000", "What is the name of this building?", "Big Ben", "m.02j9z/google_3.jpg")
-    assert record.extra == {"portability": [
-        {"hop": 1, "question": "In which city is it?", "answer": "London"},
-        {"hop": 2, "question": "Which river flows there?", "answer": "Thames"}]}
+        "vlkeb-vqa-00000",
+        "What is the name of this building?",
+        "Big Ben",
+        "m.02j9z/google_3.jpg",
+    )
+    assert record.extra == {
+        "portability": [
+            {"hop": 1, "question": "In which city is it?", "answer": "London"},
+            {"hop": 2, "question": "Which river flows there?", "answer": "Thames"},
+        ]
+    }
 
 
 def test_records_without_portability_have_none(tmp_path, make_config):
