@@ -35,6 +35,7 @@ BATCH = 16
 def _arm(cfg, model_path: str, batch_size: int):
     import torch
 
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.editing import Editor
     from odedit.loading import with_overrides
     from odedit.models import load_adapter
@@ -45,6 +46,7 @@ def _arm(cfg, model_path: str, batch_size: int):
 
 
 def _run(cfg, model_path: str, shards: str) -> dict:
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.evaluation import evaluate_cases
     from pipeline.data.casesource import ShardCaseSource
 
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="64 edits (under 2 minutes once the demo model exists)")
     args = parser.parse_args(argv)
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from bench.demo_setup import demo_stream_setup
 
     n = 64 if args.quick else 256

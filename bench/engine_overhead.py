@@ -64,6 +64,7 @@ def _in_process(cfg: Any, model_path: str, shards: str, n: int, scratch: str) ->
     """One in-process stream (one torch thread, checkpoints like the engine's): (rows, summary)."""
     import torch
 
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.editing import Editor
     from odedit.models import load_adapter
     from odedit.stream import StreamHooks, StreamRunner
@@ -103,6 +104,7 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
     drifts linearly in speed during the measurement moves both sides alike."""
     import pyarrow.parquet as pq
 
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from pipeline.reporting.tracking import NullTracker
     from pipeline.train.engine import run_stream, storage_dir
 
@@ -140,6 +142,7 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
 
 def tiny_setup(n: int) -> tuple[Any, str, str]:
     """(config, model path, shards dir) of the tiny random LLaVA on a synthetic E-VQA split."""
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from bench.synthetic import write_evqa_split
     from odedit.loading import load_config
     from odedit.models import build_tiny

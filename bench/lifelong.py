@@ -6,8 +6,9 @@ Full run: 10,000 demo-world edits in steps of 16 (host FT + ODEdit, jobs/configs
 the shards (cases are fetched on demand: nothing of the stream is held but its result rows), retention of a
 fixed sample every 1,000 edits. The demo world holds about 7,700 distinct questions (easy-vqa's test images
 less the locality probes), so the world has `UNIQUE_MAX` = 7,000 edits and the stream goes on with them again
-from the start (ids suffixed `@1`): a question edited again, to the same counterfactual target, later in life. Resident memory (RSS) of the process is read when 1,000 and when all edits
-have been applied. `--quick` runs 1,000 edits and reads RSS at 100 and 1,000 (the figure keeps its name).
+from the start (ids suffixed `@1`): a question edited again, to the same counterfactual target, later in life.
+Resident memory (RSS) of the process is read when 1,000 and when all edits have been applied.
+`--quick` runs 1,000 edits and reads RSS at 100 and 1,000 (the figure keeps its name).
 
 Figures: `rss_growth_1k_10k` = RSS(end) / RSS(at 1k) - 1 (target < 0.10), `edits` (the stream length).
 """
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     import psutil
     import torch
 
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from bench.demo_setup import demo_stream_setup
     from odedit.editing import Editor
     from odedit.loading import with_overrides

@@ -76,6 +76,7 @@ def _synthetic_cases(n: int):
     import numpy as np
     from PIL import Image
 
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.envs import EditCase
     from odedit.models import Sample
 
@@ -103,6 +104,7 @@ def _synthetic_cases(n: int):
 
 
 def _demo_cases(cfg, n: int):
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.envs import case_from_record
     from odedit.records import EditRecord
     from pipeline.data.images import ImageLimits, decode_png, load_image
@@ -127,6 +129,7 @@ def child(spec: dict) -> None:
     """One measurement process: load, warm up, time `edits` single edits."""
     import torch
 
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.editing import Editor
     from odedit.envs import attach_references
     from odedit.loading import load_config
@@ -175,6 +178,7 @@ def child_interleaved(spec: dict) -> None:
     (host then ODEdit on one case, ODEdit then host on the next), so both arms run under the same load."""
     import torch
 
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.editing import Editor
     from odedit.envs import attach_references
     from odedit.loading import load_config
@@ -214,12 +218,14 @@ def child_interleaved(spec: dict) -> None:
 def _model(quick: bool) -> tuple[str, str, bool]:
     """(model dir, prompt template, synthetic cases?)."""
     if quick:
+        # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
         from odedit.models import build_tiny
 
         path = os.path.join(ROOT, ".cache", "bench", "tiny_llava")
         if not os.path.isfile(os.path.join(path, "config.json")):
             build_tiny("llava", path, seed=0)
         return path, "Question: <image> {} Short answer:", True
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.loading import load_config
     from pipeline.demo.model import ensure_demo_model
 

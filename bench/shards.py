@@ -97,6 +97,7 @@ def settle_baseline(memory: TreeMemory, seconds: float = 1.0) -> int:
 
 def world_paths(n: int) -> dict[str, str]:
     """The cached synthetic split of `n` records (written on first use)."""
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from bench.synthetic import write_evqa_split
     from pipeline.storage.cache import cache_dir, content_key, ensure_dir
 
@@ -117,6 +118,7 @@ def world_paths(n: int) -> dict[str, str]:
 
 
 def bench_config(world: dict, workers: int, limit: int = 0) -> Any:
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from odedit.loading import load_config
 
     return load_config(
@@ -142,6 +144,7 @@ def child_stream(world: dict, memory_world: dict, repeats: int) -> dict:
 
     import ray.data  # deferred: the child process is where Ray runs; the parent only spawns it
 
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from pipeline.cluster.session import ray_session
     from pipeline.data.shards import build_shards
     from pipeline.data.sources import SOURCES
@@ -214,6 +217,7 @@ def child_eager(world: dict) -> dict:
 
 
 def _decode_all(args: tuple[str, list[str]]) -> float:
+    # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
     from pipeline.data.images import ImageLimits, load_image
 
     root, rels = args

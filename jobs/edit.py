@@ -19,6 +19,7 @@ from pipeline.storage.jsonio import write_json
 
 
 def main(cfg: Any) -> dict:
+    # deferred: Ray, torch and transformers load only after the arguments parse (fast --help, config errors)
     from pipeline.experiment import run_experiment
     from pipeline.reporting.tables import comparison_table
 

@@ -5,8 +5,8 @@
     ray job submit --working-dir . -- python -m jobs.results --config jobs/configs/results.yaml
 
 The base config (`--config`) fixes the model, the data (prepared once: shards and references are shared by
-every cell), resources and tracking; the matrix file (`pipeline.reporting.matrix`) gives each editor's `method` block and
-each setting's stream overrides. Every cell's config is validated before anything runs.
+every cell), resources and tracking; the matrix file (`pipeline.reporting.matrix`) gives each editor's `method`
+block and each setting's stream overrides. Every cell's config is validated before anything runs.
 
 Each cell is one edit stream through the engine (Ray Train + DeepSpeed), an MLflow run nested under the
 job's parent run. A finished cell's summary is kept in `<output_dir>/cells/<setting>/<editor>/<arm>.json`;
@@ -73,6 +73,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def plan(argv: Sequence[str] | None = None) -> tuple[Any, list[Cell], Any]:
     """(base config, cells, args); every problem of the base config, the matrix and each cell, or exit 2."""
+    # deferred: Ray, torch and transformers load only after the arguments parse (fast --help, config errors)
     from odedit.config import ConfigError
     from odedit.configlib import to_dict
     from odedit.loading import load_config

@@ -19,6 +19,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     if not os.path.isfile(args.outbox):
         print(f"error: outbox: {args.outbox!r} does not exist; it lives in <storage_path>/<run_name>/", file=sys.stderr)
         return 2
+    # deferred: Ray, torch and transformers load only after the arguments parse (fast --help, config errors)
     from pipeline.reporting.tracking import replay_outbox
 
     counts = replay_outbox(args.outbox, args.uri)

@@ -11,9 +11,9 @@ process group every step, so the replicas stay identical (the hypernetwork is sm
 editor-training loss ([INFERENCE] method.md §2.5). The last `method.val_edits` training edits are held out and
 scored before and after meta-training.
 
-The work is `pipeline.train.editor_training.train_editor`. Rank 0 reports the metrics with a checkpoint (so `Result.metrics` is filled, platform.md §2); the driver copies
-the hypernetwork to `<output_dir>/hypernet.safetensors` (load it with `method.hypernet_path=`) and writes
-`<output_dir>/train_editor.json`.
+The work is `pipeline.train.editor_training.train_editor`. Rank 0 reports the metrics with a checkpoint (so
+`Result.metrics` is filled, platform.md §2); the driver copies the hypernetwork to
+`<output_dir>/hypernet.safetensors` (load it with `method.hypernet_path=`) and writes `<output_dir>/train_editor.json`.
 
 Training edits come from `training_cases(cfg)`: the train split of the environment shards when
 `data.shards_dir` (or `<output_dir>/shards`) holds a manifest (`pipeline.data.shards.load_cases`), otherwise the

@@ -41,10 +41,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
     summary, outcome = run_search(cfg)
     print(trials_table(outcome, cfg.search.metric))
-    if summary["best_yaml"]:
-        print(
-            f"\nbest config: {summary['best_yaml']}\nrun it:      python -m jobs.lifelong --config {summary['best_yaml']}"
-        )
+    best = summary["best_yaml"]
+    if best:
+        print(f"\nbest config: {best}\nrun it:      python -m jobs.lifelong --config {best}")
     return 0
 
 

@@ -25,8 +25,11 @@ import os
 from collections import Counter, defaultdict
 from typing import Any
 
-from odedit.envs import OUT_ENVS
+from odedit.envs import OUT_ENVS, compute_references
+from odedit.models import load_adapter
+from odedit.models.base import Sample
 from pipeline.data.envrows import row_sort_key
+from pipeline.data.images import decode_png
 from pipeline.data.schema import ENV_SCHEMA, REFERENCE_SCHEMA, read_table, to_table, write_table
 from pipeline.data.shards import MANIFEST, REFERENCES_DIR, read_manifest, reference_path
 from pipeline.storage.jsonio import write_json
@@ -64,16 +67,12 @@ class ReferenceModel:
     """Ray Data callable class: the unedited model, loaded once per actor, scoring batches of OUT rows."""
 
     def __init__(self, model_cfg: Any, name_or_path: str, k: int, batch_size: int = 16) -> None:
-        from odedit.models import load_adapter
 
         self.adapter = load_adapter(model_cfg, name_or_path)
         self.k = k
         self.batch_size = batch_size
 
     def __call__(self, batch: Any) -> Any:
-        from odedit.envs import compute_references
-        from odedit.models.base import Sample
-        from pipeline.data.images import decode_png
 
         rows = batch.to_pylist()
         samples = [

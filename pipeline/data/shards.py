@@ -38,11 +38,13 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from odedit.envs import EditCase, Reference
+from odedit.models.base import Sample
 from odedit.records import EditRecord, validate_record
 from pipeline.data import quarantine as q
 from pipeline.data.envrows import image_requests, planned_rows, record_rows, row_sort_key
-from pipeline.data.images import ImageLimits, ImageRefused, StoredImage, load_image
-from pipeline.data.schema import ENV_SCHEMA, SCHEMA_VERSION, to_table, write_table
+from pipeline.data.images import ImageLimits, ImageRefused, StoredImage, decode_png, load_image
+from pipeline.data.schema import ENV_SCHEMA, REFERENCE_SCHEMA, SCHEMA_VERSION, read_table, to_table, write_table
 from pipeline.storage.jsonio import write_json
 
 MANIFEST = "manifest.json"
@@ -392,7 +394,6 @@ def load_cases(shards_dir: str, split: str = "test", limit: int = 0) -> list:
         split: test, validation or train.
         limit: at most this many edits (0 = all); shards after the limit are not read.
     """
-    from pipeline.data.schema import REFERENCE_SCHEMA, read_table
 
     manifest = read_manifest(shards_dir)
     refs_complete = os.path.isfile(os.path.join(shards_dir, REFERENCES_DIR, MANIFEST))
@@ -430,10 +431,6 @@ def rows_to_cases(rows: Sequence[dict]) -> list:
     (n_positions, k), as `odedit.envs.compute_references` returns them).
     """
     import torch
-
-    from odedit.envs import EditCase, Reference
-    from odedit.models.base import Sample
-    from pipeline.data.images import decode_png
 
     cases: dict[str, EditCase] = {}
     order: dict[str, int] = {}

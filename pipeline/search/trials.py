@@ -33,8 +33,10 @@ from odedit.config import Config
 from odedit.configlib import to_dict
 from odedit.loading import parse_config
 from odedit.metrics import PROTOCOLS
+from pipeline.reporting.tracking import attach_tracker, open_tracker
 from pipeline.search.space import parse_space, sample_config
 from pipeline.storage.jsonio import read_json, write_json
+from pipeline.train.engine import run_stream
 
 METRICS_FILE = "metrics.jsonl"
 TRIAL_FILE = "trial.json"
@@ -94,7 +96,6 @@ class MetricsTail:
 
 def _trial_tracker(cfg: Config, run_name: str, run_dir: str, parent_run_id: str, trial_id: str) -> Any:
     """The trial's MLflow run: the one a previous attempt of this trial created, else a new nested run."""
-    from pipeline.reporting.tracking import attach_tracker, open_tracker
 
     record_path = os.path.join(run_dir, TRIAL_FILE)
     record = read_json(record_path, default={})
@@ -142,8 +143,6 @@ class StreamDriver:
         offset: int,
         metrics_path: str,
     ) -> dict[str, Any]:
-        from pipeline.reporting.tracking import attach_tracker
-        from pipeline.train.engine import run_stream
 
         config = parse_config(cfg)
         tracker = attach_tracker(config, run_id, run_dir)

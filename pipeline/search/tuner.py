@@ -27,9 +27,12 @@ from typing import Any
 
 from odedit.config import Config
 from odedit.configlib import flatten, to_dict
+from pipeline.data.casesource import ShardCaseSource
+from pipeline.reporting.tracking import tracking_uri
 from pipeline.search.space import METRICS, Dimension, parse_space, validate_search
 from pipeline.search.trials import TRIAL_FILE, run_trial
 from pipeline.storage.jsonio import read_json, write_json
+from pipeline.train.engine import shards_dir
 
 # ---------------------------------------------------------------------------------------------- driver
 
@@ -90,7 +93,6 @@ class Search:
     """
 
     def __init__(self, cfg: Config, run_cfg: Config, model_path: str) -> None:
-        from pipeline.train.engine import shards_dir
 
         validate_search(cfg)
         self.cfg = cfg
@@ -105,7 +107,6 @@ class Search:
     @staticmethod
     def _absolute(cfg: Config, shards: str) -> Config:
         """Trials run in another working directory (Tune's trial dir): every path and the tracking URI absolute."""
-        from pipeline.reporting.tracking import tracking_uri
 
         model = cfg.model
         if model.name_or_path and os.path.isdir(model.name_or_path):
@@ -123,7 +124,6 @@ class Search:
 
     def slice_length(self) -> int:
         """Edits each trial applies; raises ValueError when the slice is empty or shorter than the grace period."""
-        from pipeline.data.casesource import ShardCaseSource
 
         s = self.cfg.search
         n = len(ShardCaseSource(self.shards_dir, s.split, s.num_edits, s.offset))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from odedit.dual import parameter_summary
 from odedit.editstep import ParamAccess, TorchStepper, torch_stepper_factory
 
 
@@ -168,7 +169,6 @@ def wire_editor(editor: Any, cfg: Any, comm: TorchComm) -> Any:
 
     editor.stepper_factory = factory
     if cfg.resources.zero_stage == 3 and hasattr(objective, "dual"):
-        from odedit.dual import parameter_summary
 
         def gathered_summary(ps: Sequence[torch.Tensor]) -> torch.Tensor:
             # [INFERENCE] under ZeRO-3 phi_e is partitioned outside forward: lambda sees a gathered summary

@@ -24,10 +24,19 @@ from typing import Any
 
 from odedit.config import Config, dump_config
 from odedit.configlib import flatten, to_dict
+from odedit.editing import Editor
 from odedit.loading import parse_config
+from odedit.models import load_adapter
+from odedit.stream import StreamHooks, StreamRunner, StreamState
 from pipeline.cluster.trainer import build_trainer
+from pipeline.data.casesource import ShardCaseSource, attach_references
+from pipeline.data.schema import REFERENCE_SCHEMA, read_table
+from pipeline.data.shards import read_manifest, reference_path
+from pipeline.reporting.plots import plot_metrics, plot_retention
+from pipeline.reporting.tracking import NullTracker, attach_tracker, tracking_uri
 from pipeline.storage.jsonio import write_json
 from pipeline.train.checkpoints import RunStore
+from pipeline.train.distributed import TorchComm, wire_editor
 from pipeline.train.runidentity import claim_run, stream_identity
 
 DATASET = "edits"
@@ -61,9 +70,6 @@ class _JoinReferences:
         self.cache: dict[str, list[dict]] = {}
 
     def __call__(self, batch: Any) -> Any:
-        from pipeline.data.casesource import attach_references
-        from pipeline.data.schema import REFERENCE_SCHEMA, read_table
-        from pipeline.data.shards import reference_path
 
         rows = batch.to_pylist()
         for path in sorted({r["path"] for r in rows}):
@@ -84,8 +90,6 @@ class _JoinReferences:
 def build_dataset(cfg: Config, shards: str) -> Any:
     """The stream's environment rows (with references) as an ordered Ray Data dataset."""
     import ray.data
-
-    from pipeline.data.shards import read_manifest
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -112,13 +116,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The per-worker edit loop (see the module docstring)."""
     import ray.train
     import torch
-
-    from odedit.editing import Editor
-    from odedit.models import load_adapter
-    from odedit.stream import StreamHooks, StreamRunner, StreamState
-    from pipeline.data.casesource import ShardCaseSource
-    from pipeline.reporting.tracking import NullTracker, attach_tracker
-    from pipeline.train.distributed import TorchComm, wire_editor
 
     cfg = parse_config(config["cfg"])
     import ray.data
@@ -199,8 +196,6 @@ def write_results(store: RunStore, cfg: Config, result: Any, tracker: Any) -> No
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.reporting.plots import plot_metrics, plot_retention
-
     d = store.results_dir
     rows = [{k: v for k, v in r.items()} for r in result.rows]
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(d, "rows.parquet"))
@@ -240,9 +235,10 @@ def check_cluster_fits(cfg: Config) -> None:
 
     r = cfg.resources
     total = ray.cluster_resources().get("CPU", 0.0)
-    if total - r.num_workers * r.cpus_per_worker < 0.5:
+    left = total - r.num_workers * r.cpus_per_worker
+    if left < 0.5:
         raise ValueError(
-            f"resources: {r.num_workers} workers x {r.cpus_per_worker} CPU leave {total - r.num_workers * r.cpus_per_worker:g} "
+            f"resources: {r.num_workers} workers x {r.cpus_per_worker} CPU leave {left:g} "
             f"of the cluster's {total:g} CPUs for Ray Data, which reads the shards for them; set "
             f"resources.cpus_per_worker={max(0.1, (total - 1) / r.num_workers):g} or add CPUs"
         )
@@ -257,7 +253,6 @@ def for_workers(cfg: Config) -> Config:
     the output directory), which the workers would otherwise resolve against their own directory and log into
     a database nobody reads.
     """
-    from pipeline.reporting.tracking import tracking_uri
 
     def absolute(path: str) -> str:
         return os.path.abspath(path) if path and not os.path.isabs(path) else path

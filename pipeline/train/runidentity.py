@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 from odedit.configlib import flatten, to_dict
+from pipeline.data.shards import read_manifest
 from pipeline.storage.jsonio import write_json
 
 RUN_FILE = "run.json"
@@ -40,7 +41,6 @@ class RunMismatch(ValueError):
 
 def stream_identity(cfg: Any, model_path: str, shards_dir: str, num_edits: int, offset: int) -> dict[str, Any]:
     """The flat settings that decide what a stream computes (see the module docstring)."""
-    from pipeline.data.shards import read_manifest
 
     flat = flatten(to_dict(cfg))
     identity = {k: v for k, v in flat.items() if k.startswith(_IDENTITY_SECTIONS) and k not in _NOT_IDENTITY}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from odedit.configlib import ConfigIssue
+from pipeline.data.sources import SOURCES
+
 
 @dataclass
 class RecordSource:
@@ -22,8 +25,6 @@ class RecordSource:
 
 def check_source(raw: dict) -> list:
     """Config check owned by `pipeline` (on the raw config dict): `data.source` names a registered reader."""
-    from odedit.configlib import ConfigIssue
-    from pipeline.data.sources import SOURCES
 
     data = raw.get("data") if isinstance(raw, dict) else None
     name = data.get("source", "demo") if isinstance(data, dict) else "demo"
