@@ -64,6 +64,7 @@ def run_experiment(
     cfg: Config,
     arms: Mapping[str, Sequence[str]],
     name: str,
+    *,
     num_edits: int | None = None,
     offset: int = 0,
     progress: bool = True,
@@ -87,7 +88,9 @@ def run_experiment(
                 outbox_dir=os.path.join(arm_cfg.output_dir, "runs", run_name),
             )
             tracker.log_params({**run_info(arm_cfg), "arm": arm or run_name})
-            summary = run_stream(arm_cfg, model_path, tracker, run_name, num_edits, offset, progress)
+            summary = run_stream(
+                arm_cfg, model_path, tracker, run_name, num_edits=num_edits, offset=offset, progress=progress
+            )
             summary["arm"] = arm or run_name
             tracker.set_terminated("FINISHED")
             results[arm or run_name] = summary

@@ -67,13 +67,11 @@ class ReferenceModel:
     """Ray Data callable class: the unedited model, loaded once per actor, scoring batches of OUT rows."""
 
     def __init__(self, model_cfg: Any, name_or_path: str, k: int, batch_size: int = 16) -> None:
-
         self.adapter = load_adapter(model_cfg, name_or_path)
         self.k = k
         self.batch_size = batch_size
 
     def __call__(self, batch: Any) -> Any:
-
         rows = batch.to_pylist()
         samples = [
             Sample(r["prompt"], r["target"], decode_png(r["image"]) if r["image"] is not None else None) for r in rows

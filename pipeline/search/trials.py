@@ -143,11 +143,17 @@ class StreamDriver:
         offset: int,
         metrics_path: str,
     ) -> dict[str, Any]:
-
         config = parse_config(cfg)
         tracker = attach_tracker(config, run_id, run_dir)
         return run_stream(
-            config, model_path, tracker, run_name, num_edits, offset, progress=False, metrics_path=metrics_path
+            config,
+            model_path,
+            tracker,
+            run_name,
+            num_edits=num_edits,
+            offset=offset,
+            progress=False,
+            metrics_path=metrics_path,
         )
 
 

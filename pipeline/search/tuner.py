@@ -93,7 +93,6 @@ class Search:
     """
 
     def __init__(self, cfg: Config, run_cfg: Config, model_path: str) -> None:
-
         validate_search(cfg)
         self.cfg = cfg
         self.dims = parse_space(cfg.search.space)[0]

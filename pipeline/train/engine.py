@@ -1,6 +1,6 @@
 """The distributed edit engine: an edit stream as a Ray Train `TorchTrainer` with DeepSpeed ZeRO.
 
-    summary = run_stream(cfg, run_name, tracker)        # driver: builds the trainer, shows progress, returns
+    summary = run_stream(cfg, model_path, tracker, run_name)  # driver: builds the trainer, shows progress, returns
 
 Each worker loads the model, builds the in-process `Editor` (method + objective), wires DeepSpeed
 (`pipeline.train.distributed.wire_editor`), resumes from the newest complete checkpoint of the run if there is one,
@@ -70,7 +70,6 @@ class _JoinReferences:
         self.cache: dict[str, list[dict]] = {}
 
     def __call__(self, batch: Any) -> Any:
-
         rows = batch.to_pylist()
         for path in sorted({r["path"] for r in rows}):
             file = os.path.basename(path)
@@ -278,6 +277,7 @@ def run_stream(
     model_path: str,
     tracker: Any,
     run_name: str | None = None,
+    *,
     num_edits: int | None = None,
     offset: int = 0,
     progress: bool = True,
