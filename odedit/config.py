@@ -48,7 +48,10 @@ class ModelConfig:
     family: str = option("llava", help="adapter family: llava, blip2_opt, instructblip, minigpt4, qwen2_vl")
     name_or_path: str = option(
         "",
-        help="hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local directory saved by save_pretrained; empty means the demo model",
+        help=(
+            "hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local directory saved by save_pretrained; empty means the "
+            "demo model"
+        ),
     )
     dtype: Dtype = option("auto", help="parameter dtype; auto = bfloat16 on GPU, float32 on CPU")
     device: str = option(
@@ -89,7 +92,9 @@ class DemoWorldConfig:
     )
     num_train_edits: int = option(
         0,
-        help="edit records of split 'train' on images of their own, for meta-training editors (MEND: jobs.train_editor)",
+        help=(
+            "edit records of split 'train' on images of their own, for meta-training editors (MEND: jobs.train_editor)"
+        ),
         check=non_negative,
     )
     hard_per_edit: int = option(
@@ -97,22 +102,37 @@ class DemoWorldConfig:
     )
     train_minutes: float = option(
         7.5,
-        help="time cap of the demo model's training on CPU, tower pre-training included; with the default step counts it is reached only on a machine about 1.5x slower than 2 quiet cores (design.md §7: 8 min on 2 cores gave 99.95%)",
+        help=(
+            "time cap of the demo model's training on CPU, tower pre-training included; with the default step counts "
+            "it is reached only on a machine about 1.5x slower than 2 quiet cores (design.md §7: 8 min on 2 cores gave "
+            "99.95%)"
+        ),
         check=positive,
     )
     pretrain_minutes: float = option(
         1.0,
-        help="part of train_minutes spent pre-training the vision tower with the auxiliary shape/colour head (design.md §7: 60 s)",
+        help=(
+            "part of train_minutes spent pre-training the vision tower with the auxiliary shape/colour head (design.md "
+            "§7: 60 s)"
+        ),
         check=non_negative,
     )
     train_steps: int = option(
         2100,
-        help="joint training steps (2,100: about 5 min on 2 cores, 98.7% on the easy-vqa test set); 0 = as many as fit in train_minutes. When set, training stops after this many (or at train_minutes, whichever comes first) and the learning-rate schedule follows steps, not time, so the model no longer depends on the machine's speed and load",
+        help=(
+            "joint training steps (2,100: about 5 min on 2 cores, 98.7% on the easy-vqa test set); 0 = as many as fit "
+            "in train_minutes. When set, training stops after this many (or at train_minutes, whichever comes first) "
+            "and the learning-rate schedule follows steps, not time, so the model no longer depends on the machine's "
+            "speed and load"
+        ),
         check=non_negative,
     )
     pretrain_steps: int = option(
         600,
-        help="tower pre-training steps (600: 10-20 s on 2 cores); 0 = as many as fit in pretrain_minutes (same rule as train_steps)",
+        help=(
+            "tower pre-training steps (600: 10-20 s on 2 cores); 0 = as many as fit in pretrain_minutes (same rule as "
+            "train_steps)"
+        ),
         check=non_negative,
     )
     train_images: int = option(0, help="easy-vqa training images used; 0 = all 4,000", check=non_negative)
@@ -155,14 +175,20 @@ class DataConfig:
     demo: DemoWorldConfig = option(factory=DemoWorldConfig, help="demo world sizes")
     task: Literal["auto", "vqa", "caption"] = option(
         "auto",
-        help="task of records that name none; auto = caption when the records file name contains 'caption' (EasyEdit's E-IC files), else vqa",
+        help=(
+            "task of records that name none; auto = caption when the records file name contains 'caption' (EasyEdit's "
+            "E-IC files), else vqa"
+        ),
     )
     split: Literal["test", "validation", "train"] = option(
         "test", help="split of records that name none (EasyEdit's *_eval files are the test stream)"
     )
     reference_k: int = option(
         64,
-        help="top-K token ids/log-probs stored per OUT answer position as the pre-edit reference (>= 10: M-Loc compares top-10)",
+        help=(
+            "top-K token ids/log-probs stored per OUT answer position as the pre-edit reference (>= 10: M-Loc compares "
+            "top-10)"
+        ),
         check=lambda v: None if v >= 10 else "must be >= 10",
     )
     build_workers: int = option(
@@ -185,11 +211,17 @@ class MethodConfig:
     optimizer: Literal["sgd", "adam"] = option("adam", help="optimiser of the editable parameters")
     cache_prefix: bool = option(
         True,
-        help="within a step, run the frozen layers below the first edited layer once and replay only the layers above (exact, much faster)",
+        help=(
+            "within a step, run the frozen layers below the first edited layer once and replay only the layers above "
+            "(exact, much faster)"
+        ),
     )
     cache_tail: bool = option(
         True,
-        help="for FT/LoRA on the last layer's ffn_out: replay only that module, the final norm and the LM head at the positions the losses read (equal to the full replay up to float rounding; needs cache_prefix)",
+        help=(
+            "for FT/LoRA on the last layer's ffn_out: replay only that module, the final norm and the LM head at the "
+            "positions the losses read (equal to the full replay up to float rounding; needs cache_prefix)"
+        ),
     )
 
 
@@ -209,7 +241,10 @@ class ODEditConfig:
     )
     penalty_smoothing: float = option(
         1e-3,
-        help="[INFERENCE] eps of the smoothed |s| = sqrt(s^2 + eps^2) - eps in the TV-l1 penalty, so an environment at its optimum (slope 0 up to rounding) adds no gradient; 0 = plain |s|",
+        help=(
+            "[INFERENCE] eps of the smoothed |s| = sqrt(s^2 + eps^2) - eps in the TV-l1 penalty, so an environment at "
+            "its optimum (slope 0 up to rounding) adds no gradient; 0 = plain |s|"
+        ),
         check=non_negative,
     )
     environments: tuple[str, ...] = option(
@@ -243,7 +278,10 @@ class ODEditConfig:
     dual_lr: float = option(1.0e-3, help="[INFERENCE] dual ascent step gamma_2 (TV2 default 1e-3)", check=positive)
     step_rule: Literal["optimizer", "adaptive"] = option(
         "optimizer",
-        help="[INFERENCE] primal/dual steps: the host optimiser and fixed dual_lr, or the adaptive 1/(k^p ||g||) rule of method.md §3.3",
+        help=(
+            "[INFERENCE] primal/dual steps: the host optimiser and fixed dual_lr, or the adaptive 1/(k^p ||g||) rule "
+            "of method.md §3.3"
+        ),
     )
     adaptive_p: float = option(
         1.1, help="[INFERENCE] exponent p > 1 of the adaptive rule", check=lambda v: None if v > 1 else "must be > 1"
@@ -297,7 +335,10 @@ class StreamConfig:
     )
     on_change: Literal["error", "replace"] = option(
         "error",
-        help="when the run directory of run_name holds a stream with other settings (pipeline/train/runidentity.py): error, or replace (move the old run aside, start afresh)",
+        help=(
+            "when the run directory of run_name holds a stream with other settings (pipeline/train/runidentity.py): "
+            "error, or replace (move the old run aside, start afresh)"
+        ),
     )
     generation_eval: bool = option(True, help="also score greedy-decoding exact match")
 

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -50,7 +50,7 @@ class ParamAccess:
     `pipeline.train.distributed.ZeroAccess` gathers them and refreshes that copy after any direct write.
     """
 
-    def modify(self, params: Sequence[torch.nn.Parameter]) -> ContextManager[Any]:
+    def modify(self, params: Sequence[torch.nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
 

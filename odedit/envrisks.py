@@ -10,8 +10,8 @@ Here the answer positions of all environments are stacked once (one index into t
 when the step has one): one log-softmax, one gather per kind of risk, and one matrix product with constant
 weights (the mean over each sample's positions, then over each environment's samples) give every R_e and
 slope. What does not change within an edit step (which positions belong to which sample and environment,
-those weights, the targets, the pre-edit references) is gathered once per step into an `EnvPlan`. The numbers equal the reference
-functions `reliability_risk_and_slope` / `locality_risk_and_slope` per environment (tested).
+those weights, the targets, the pre-edit references) is gathered once per step into an `EnvPlan`. The numbers
+equal the reference functions `reliability_risk_and_slope` / `locality_risk_and_slope` per environment (tested).
 """
 
 from __future__ import annotations

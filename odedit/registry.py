@@ -40,7 +40,8 @@ class Registry(Generic[T]):
     def register(self, name: str, obj: T) -> T:
         if not isinstance(name, str) or not _NAME.match(name):
             raise RegistryError(
-                f"{self.kind} name {name!r} is malformed: use lower-case letters, digits and '_', starting with a letter"
+                f"{self.kind} name {name!r} is malformed: use lower-case letters, digits and '_', "
+                "starting with a letter"
             )
         if name in self._items:
             raise RegistryError(f"{self.kind} {name!r} is already registered (by {self._items[name]!r})")

@@ -84,7 +84,7 @@ def corpus(tmp_path_factory):
     _bomb(str(images / "img" / "bomb.png"), 60000, 60000)
     write_png(str(images / "img" / "big.png"), 900, 900, COLOURS["red"], seed=3)
     records = [dict(GOOD, id="good-0"), dict(GOOD, id="dup")]
-    for case, change, _, _ in RECORD_CASES:
+    for _case, change, _, _ in RECORD_CASES:
         if isinstance(change, str):
             records.append(change)
             continue

@@ -30,7 +30,9 @@ Design (each point a reconstruction choice):
   * [INFERENCE] Value initialisation "warm" (the module's current output at that position, so training
     starts from the unedited prediction) by default; "cold" draws uniform [0, 1) values as GRACE's default.
   * [INFERENCE] Distances are Euclidean, computed in float64 (the expanded |x|^2 + |k|^2 - 2 x.k form loses
-    the eps scale to cancellation in float32 on large activations).
+    the eps scale to cancellation in float32 on large activations). An expanded radius exceeds the distance
+    by that form's rounding bound (`Codebook.covering_radius`), so the key it covers stays inside whatever
+    batch the lookup computes its distance in.
   * [INFERENCE] Defaults: layer at 65% of the depth (EasyEdit: layer 18 of Qwen2-VL-7B's 28), eps 1.0,
     n_iter 20 (EasyEdit Qwen2-VL hparams), Adam with lr 1.0.
 
@@ -40,6 +42,7 @@ radii, labels and the entry counter are method state (`state_dict`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -107,6 +110,20 @@ class Codebook(nn.Module):
         d, idx = d2.clamp_min(0).sqrt().min(1)
         return d, idx
 
+    def covering_radius(self, d: float, x: torch.Tensor, j: int) -> float:
+        """A radius for entry `j` that surely covers `x`, found at distance `d` from its key by `nearest`.
+
+        `nearest` rounds d^2 = |x|^2 + |k|^2 - 2 x.k by up to about (2 d_in + 4) 2^-53 (|x|^2 + |k|^2), and the
+        rounding depends on the shape of the batch the lookup runs on (BLAS blocks the product differently), so
+        a radius of exactly d leaves x on the boundary: inside when the radius was set, outside in the edit's
+        own forward pass on some CPUs (the tiny test model on AMD EPYC: d = 0.008929956788537636 for one key,
+        ...684 for the same key in the 29-row batch of the step). sqrt(d^2 + that bound) exceeds d by a relative
+        6e-13 there; with d_in = 1e4, |x|^2 = |k|^2 = 1e4 and d = 1, by 2e-8.
+        """
+        q, k = x.double(), self.keys[j].double()
+        bound = (2 * q.shape[-1] + 4) * 2.0**-53 * float(q.pow(2).sum() + k.pow(2).sum())
+        return math.sqrt(d * d + bound)
+
     def lookup(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
         if self.grab is not None:
             self.grab.append((self.tap.rows(args[0].detach()), self.tap.rows(out.detach())))
@@ -115,8 +132,12 @@ class Codebook(nn.Module):
         x = args[0].reshape(-1, args[0].shape[-1])
         d, idx = self.nearest(x)
         hit = d <= self.eps[idx]
-        if not bool(hit.any()):
+        if not bool(hit.any()) and not (torch.is_grad_enabled() and self.values.requires_grad):
             return None
+        # While a step trains, the output stays tied to the values even where nothing hits (torch.where picks
+        # `flat` bit for bit there): a step whose keys no entry covers (a later split in the same step, or a
+        # re-edit of a key with another target, whose radius is 0) then gets zero gradients, as an unused
+        # parameter does, instead of a loss without a grad_fn that backward rejects.
         flat = out.reshape(-1, out.shape[-1])
         return torch.where(hit.unsqueeze(1), self.values[idx].to(flat.dtype), flat).reshape(out.shape)
 
@@ -218,7 +239,7 @@ class GRACE(EditMethod):
             if d <= self.cfg.eps + float(book.eps[j]):
                 if book.labels[j] == label:
                     if d > float(book.eps[j]):
-                        book.eps[j] = d  # expand the radius to cover the new key
+                        book.eps[j] = book.covering_radius(d, key, j)  # expand the radius to cover the new key
                     return j
                 new = self._add(key, out, label)
                 book.eps[j] = d / 2 - 1e-5  # split: the two balls meet halfway

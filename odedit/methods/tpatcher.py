@@ -79,7 +79,10 @@ class TPatcherConfig(MethodConfig):
     n_iter: int = option(10, help="optimisation iterations per edit step (harness max_epochs_tp 10)", check=positive)
     optimizer: Literal["sgd", "adam"] = option(
         "adam",
-        help="optimiser of the patch parameters (reference code: Adam; the harness's SGD 6e-3 diverges on the exp losses)",
+        help=(
+            "optimiser of the patch parameters (reference code: Adam; the harness's SGD 6e-3 diverges on the exp "
+            "losses)"
+        ),
     )
     max_patches: int = option(
         1024, help="patch neurons preallocated per layer: the capacity of a sequential stream", check=positive
@@ -335,7 +338,8 @@ class TPatcher(EditMethod):
                     t, live = s[p], getattr(pool, p)
                     if tuple(t.shape) != (n,) + tuple(live.shape[1:]):
                         raise ValueError(
-                            f"checkpoint tensor {name}.{p} has shape {tuple(t.shape)}, expected {(n,) + tuple(live.shape[1:])}"
+                            f"checkpoint tensor {name}.{p} has shape {tuple(t.shape)}, "
+                            f"expected {(n,) + tuple(live.shape[1:])}"
                         )
                     live.zero_()
                     live[:n] = t.to(live.dtype)

@@ -13,7 +13,8 @@ into it (WISE Algorithm 1 step 4, Algorithm 2). Otherwise the row keeps the main
 Editing (one step) trains the working side memory alone, with every input routed through it, on
 
     L = -log p_{W'}(y_e | x_e) + L_a                      (Algorithm 1 step 3; `host_loss` returns L)
-    L_a = [Delta_out - Delta_in + gamma]_+ + [Delta_out - alpha]_+ + [beta - Delta_in]_+   (act_margin = [alpha, beta, gamma])
+    L_a = [Delta_out - Delta_in + gamma]_+ + [Delta_out - alpha]_+ + [beta - Delta_in]_+
+                                                          (act_margin = [alpha, beta, gamma])
 
 pushing the edits' scores above beta, unrelated inputs' below alpha, and the two apart by gamma (each hinge
 averaged over its violated terms, as the reference code does). With ODEdit on, the objective adds its risks to L.

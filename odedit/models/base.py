@@ -340,7 +340,7 @@ class ModelAdapter(ABC):
         ]
         tokens = iter(self._tok_many(texts))
         feats: list[dict[str, torch.Tensor]] = []
-        for s, (before, after), tail in zip(samples, parts, tails):
+        for s, (_before, after), tail in zip(samples, parts, tails):
             has_image = s.image is not None
             img_ids: list[int] = []
             if has_image:
@@ -369,7 +369,7 @@ class ModelAdapter(ABC):
                 if append_eos:
                     ids.append(tok.eos_token_id)
             rows.append(ids)
-        B, L = len(rows), max(len(r) for r in rows)
+        L = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         # Rows are laid out in Python lists and become tensors in one call each (per-row tensor writes cost
         # ~6 dispatched ops per row, ~500 for a 16-edit step).
@@ -457,7 +457,8 @@ class ModelAdapter(ABC):
             for kind in kinds:
                 if kind not in self.MODULE_KINDS:
                     raise ValueError(
-                        f"method.modules: unknown module kind {kind!r} for {self.family}; known: {', '.join(self.MODULE_KINDS)}"
+                        f"method.modules: unknown module kind {kind!r} for {self.family}; "
+                        f"known: {', '.join(self.MODULE_KINDS)}"
                     )
                 path = self.MODULE_KINDS[kind]
                 module = layer_list[li].get_submodule(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -21,7 +22,7 @@ def test_defaults_are_valid_and_frozen():
     cfg = load_config(None)
     assert isinstance(cfg, Config)
     assert isinstance(cfg.method, FTConfig)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3  # type: ignore[misc]
 
 

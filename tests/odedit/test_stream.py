@@ -98,7 +98,10 @@ def test_same_seed_same_results(setup, tiny_adapter):
     other = tiny_adapter("llava")
     cases_b = copy.deepcopy(cases)
     b = StreamRunner(Editor(other, cfg), cfg).run(cases_b)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("step_wall", "edit_seconds")} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("step_wall", "edit_seconds")} for r in rows]
+
     assert _same(strip(a.rows), strip(b.rows))
     assert _same(a.curve, b.curve)
 
@@ -121,7 +124,10 @@ def test_resume_from_mid_stream_state_matches_uninterrupted(setup, tiny_adapter)
     resumed_editor.load_state_dict(saved["editor"])
     resumed = StreamRunner(resumed_editor, cfg).run(cases, saved["state"])
     assert [e["edit_id"] for e in resumed.ledger] == [c.edit_id for c in cases], "each edit exactly once"
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("step_wall", "edit_seconds")} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("step_wall", "edit_seconds")} for r in rows]
+
     assert _same(strip(full.rows), strip(resumed.rows))
 
 
@@ -199,7 +205,10 @@ def test_sequences_of_t_edits_each_start_from_the_pre_edit_model(setup, tiny_ada
     plain = _cfg(f"method.name={method}", "stream.checkpoint_every=0")
     for start in (2, 4):
         alone = StreamRunner(Editor(tiny_adapter("llava"), plain), plain).run(copy.deepcopy(cases[start : start + 2]))
-        final = lambda rows: [{k: v for k, v in r.items() if k.startswith("final_")} for r in rows]
+
+        def final(rows):
+            return [{k: v for k, v in r.items() if k.startswith("final_")} for r in rows]
+
         assert _same(final(result.rows[start : start + 2]), final(alone.rows))
     assert result.summary["rel"] == pytest.approx(sum(r["final_rel"] for r in result.rows) / len(cases))
 
@@ -219,7 +228,10 @@ def test_resume_inside_a_sequence_matches_uninterrupted(setup, tiny_adapter):
     resumed_editor = Editor(tiny_adapter("llava"), cfg)  # the engine's order: editor first, then the checkpoint
     resumed_editor.load_state_dict(saved["editor"])
     resumed = StreamRunner(resumed_editor, cfg).run(cases, saved["state"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in _STRIP} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in _STRIP} for r in rows]
+
     assert _same(strip(full.rows), strip(resumed.rows))
 
 

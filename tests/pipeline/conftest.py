@@ -86,7 +86,7 @@ def evqa_exact(tmp_path):
     """EasyEdit's exact E-VQA layout: editing-data/vqa/vqa_eval.json, coco/ and coco_rephrase/ image roots."""
     coco, rephrase = str(tmp_path / "coco"), str(tmp_path / "coco_rephrase")
     seen = set()
-    for i, rec in enumerate(EVQA_RECORDS):
+    for rec in EVQA_RECORDS:
         for root, rel in ((coco, rec["image"]), (rephrase, rec["image_rephrase"]), (coco, rec["m_loc"])):
             if rel not in seen:
                 seen.add(rel)

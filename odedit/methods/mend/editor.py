@@ -68,7 +68,10 @@ class MENDConfig(MethodConfig):
     )
     bootstrap_steps: int = option(
         0,
-        help="without hypernet_path: meta-train in process for this many steps on synthetic edits at the first edit (tests, tiny models); 0 = require a trained hypernetwork",
+        help=(
+            "without hypernet_path: meta-train in process for this many steps on synthetic edits at the first edit "
+            "(tests, tiny models); 0 = require a trained hypernetwork"
+        ),
         check=non_negative,
     )
     bootstrap_edits: int = option(16, help="synthetic edits of the in-process bootstrap", check=positive)

@@ -148,7 +148,8 @@ class MetaTrainer:
     def evaluate(self, cases: Sequence[EditCase] | None = None) -> dict[str, float]:
         """Each held-out edit applied alone with the current hypernetwork, scored and undone: mean post-edit
         NLL on IN and SE (`edit_loss`), teacher-forced exact-match reliability (`rel`), and the pre-edit NLL.
-        The edits run under the host objective, so scoring never moves ODEdit's lambda-network. Sums are reduced over workers, so every worker returns the same numbers."""
+        The edits run under the host objective, so scoring never moves ODEdit's lambda-network. Sums are reduced
+        over workers, so every worker returns the same numbers."""
         host = HostObjective(self.method)  # scoring must not move the lambda-network
         cases = self.val_cases if cases is None else list(cases)
         was_trained = self.method.trained

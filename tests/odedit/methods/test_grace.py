@@ -94,9 +94,13 @@ def test_same_target_expands_a_radius_and_a_different_target_splits_it(tiny_adap
 
     expand = Editor(tiny_adapter("llava"), _cfg(f"method.eps={eps}", "method.n_iter=1"))
     expand.edit([_case(*BLUE)])
+    value = expand.method.codebook.values[0].detach().clone()
     expand.edit([_case(1, GREEN[1], "blue")])  # another prompt, the same target
     book = expand.method.codebook
-    assert book.n == 1 and book.eps[0].item() == pytest.approx(d, rel=1e-9), "coverage: the radius grows to d"
+    # The radius grows to d and a rounding bound beyond (Codebook.covering_radius), so the new prompt is inside
+    # its entry in the step's own forward pass: the entry trains.
+    assert book.n == 1 and d <= book.eps[0].item() == pytest.approx(d, rel=1e-9), "coverage: the radius grows to d"
+    assert not torch.equal(book.values[0].detach(), value), "the new prompt retrieves the entry and trains it"
 
     split = Editor(tiny_adapter("llava"), _cfg(f"method.eps={eps}", "method.n_iter=1"))
     split.edit([_case(*BLUE)])
@@ -109,6 +113,17 @@ def test_same_target_expands_a_radius_and_a_different_target_splits_it(tiny_adap
     far = Editor(tiny_adapter("llava"), _cfg(f"method.eps={d / 4}", "method.n_iter=1"))
     far.edit([_case(*BLUE), _case(1, GREEN[1], "blue")])  # farther than eps + eps: a new entry
     assert far.method.codebook.n == 2 and far.method.codebook.eps[:2].tolist() == [d / 4, d / 4]
+
+
+def test_a_re_edit_of_the_same_prompt_with_another_target_does_not_crash(tiny_adapter):
+    # The same key with another label splits at distance 0: radii -1e-5 and 0, so the step's own forward pass may
+    # find no entry covering it; the step then gets zero gradients instead of a loss without a grad_fn.
+    for steps in ([[_case(*BLUE)], [_case(0, BLUE[1], "green")]], [[_case(*BLUE), _case(0, BLUE[1], "green")]]):
+        editor = Editor(tiny_adapter("llava"), _cfg(*NEAR, "method.n_iter=2"))
+        for cases in steps:
+            _, report = editor.edit(cases)
+            assert report.failed is None
+        assert editor.method.codebook.n == 2 and editor.method.codebook.labels == ["blue", "green"]
 
 
 def test_restore_removes_entries_bit_exactly_and_a_full_codebook_changes_nothing(tiny_adapter):
@@ -159,7 +174,7 @@ def test_sequential_edits_keep_earlier_ones_and_state_round_trips(tiny_adapter, 
 
 def test_a_second_grace_of_another_capacity_on_the_same_model_is_refused(tiny_adapter):
     adapter = tiny_adapter("llava")
-    Editor(adapter, _cfg("method.capacity=8")).method.codebook  # installs the codebook
+    _ = Editor(adapter, _cfg("method.capacity=8")).method.codebook  # installs the codebook
     assert Editor(adapter, _cfg("method.capacity=8")).method.codebook.capacity == 8  # found again, reused
     with pytest.raises(ValueError, match=r"capacity 8; method.capacity is 16"):
-        Editor(adapter, _cfg("method.capacity=16")).method.codebook
+        _ = Editor(adapter, _cfg("method.capacity=16")).method.codebook

@@ -134,16 +134,27 @@ def test_an_edit_step_with_the_tail_matches_the_layer_replay(method, odedit, tin
         attach_references(adapter, cases, k=8)
         torch.manual_seed(0)  # LoRA's A factors start random
         editor = Editor(adapter, cfg)
+        start = {k: v.detach().clone() for k, v in editor.method.editable().items()}
         _, report = editor.edit(cases)
         assert report.failed is None
-        results.append((report.parts, {k: v.detach().clone() for k, v in editor.method.editable().items()}))
-    (parts_tail, params_tail), (parts_layer, params_layer) = results
+        results.append((report.parts, {k: v.detach().clone() for k, v in editor.method.editable().items()}, start))
+    (parts_tail, params_tail, _), (parts_layer, params_layer, start) = results
     for a, b in zip(parts_tail, parts_layer):
         assert a.keys() == b.keys()
         for key in a:
             assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), (key, a[key], b[key])
+    # The parameters are compared by how far apart the two steps leave them, relative to how far the step moved
+    # them, not element by element. Adam's update lr * m / (sqrt(v) + 1e-8) normalises each element by its own
+    # gradient, so an element whose gradient is near the rounding level of the module's matrix product (the
+    # tail's runs on |P| rows, the layer replay's on B * L) turns that rounding into a step difference of up to
+    # lr * dg / 4e-8. Measured on AMD EPYC (ft with ODEdit): gradients agree to 1.3e-7 (relative norm) at the
+    # first iteration, but one weight whose gradient is 5.1e-8 (5.0936e-8 vs 5.0987e-8) moved 6.9e-6 apart,
+    # beyond an elementwise rtol of 1e-4; with SGD the parameters agree to 4e-8 over 8 iterations. The ratio below
+    # was at most 4.5e-6 there (ft and LoRA, with and without ODEdit); a 1% change of lr gives 8e-3.
     for name in params_layer:
-        assert torch.allclose(params_tail[name], params_layer[name], rtol=1e-4, atol=1e-6), name
+        apart = (params_tail[name] - params_layer[name]).norm()
+        moved = (params_layer[name] - start[name]).norm()
+        assert moved > 0 and apart <= 1e-4 * moved, (name, float(apart), float(moved))
 
 
 def test_mean_pooling_objectives_do_not_get_a_tail(tiny_adapter, monkeypatch):

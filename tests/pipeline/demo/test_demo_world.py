@@ -73,7 +73,7 @@ def test_paraphrases_keep_the_meaning_and_differ_from_easy_vqa():
     assert set(EASY_VQA_FORMS) == set(PARAPHRASES)
     for shape in SHAPES:
         for color in COLORS:
-            for key, forms in EASY_VQA_FORMS.items():
+            for forms in EASY_VQA_FORMS.values():
                 slot = color if "{color}" in forms[0] else shape
                 q = parse(forms[0].format(shape=slot, color=slot))
                 for p in all_paraphrases(forms[0].format(shape=slot, color=slot)):
@@ -246,5 +246,8 @@ def test_train_edits_have_images_of_their_own_and_leave_the_test_stream_alone(te
     assert len(by_split["train"]) == 24
     images = {s: {r["image"] for r in rs} for s, rs in by_split.items()}
     assert not images["train"] & (images["test"] | images["validation"])
-    same = lambda rs: [(r["id"], r["prompt"], r["target"]) for r in rs]
+
+    def same(rs):
+        return [(r["id"], r["prompt"], r["target"]) for r in rs]
+
     assert same(by_split["test"]) == same([r for r in plain if r["split"] == "test"])
