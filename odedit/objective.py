@@ -285,7 +285,7 @@ def _floats(parts: dict) -> dict[str, float]:
 
 
 def build_objective(
-    odedit_cfg: ODEditConfig, method: LossEditor, with_hard: bool = False, pooling: str = "last", seed: int = 0
+    odedit_cfg: ODEditConfig, method: LossEditor, *, with_hard: bool = False, pooling: str = "last", seed: int = 0
 ) -> Objective:
     """ODEdit when `odedit.enabled`, else the host editor alone: the same loop runs either."""
     if odedit_cfg.enabled:

@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     adapter = load_adapter(dataclasses.replace(cfg.model, device=device), config["model_path"])
     method = METHODS.get(cfg.method.name).method_cls(adapter, cfg.method)
     method.prepare()
-    objective = build_objective(cfg.odedit, method, cfg.data.with_hard_in_training, cfg.model.pooling)
+    objective = build_objective(cfg.odedit, method, with_hard=cfg.data.with_hard_in_training, pooling=cfg.model.pooling)
 
     def reduce_sum(tensors: list[torch.Tensor]) -> None:
         for t in tensors:
@@ -129,8 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         objective,
         train,
         val,
-        reduce_sum if distributed else None,
-        world,
+        reduce_sum=reduce_sum if distributed else None,
+        world_size=world,
         seed=cfg.seed + rank,
         reference_k=cfg.data.reference_k,
     )

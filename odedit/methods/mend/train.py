@@ -74,6 +74,7 @@ class MetaTrainer:
         objective: Any,
         train_cases: Sequence[EditCase],
         val_cases: Sequence[EditCase] = (),
+        *,
         reduce_sum: ReduceSum | None = None,
         world_size: int = 1,
         seed: int = 0,
