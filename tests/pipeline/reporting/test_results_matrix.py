@@ -6,7 +6,7 @@ import pytest
 
 from odedit.configlib import to_dict
 from odedit.loading import load_config
-from pipeline.reporting.matrix import MatrixError, cells, load_matrix, parse_matrix
+from pipeline.reporting.results_matrix import MatrixError, cells, load_matrix, parse_matrix
 from pipeline.reporting.tables import results_markdown
 
 MATRIX = {
