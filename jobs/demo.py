@@ -14,8 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import parse_job_args
-from pipeline.reporting.tracking import tracking_uri
+from jobs.common import parse_job_args, print_locations
 from pipeline.storage.jsonio import write_json
 
 
@@ -56,10 +55,7 @@ def main(cfg: Any) -> dict:
     print("End-of-stream metrics (x100) after the lifelong stream:")
     print(comparison_table(out["results"]))
     print()
-    print(f"summary:   {path}")
-    print(f"results:   {os.path.join(cfg.output_dir, 'storage')}/<run>/results/ (rows.parquet, curve.json, plots)")
-    uri = tracking_uri(cfg)
-    print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    print_locations(cfg, path)
     return summary
 
 

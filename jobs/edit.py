@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import parse_job_args
+from jobs.common import parse_job_args, print_locations
 from odedit.loading import with_overrides
 from pipeline.storage.jsonio import write_json
 
@@ -27,8 +27,9 @@ def main(cfg: Any) -> dict:
         cfg = with_overrides(cfg, ["stream.mode=single"])
     out = run_experiment(cfg, {"": []}, name="edit")
     summary = {"runs": out["results"], "prepare": out["prepare"]}
-    write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    path = write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     print(comparison_table(out["results"]))
+    print_locations(cfg, path)
     return summary
 
 

@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m jobs.results --config jobs/configs/results.yaml
 
 The base config (`--config`) fixes the model, the data (prepared once: shards and references are shared by
-every cell), resources and tracking; the matrix file (`pipeline.reporting.matrix`) gives each editor's `method`
+every cell), resources and tracking; the matrix file (`pipeline.reporting.results_matrix`) gives each editor's `method`
 block and each setting's stream overrides. Every cell's config is validated before anything runs.
 
 Each cell is one edit stream through the engine (Ray Train + DeepSpeed), an MLflow run nested under the
@@ -29,7 +29,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.reporting.matrix import Cell, MatrixError, cells, load_matrix
+from jobs.common import load_job_config
+from pipeline.reporting.results_matrix import Cell, MatrixError, cells, load_matrix
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.outputs import prepare_output_dir
 
@@ -76,12 +77,11 @@ def plan(argv: Sequence[str] | None = None) -> tuple[Any, list[Cell], Any]:
     # deferred: Ray, torch and transformers load only after the arguments parse (fast --help, config errors)
     from odedit.config import ConfigError
     from odedit.configlib import to_dict
-    from odedit.loading import load_config
     from pipeline.data.sources.base import check_source
 
     args = parse_args(argv)
+    base = load_job_config(args.config, args.overrides)
     try:
-        base = load_config(args.config, args.overrides, extra_checks=[check_source])
         spec = load_matrix(args.matrix)
         todo = cells(to_dict(base), spec, [check_source], args.only)
     except (ConfigError, MatrixError) as err:

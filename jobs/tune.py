@@ -19,9 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from odedit.config import ConfigError
-from odedit.loading import load_config
-from pipeline.data.sources.base import check_source
+from jobs.common import load_job_config
 from pipeline.search.space import check_search
 
 
@@ -30,11 +28,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config with a search section (see jobs/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as search.num_samples=4")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides, extra_checks=[check_source, check_search])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_job_config(args.config, args.overrides, extra_checks=[check_search])
     # deferred: Ray, torch and transformers; a config error above needs none of them
     from pipeline.search.driver import run_search
     from pipeline.search.outputs import trials_table

@@ -439,6 +439,12 @@ class Config:
     tracking: TrackingConfig = option(factory=TrackingConfig, help="MLflow")
     search: SearchConfig = option(factory=SearchConfig, help="hyperparameter search")
     output_dir: str = option("outputs/run", help="where results, shards and the sqlite MLflow store go")
+    storage_root: str = option(
+        "",
+        help="the root every relative location (output_dir, data.shards_dir, stream.storage_path, the "
+        "model and world caches) resolves against: a path on storage all nodes share; empty = "
+        "$ODEDIT_STORAGE_ROOT, else the current directory (refused inside a Ray job's package folder)",
+    )
     seed: int = option(0, help="seed of every random choice", check=non_negative)
 
     def _cross_checks(self) -> Iterable[Problem]:

@@ -21,9 +21,39 @@ from pipeline.cluster.session import ray_session
 from pipeline.prepare import prepare
 from pipeline.reporting.tracking import open_tracker
 from pipeline.storage.outputs import prepare_output_dir
+from pipeline.storage.root import ray_package_dir
 from pipeline.train.engine import default_run_name, run_stream
 
+COMMIT_ENV = "ODEDIT_GIT_COMMIT"
 PACKAGES = ("torch", "transformers", "ray", "deepspeed", "mlflow", "pyarrow", "peft")
+
+
+def code_version() -> dict[str, str]:
+    """`git_commit` of the code that runs, and `code_package` when it runs from Ray's package folder.
+
+    Under `ray job submit` the code is Ray's copy of the working directory, without `.git`: the commit is the
+    one `python -m jobs.submit` read on the submitting side and passed as `$ODEDIT_GIT_COMMIT` (suffixed
+    `-dirty` when the checkout had uncommitted changes). Elsewhere it is read from the checkout.
+    """
+    info = {}
+    package = ray_package_dir(os.path.dirname(os.path.abspath(__file__)))
+    if package:
+        info["code_package"] = os.path.basename(package)
+    commit = os.environ.get(COMMIT_ENV, "")
+    if not commit and not package:
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
+            commit = out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+    info["git_commit"] = commit or ("unknown (submitted without jobs.submit)" if package else "unknown")
+    return info
 
 
 def run_info(cfg: Config) -> dict[str, str]:
@@ -34,17 +64,7 @@ def run_info(cfg: Config) -> dict[str, str]:
             info[f"version.{pkg}"] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             info[f"version.{pkg}"] = "absent"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        )
-        info["git_commit"] = commit.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = "unknown"
+    info.update(code_version())
     return info
 
 

@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,18 @@ def ensure_experiment(uri: str, name: str) -> str:
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite store (`<its folder>/mlartifacts`), not in
+    `./mlruns` of whatever directory the process runs in; a server (http, databricks) decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    store = uri[len("sqlite:///") :]
+    return Path(os.path.dirname(os.path.abspath(store)), "mlartifacts").as_uri()
 
 
 def open_tracker(

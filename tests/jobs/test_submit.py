@@ -1,8 +1,10 @@
-"""`ray job submit` of a tiny lifelong job to a local `ray start --head` with token authentication on.
+"""`python -m jobs.submit` of a tiny lifelong job to a local `ray start --head` with token authentication on,
+and its command line.
 
-The head runs with `--block` in its own process group, so stopping it touches no other Ray instance of the
-test session. The client authenticates with the token `ray start` wrote (RAY_AUTH_MODE=token). The job's
-MLflow run must exist with metrics and artifacts afterwards.
+Everything the job writes must land under the storage root it was given (nothing in Ray's package folder), with
+the submitting checkout's git commit recorded. The head runs with `--block` in its own process group, so stopping
+it touches no other Ray instance of the test session. The client authenticates with the token `ray start` wrote
+(RAY_AUTH_MODE=token). The job's MLflow run must exist with metrics and artifacts afterwards.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +24,6 @@ import pytest
 import yaml
 
 from bench.synthetic import write_evqa_split
-
-pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,11 +104,13 @@ def head(tmp_path_factory):
     log.close()
 
 
+@pytest.mark.slow
 def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
     address, env = head
     paths = write_evqa_split(str(tmp_path / "world"), n=6, min_side=24, max_side=48, seed=2)
-    out = tmp_path / "out"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shared = tmp_path / "shared"
+    out = shared / "outputs" / "submitted"
+    uri = f"sqlite:///{out / 'mlflow.db'}"  # the default store: under output_dir
     config = {
         "model": {"family": "llava", "name_or_path": tiny_dir("llava")},
         "data": {"source": "mmedit", "path": paths["path"], "image_root": paths["image_root"]},
@@ -121,8 +124,8 @@ def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
             "generation_eval": False,
         },
         "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 2},
-        "tracking": {"uri": uri, "experiment": "submit-test"},
-        "output_dir": str(out),
+        "tracking": {"experiment": "submit-test"},
+        "output_dir": "outputs/submitted",  # relative: resolves under the storage root, not the package folder
     }
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(
@@ -132,13 +135,13 @@ def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
     for _ in range(10):  # a freshly started head may not have its job agent up yet (HTTP 500 "No available agent")
         proc = subprocess.run(
             [
-                os.path.join(os.path.dirname(sys.executable), "ray"),
-                "job",
-                "submit",
+                sys.executable,
+                "-m",
+                "jobs.submit",
                 "--address",
                 address,
-                "--working-dir",
-                ROOT,
+                "--storage-root",
+                str(shared),
                 "--",
                 "python",
                 "-m",
@@ -147,6 +150,7 @@ def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
                 str(cfg_path),
             ],
             env=client_env,
+            cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=900,
@@ -169,7 +173,21 @@ def test_job_submit_runs_lifelong_and_logs_to_mlflow(head, tmp_path, tiny_dir):
     assert [r.info.run_id for r in runs] == [run["mlflow_run_id"]]
     data = runs[0].data
     assert "final/rel" in data.metrics and "immediate/rel" in data.metrics
-    assert data.params["method.name"] == "ft" and data.params["seed"] == "0" and "git_commit" in data.params
+    assert data.params["method.name"] == "ft" and data.params["seed"] == "0"
+    from jobs.submit import git_commit
+
+    assert data.params["git_commit"] == git_commit(ROOT)  # read on the submitting side, passed to the job
+    package = data.params["code_package"]
+    assert package.startswith("_ray_pkg_")
+    assert runs[0].info.artifact_uri.startswith((out / "mlartifacts").as_uri())  # beside the store
+    # nothing was written into Ray's copy of the working directory
+    import glob
+
+    copies = glob.glob(os.path.join(tempfile.gettempdir(), "ray", "session_*", "runtime_resources", "*", package))
+    assert copies, "the job's package folder was not found"
+    for copy in copies:
+        for name in ("outputs", "mlruns", ".cache", "mlflow.db"):
+            assert not os.path.exists(os.path.join(copy, name)), f"{name} written into Ray's package folder {copy}"
     artifacts = {a.path for a in client.list_artifacts(run["mlflow_run_id"], "results")}
     assert {
         "results/summary.json",
@@ -195,3 +213,39 @@ def test_unauthenticated_client_is_refused(head):
     )
     assert proc.returncode != 0
     assert "auth" in (proc.stdout + proc.stderr).lower()
+
+
+def test_submit_passes_the_commit_and_the_storage_root_to_the_job():
+    from jobs.submit import submit_command
+
+    cmd = submit_command(
+        ["python", "-m", "jobs.demo", "--config", "c.yaml"],
+        address="http://h:8265",
+        storage_root="/mnt/shared/odedit",
+        commit="abc123-dirty",
+    )
+    i = cmd.index("--runtime-env-json")
+    assert json.loads(cmd[i + 1]) == {
+        "env_vars": {"ODEDIT_GIT_COMMIT": "abc123-dirty", "ODEDIT_STORAGE_ROOT": "/mnt/shared/odedit"}
+    }
+    assert cmd[1:3] == ["job", "submit"] and cmd[cmd.index("--working-dir") + 1] == ROOT
+    assert cmd[cmd.index("--address") + 1] == "http://h:8265"
+    assert cmd[cmd.index("--") + 1 :] == ["python", "-m", "jobs.demo", "--config", "c.yaml"]
+
+
+def test_submit_reads_this_checkouts_commit():
+    from jobs.submit import git_commit
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    assert git_commit(ROOT).removesuffix("-dirty") == head
+
+
+def test_submit_refuses_a_relative_root_and_a_missing_command(capsys):
+    from jobs.submit import cli
+
+    assert cli(["--storage-root", "shared", "--", "python", "-m", "jobs.demo"]) == 2
+    assert "absolute path" in capsys.readouterr().err
+    assert cli(["--dry-run"]) == 2
+    assert "no job command" in capsys.readouterr().err

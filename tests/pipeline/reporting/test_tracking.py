@@ -149,3 +149,16 @@ def test_server_dies_mid_run_results_stay_on_disk_and_sync_later(tmp_path, recor
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_a_sqlite_stores_artifacts_sit_beside_it(tmp_path):
+    from pipeline.reporting.tracking import artifact_location, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    assert artifact_location(uri) == (tmp_path / "store" / "mlartifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000") is None  # a server decides for itself
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment(ensure_experiment(uri, "beside"))
+    assert exp.artifact_location == (tmp_path / "store" / "mlartifacts").as_uri()
