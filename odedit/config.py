@@ -358,6 +358,19 @@ class ResourcesConfig:
     max_failures: int = option(
         2, help="worker restarts from the last checkpoint before the stream fails", check=non_negative
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK",
+        help="how Ray places the workers on nodes: PACK fills a node first (fewer cross-node collectives), "
+        "SPREAD puts them on different nodes (one worker per GPU node, survives losing a node with fewer workers)",
+    )
+    max_cluster: dict[str, float] = option(
+        factory=dict,
+        help="the most the cluster can grow to, e.g. {CPU: 64, GPU: 8}; empty = read from the autoscaler's "
+        "config ($ODEDIT_AUTOSCALER_CONFIG, else ~/ray_bootstrap_config.yaml on the head), else the cluster as it is",
+    )
+    scale_timeout_s: float = option(
+        900.0, help="how long a stream waits for the autoscaler to add the nodes it asked for", check=positive
+    )
 
 
 @dataclass(frozen=True)

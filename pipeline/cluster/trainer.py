@@ -51,6 +51,7 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=r.num_workers,
             use_gpu=r.use_gpu,
+            placement_strategy=r.placement_strategy,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})},
         ),
         run_config=RunConfig(

@@ -192,10 +192,26 @@ class RunStore:
         with open(os.path.join(self.run_dir, "workers", f"rank-{rank}.pid"), "w", encoding="utf-8") as fh:
             fh.write(str(os.getpid()))
 
+    def write_node(self, rank: int, node_id: str) -> None:
+        """Which Ray node rank `rank` runs on (rewritten when the worker group restarts elsewhere)."""
+        with open(os.path.join(self.run_dir, "workers", f"rank-{rank}.node"), "w", encoding="utf-8") as fh:
+            fh.write(node_id)
+
+    def worker_nodes(self) -> dict[int, str]:
+        d = os.path.join(self.run_dir, "workers")
+        out = {}
+        for name in os.listdir(d) if os.path.isdir(d) else []:
+            if name.endswith(".node"):
+                with open(os.path.join(d, name), encoding="utf-8") as fh:
+                    out[int(name.split("-")[1].split(".")[0])] = fh.read().strip()
+        return out
+
     def worker_pids(self) -> dict[int, int]:
         out = {}
         d = os.path.join(self.run_dir, "workers")
         for name in os.listdir(d) if os.path.isdir(d) else []:
+            if not name.endswith(".pid"):
+                continue
             with open(os.path.join(d, name), encoding="utf-8") as fh:
                 out[int(name.split("-")[1].split(".")[0])] = int(fh.read().strip())
         return out

@@ -28,6 +28,7 @@ from odedit.editing import Editor
 from odedit.loading import parse_config
 from odedit.models import load_adapter
 from odedit.stream import StreamHooks, StreamRunner, StreamState
+from pipeline.cluster.capacity import ensure_capacity
 from pipeline.cluster.trainer import build_trainer
 from pipeline.data.casesource import ShardCaseSource, attach_references
 from pipeline.data.schema import REFERENCE_SCHEMA, read_table
@@ -123,6 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     comm = TorchComm()
     store = RunStore(config["run_dir"]).ensure()
     store.write_pid(comm.rank)
+    store.write_node(comm.rank, ray.get_runtime_context().get_node_id())
     torch.manual_seed(cfg.seed)
     device = f"cuda:{ray.train.get_context().get_local_rank()}" if cfg.resources.use_gpu else "cpu"
     adapter = load_adapter(dataclasses.replace(cfg.model, device=device), config["model_path"])
@@ -228,21 +230,6 @@ def build_stream_trainer(cfg: Config, run_name: str, loop_config: dict[str, Any]
     )
 
 
-def check_cluster_fits(cfg: Config) -> None:
-    """Refuse a worker group that would leave Ray Data no CPU to read the shards with (it would hang)."""
-    import ray
-
-    r = cfg.resources
-    total = ray.cluster_resources().get("CPU", 0.0)
-    left = total - r.num_workers * r.cpus_per_worker
-    if left < 0.5:
-        raise ValueError(
-            f"resources: {r.num_workers} workers x {r.cpus_per_worker} CPU leave {left:g} "
-            f"of the cluster's {total:g} CPUs for Ray Data, which reads the shards for them; set "
-            f"resources.cpus_per_worker={max(0.1, (total - 1) / r.num_workers):g} or add CPUs"
-        )
-
-
 def for_workers(cfg: Config) -> Config:
     """The config as the driver means it, for processes that run elsewhere.
 
@@ -293,54 +280,57 @@ def run_stream(
     from tqdm import tqdm
 
     run_name = run_name or default_run_name(cfg)
-    check_cluster_fits(cfg)
-    cfg = for_workers(cfg)  # workers run in another directory: relative locations would not resolve there
-    shards = shards_dir(cfg)
-    edits = cfg.stream.num_edits if num_edits is None else num_edits
-    run_dir = os.path.join(storage_dir(cfg), run_name)
-    # Resume only the same stream: a checkpoint of other settings is never loaded (pipeline/train/runidentity.py).
-    claim_run(run_dir, stream_identity(cfg, model_path, shards, edits, offset), cfg.stream.on_change)
-    store = RunStore(run_dir).ensure()
-    tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})
-    config_path = os.path.join(store.run_dir, "config.yaml")  # the resolved config, as an artifact
-    with open(config_path, "w", encoding="utf-8") as fh:
-        fh.write(dump_config(cfg))
-    tracker.log_artifact(config_path)
-    loop_config = {
-        "cfg": to_dict(cfg),
-        "run_dir": store.run_dir,
-        "model_path": model_path,
-        "shards_dir": shards,
-        "run_id": getattr(tracker, "run_id", ""),
-        "num_edits": edits,
-        "offset": offset,
-        "metrics_path": metrics_path or "",
-    }
-    trainer = build_stream_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
-    done = threading.Event()
+    release = ensure_capacity(cfg)  # asks an autoscaling cluster for the workers, or refuses at once
+    try:
+        cfg = for_workers(cfg)  # workers run in another directory: relative locations would not resolve there
+        shards = shards_dir(cfg)
+        edits = cfg.stream.num_edits if num_edits is None else num_edits
+        run_dir = os.path.join(storage_dir(cfg), run_name)
+        # Resume only the same stream: a checkpoint of other settings is never loaded (pipeline/train/runidentity.py).
+        claim_run(run_dir, stream_identity(cfg, model_path, shards, edits, offset), cfg.stream.on_change)
+        store = RunStore(run_dir).ensure()
+        tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})
+        config_path = os.path.join(store.run_dir, "config.yaml")  # the resolved config, as an artifact
+        with open(config_path, "w", encoding="utf-8") as fh:
+            fh.write(dump_config(cfg))
+        tracker.log_artifact(config_path)
+        loop_config = {
+            "cfg": to_dict(cfg),
+            "run_dir": store.run_dir,
+            "model_path": model_path,
+            "shards_dir": shards,
+            "run_id": getattr(tracker, "run_id", ""),
+            "num_edits": edits,
+            "offset": offset,
+            "metrics_path": metrics_path or "",
+        }
+        trainer = build_stream_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
+        done = threading.Event()
 
-    def poll() -> None:
-        bar = tqdm(desc=run_name, unit="edit", disable=not progress)
-        while not done.is_set():
+        def poll() -> None:
+            bar = tqdm(desc=run_name, unit="edit", disable=not progress)
+            while not done.is_set():
+                p = store.read_progress()
+                if p:
+                    bar.total = p["total"]
+                    bar.n = p["done"]
+                    bar.refresh()
+                done.wait(1.0)
             p = store.read_progress()
             if p:
-                bar.total = p["total"]
-                bar.n = p["done"]
-                bar.refresh()
-            done.wait(1.0)
-        p = store.read_progress()
-        if p:
-            bar.total, bar.n = p["total"], p["done"]
-        bar.close()
+                bar.total, bar.n = p["total"], p["done"]
+            bar.close()
 
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    try:
-        trainer.fit()
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        t0 = time.perf_counter()
+        try:
+            trainer.fit()
+        finally:
+            done.set()
+            thread.join()
     finally:
-        done.set()
-        thread.join()
+        release()
     with open(os.path.join(store.results_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     summary.update(
