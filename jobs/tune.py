@@ -1,7 +1,7 @@
 """Hyperparameter search over ODEdit's knobs with Ray Tune (ASHA + Optuna), tracked in MLflow.
 
     python -m jobs.tune --config jobs/configs/demo_tune.yaml [key=value ...]
-    ray job submit --working-dir . -- python -m jobs.tune --config jobs/configs/demo_tune.yaml
+    python -m jobs.submit --storage-root /mnt/shared/odedit -- python -m jobs.tune --config jobs/configs/demo_tune.yaml
 
 Checks the search space against the config loader (every key, each end of its range, each choice) before
 anything runs, prepares the data and model once (cached), then runs `search.num_samples` trials, each a
@@ -28,7 +28,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config with a search section (see jobs/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as search.num_samples=4")
     args = parser.parse_args(argv)
-    cfg = load_job_config(args.config, args.overrides, extra_checks=[check_search])
+    try:
+        cfg = load_job_config(args.config, args.overrides, extra_checks=[check_search])
+    except SystemExit as stop:  # the problems are printed; this cli returns its status instead of exiting
+        return int(stop.code)
     # deferred: Ray, torch and transformers; a config error above needs none of them
     from pipeline.search.driver import run_search
     from pipeline.search.outputs import trials_table
