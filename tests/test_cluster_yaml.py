@@ -621,7 +621,7 @@ def test_setup_commands_are_idempotent(tmp_path):
     env = (tmp_path / ".odedit_env").read_text()
     assert env == (
         f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={tmp_path}/.odedit-secrets/ray_auth_token "
-        "ODEDIT_HEAD_IP=10.0.0.7 MLFLOW_TRACKING_URI=http://10.0.0.7:5000\n"
+        "ODEDIT_HEAD_IP=10.0.0.7 MLFLOW_TRACKING_URI=http://10.0.0.7:5000 ODEDIT_STORAGE_ROOT=/mnt/shared/odedit\n"
     )
     assert _mode(tmp_path / ".odedit_env") == 0o600
     head = _run(env_cmd, tmp_path)  # no RAY_HEAD_IP: the head's own address, from Ray
