@@ -1,7 +1,7 @@
 """Single-edit experiments: each edit applied to the original weights, scored and undone, spread over workers.
 
     python -m jobs.edit --config jobs/configs/demo.yaml stream.mode=single [key=value ...]
-    ray job submit --working-dir . -- python -m jobs.edit --config jobs/configs/<model>.yaml
+    python -m jobs.submit --storage-root /mnt/shared/odedit -- python -m jobs.edit --config jobs/configs/<model>.yaml
 
 Writes `<output_dir>/summary.json` with the MMEdit metrics of every edit (MMEdit's main-table protocol).
 """

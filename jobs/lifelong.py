@@ -1,7 +1,8 @@
 """A lifelong (sequential) edit stream on Ray Train + DeepSpeed, tracked in MLflow.
 
     python -m jobs.lifelong --config jobs/configs/demo.yaml [key=value ...]
-    ray job submit --working-dir . -- python -m jobs.lifelong --config jobs/configs/<model>.yaml
+    python -m jobs.submit --storage-root /mnt/shared/odedit -- \
+        python -m jobs.lifelong --config jobs/configs/<model>.yaml
 
 Prepares the data (cached), runs `stream.num_edits` edits in steps of `stream.batch_size`, never undone, with
 immediate metrics per step, retention every `stream.eval_every` edits and full retention at the end, and

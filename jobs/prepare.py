@@ -1,7 +1,7 @@
 """Prepare an edit stream's data: environment shards, quarantine and pre-edit references, as one Ray job.
 
     python -m jobs.prepare --config jobs/configs/<job>.yaml [key=value ...]
-    ray job submit --working-dir . -- python -m jobs.prepare --config jobs/configs/<job>.yaml
+    python -m jobs.submit --storage-root /mnt/shared/odedit -- python -m jobs.prepare --config jobs/configs/<job>.yaml
 
 Reads the records through `pipeline.data.sources.SOURCES[data.source]`, builds the shards (`pipeline.data.shards`),
 computes the unedited model's references on the OUT environments (`pipeline.data.references`) with

@@ -2,7 +2,7 @@
 
     python -m jobs.results --config jobs/configs/results.yaml [--matrix jobs/matrices/results.yaml]
                            [--only seq10/ --only single/ft] [key=value ...]
-    ray job submit --working-dir . -- python -m jobs.results --config jobs/configs/results.yaml
+    python -m jobs.submit --storage-root /mnt/shared/odedit -- python -m jobs.results --config jobs/configs/results.yaml
 
 The base config (`--config`) fixes the model, the data (prepared once: shards and references are shared by
 every cell), resources and tracking; the matrix file (`pipeline.reporting.results_matrix`) gives each editor's `method`

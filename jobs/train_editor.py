@@ -1,7 +1,8 @@
 """Meta-train an editor's trained components (MEND's hypernetwork) as a Ray Train job.
 
     python -m jobs.train_editor --config jobs/configs/<job>.yaml [method.train_steps=2000 ...]
-    ray job submit --working-dir . -- python -m jobs.train_editor --config jobs/configs/<job>.yaml
+    python -m jobs.submit --storage-root /mnt/shared/odedit -- \
+        python -m jobs.train_editor --config jobs/configs/<job>.yaml
 
 A `TorchTrainer` with `resources.num_workers` workers (gloo on CPU, NCCL on GPU) runs
 `odedit.methods.mend.train.MetaTrainer` data-parallel: each worker loads the model, takes its slice of the
