@@ -88,11 +88,13 @@ class LocalCluster:
         return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        """The environment of every node and client: usage stats off, the project's `ray` first on PATH."""
+        """The environment of every node and client: token authentication, usage stats off, the storage root,
+        the project's `ray` first on PATH."""
         bin_dir = os.path.dirname(sys.executable)
         return dict(
             os.environ,
             RAY_USAGE_STATS_ENABLED="0",
+            RAY_AUTH_MODE="token",  # the head writes the token (~/.ray/auth_token); nodes and clients present it
             ODEDIT_STORAGE_ROOT=self.storage_root,
             PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
         )

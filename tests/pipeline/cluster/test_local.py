@@ -213,7 +213,9 @@ def test_a_submitted_job_spans_the_worker_nodes_and_writes_only_under_the_storag
         ).read()
     )["experiment"]
     runs = rest(uri, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-    run = next(r for r in runs if r["info"]["run_id"] == summary_of(c, "reference")["mlflow_run_id"])
+    with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
+        run_id = json.load(fh)["runs"]["reference"]["mlflow_run_id"]
+    run = next(r for r in runs if r["info"]["run_id"] == run_id)
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert params["git_commit"] == git_commit(ROOT) and params["code_package"].startswith("_ray_pkg_")
