@@ -27,6 +27,7 @@ for _name, _module, _summary in (
     ("train_editor", "jobs.train_editor", "meta-train an editor's hypernetwork (MEND)"),
     ("local_cluster", "jobs.local_cluster", "start or stop a multi-node Ray cluster on this machine"),
     ("submit", "jobs.submit", "submit a job to a Ray cluster with its git commit and storage root"),
+    ("export_hf", "jobs.export_hf", "export result rows (rows.parquet) as Hugging Face datasets"),
     ("sync_mlflow", "jobs.sync_mlflow", "replay an MLflow outbox file into MLflow"),
     ("reliability_report", "jobs.reliability_report", "render docs/reliability.md from recorded test outcomes"),
 ):

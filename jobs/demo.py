@@ -60,7 +60,7 @@ def main(cfg: Any) -> dict:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    main(parse_job_args("The embedded demo: a lifelong stream without and with ODEdit.", argv))
+    main(parse_job_args(__doc__, argv))
     return 0
 
 

@@ -34,7 +34,7 @@ def main(cfg: Any) -> dict:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    main(parse_job_args("Run single-edit experiments (each edit undone).", argv))
+    main(parse_job_args(__doc__, argv))
     return 0
 
 

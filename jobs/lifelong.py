@@ -39,7 +39,7 @@ def main(cfg: Any) -> dict:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    main(parse_job_args("Run a lifelong (sequential) edit stream.", argv))
+    main(parse_job_args(__doc__, argv))
     return 0
 
 

@@ -20,7 +20,6 @@ Writes `<output_dir>/results.json` and `<output_dir>/results.md` (one table per 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import load_job_config
+from jobs.common import job_parser, load_job_config
 from pipeline.reporting.results_matrix import Cell, MatrixError, cells, load_matrix
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.outputs import prepare_output_dir
@@ -58,8 +57,11 @@ KEEP = (
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="base config YAML (model, data, resources, tracking)")
+    parser = job_parser(
+        __doc__,
+        config_help="base config YAML (model, data, resources, tracking)",
+        overrides_help="dotted overrides of the base config",
+    )
     parser.add_argument("--matrix", default=DEFAULT_MATRIX, help="editors / settings / arms YAML")
     parser.add_argument(
         "--only",
@@ -68,7 +70,6 @@ def parse_args(argv: Sequence[str] | None):
         metavar="PREFIX",
         help="run only cells whose setting/editor/arm starts with PREFIX (repeatable)",
     )
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
     return parser.parse_args(argv)
 
 

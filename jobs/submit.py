@@ -5,9 +5,11 @@
 
 Runs `ray job submit --working-dir <checkout> --runtime-env-json {...} -- <command>` with
 `ODEDIT_GIT_COMMIT` (the checkout's `git rev-parse HEAD`, `-dirty` when it has uncommitted changes: Ray's copy of
-the working directory has no `.git`) and, when given, `ODEDIT_STORAGE_ROOT` in the job's environment. Every other
-`ray job submit` option can follow `--ray-args`; `RAY_ADDRESS` and Ray's token (`RAY_AUTH_MODE=token`) are
-honoured as by `ray job submit` itself. Exits with `ray job submit`'s status.
+the working directory has no `.git`), when given, `ODEDIT_STORAGE_ROOT`, and the switches that keep a log free of
+progress-bar redraws (`pipeline.reporting.progress.QUIET_ENV`: a job's output is never a terminal, and these
+reach every worker of the job) in the job's environment. Every other `ray job submit` option can follow
+`--ray-args`; `RAY_ADDRESS` and Ray's token (`RAY_AUTH_MODE=token`) are honoured as by `ray job submit` itself.
+Exits with `ray job submit`'s status.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+
+from pipeline.reporting.progress import QUIET_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +60,7 @@ def submit_command(
         raise ValueError("no job command after `--` (e.g. -- python -m jobs.demo --config jobs/configs/demo.yaml)")
     if storage_root and not os.path.isabs(storage_root):
         raise ValueError(f"--storage-root {storage_root!r}: give an absolute path as the cluster's nodes mount it")
-    env = {"ODEDIT_GIT_COMMIT": git_commit(working_dir) if commit is None else commit}
+    env = {**QUIET_ENV, "ODEDIT_GIT_COMMIT": git_commit(working_dir) if commit is None else commit}
     if storage_root:
         env["ODEDIT_STORAGE_ROOT"] = storage_root
     ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"

@@ -31,7 +31,7 @@ from jobs.common import parse_job_args
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_job_args("Meta-train an editor's hypernetwork (MEND) with Ray Train.", argv)
+    cfg = parse_job_args(__doc__, argv)
     # deferred: pulls in Ray, torch and transformers; `--help` needs none of them
     from pipeline.train.editor_training import SUMMARY_FILE, train_editor
 

@@ -15,18 +15,19 @@ it with `jobs.lifelong`), and under `<output_dir>/search/<name>/`: `summary.json
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
-from jobs.common import load_job_config
+from jobs.common import job_parser, load_job_config
 from pipeline.search.space import check_search
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Search ODEdit's knobs with Ray Tune; write the best config.")
-    parser.add_argument("--config", required=True, help="YAML config with a search section (see jobs/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides such as search.num_samples=4")
+    parser = job_parser(
+        __doc__,
+        config_help="YAML config with a search section (see jobs/configs/)",
+        overrides_help="dotted overrides such as search.num_samples=4",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_job_config(args.config, args.overrides, extra_checks=[check_search])

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from odedit.configlib import ConfigError, Problem, each, non_negative, option, positive, to_dict
+from odedit.records import EditRecord
 
 __all__ = [
     "Config",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# resources.precision -> the model.dtype it loads the model in, and back.
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_PRECISIONS = {dtype: precision for precision, dtype in PRECISION_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,14 @@ class ModelConfig:
             "demo model"
         ),
     )
-    dtype: Dtype = option("auto", help="parameter dtype; auto = bfloat16 on GPU, float32 on CPU")
+    dtype: Dtype = option(
+        "auto",
+        help=(
+            "parameter dtype; auto = resources.precision's in the edit and training workers (bfloat16 on GPU, float32 "
+            "on CPU unless set), bfloat16 on a GPU and float32 on CPU where a model is loaded on its own; when both "
+            "are set they must agree (Config.model_dtype)"
+        ),
+    )
     device: str = option(
         "auto",
         help="auto, cpu, cuda or cuda:N",
@@ -147,13 +159,32 @@ class DemoWorldConfig:
             )
 
 
+# The fields of an edit record a hf dataset column may map to (data.hf_columns' keys).
+RECORD_FIELDS = tuple(EditRecord.__dataclass_fields__)
+
+
+def _record_fields_problem(mapping: dict) -> str | None:
+    for field, column in mapping.items():
+        if field not in RECORD_FIELDS:
+            return f"{field!r} is not an edit-record field (fields: {', '.join(RECORD_FIELDS)})"
+        if not column.strip():
+            return f"{field!r} maps to an empty column name"
+    return None
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where edit records come from and where environment shards go."""
 
     # Checked against pipeline.data.sources.SOURCES by the jobs (odedit does not import pipeline).
-    source: str = option("demo", help="record reader: demo, mmedit, vlkeb, mmkebench")
-    path: str = option("", help="records file (JSON) for mmedit/vlkeb/mmkebench")
+    source: str = option("demo", help="record reader: demo, mmedit, vlkeb, mmkebench, hf")
+    path: str = option(
+        "",
+        help=(
+            "records file (JSON) for mmedit/vlkeb/mmkebench; for hf: a directory written by save_to_disk, a "
+            "load_dataset path (data files or a folder of them) or a hub id"
+        ),
+    )
     image_root: str = option("", help="root of edit images (EasyEdit's coco_image)")
     rephrase_image_root: str = option("", help="root of image rephrases; empty = image_root")
     locality_image_root: str = option("", help="root of multimodal-locality images; empty = image_root")
@@ -193,6 +224,34 @@ class DataConfig:
     )
     build_workers: int = option(
         0, help="Ray Data tasks building shards at once; 0 = as many as the cluster has CPUs", check=non_negative
+    )
+    hf_columns: dict[str, str] = option(
+        factory=dict,
+        help=(
+            "hf source: record field -> dataset column, over the default mapping (EasyEdit's names: prompt<-src, "
+            "target<-alt, the other fields under their own names, e.g. image<-image); e.g. {prompt: question}"
+        ),
+        check=_record_fields_problem,
+    )
+    hf_split: str = option(
+        "", help="hf source: the dataset split to read; empty = the only split there is (else name one)"
+    )
+    hf_subset: str = option(
+        "", help="hf source: the dataset configuration (subset) name for load_dataset; empty = none"
+    )
+    hf_streaming: bool = option(
+        False,
+        help=(
+            "hf source: stream the dataset into Ray Data (an IterableDataset read in batches) instead of handing "
+            "Ray its whole Arrow table; for datasets larger than the driver's memory"
+        ),
+    )
+    export_hf: str = option(
+        "",
+        help=(
+            "jobs.prepare also writes the validated records (the kept ones, images as datasets.Image) as a Hugging "
+            "Face dataset (save_to_disk) to this directory; empty = no export"
+        ),
     )
 
 
@@ -348,7 +407,7 @@ class ResourcesConfig:
     """Ray Train workers and DeepSpeed."""
 
     num_workers: int = option(1, help="Ray Train workers", check=positive)
-    use_gpu: bool = option(False, help="one GPU per worker (NCCL, bf16) instead of CPU (gloo, fp32)")
+    use_gpu: bool = option(False, help="one GPU per worker (NCCL, bf16 by default) instead of CPU (gloo, fp32)")
     cpus_per_worker: float = option(1.0, help="CPUs reserved per worker", check=positive)
     zero_stage: int = option(
         2,
@@ -371,6 +430,22 @@ class ResourcesConfig:
     scale_timeout_s: float = option(
         900.0, help="how long a stream waits for the autoscaler to add the nodes it asked for", check=positive
     )
+    precision: Precision = option(
+        "auto",
+        help="training precision: the workers' model dtype and DeepSpeed's mode. fp32; bf16 (DeepSpeed bf16, fp32 "
+        "master weights under ZeRO); fp16 (GPU and zero_stage 2/3 only: DeepSpeed fp16 with dynamic loss scaling); "
+        "auto = model.dtype's when set, else bf16 with use_gpu and fp32 without (the behaviour before this option). "
+        "Risks, penalty, metrics and pre-edit references compute in fp32 whatever the model dtype",
+    )
+
+    def _cross_checks(self) -> Iterable[Problem]:
+        if self.precision == "fp16" and not self.use_gpu:
+            yield Problem(
+                "precision",
+                "fp16",
+                "fp16 needs a GPU: DeepSpeed's fp16 mode (dynamic loss scaling) runs on CUDA only",
+                "set resources.use_gpu=true, or use resources.precision=bf16 or fp32 on CPU",
+            )
 
 
 @dataclass(frozen=True)
@@ -460,9 +535,52 @@ class Config:
     )
     seed: int = option(0, help="seed of every random choice", check=non_negative)
 
+    def training_precision(self) -> Literal["fp32", "bf16", "fp16"]:
+        """`resources.precision` resolved: as set; for auto, `model.dtype`'s when set, else bf16 on GPU workers
+        (`resources.use_gpu`) and fp32 on CPU ones."""
+        p = self.resources.precision
+        if p != "auto":
+            return p
+        if self.model.dtype != "auto":
+            return DTYPE_PRECISIONS[self.model.dtype]  # type: ignore[return-value]
+        return "bf16" if self.resources.use_gpu else "fp32"
+
+    def model_dtype(self) -> str:
+        """The dtype workers load the model in (float32, bfloat16 or float16): `model.dtype` when set (it then
+        agrees with `resources.precision`, checked at load), else the one of `training_precision()`."""
+        return self.model.dtype if self.model.dtype != "auto" else PRECISION_DTYPES[self.training_precision()]
+
     def _cross_checks(self) -> Iterable[Problem]:
         r = self.resources
         st = self.stream
+        dtype = self.model.dtype
+        if r.precision != "auto" and dtype != "auto" and DTYPE_PRECISIONS[dtype] != r.precision:
+            yield Problem(
+                "model.dtype",
+                dtype,
+                f"disagrees with resources.precision={r.precision} (which loads the model in "
+                f"{PRECISION_DTYPES[r.precision]})",
+                f"set model.dtype=auto (it then follows resources.precision), or model.dtype="
+                f"{PRECISION_DTYPES[r.precision]}, or resources.precision={DTYPE_PRECISIONS[dtype]}",
+            )
+        elif r.precision == "auto" and dtype == "float16" and not r.use_gpu:
+            yield Problem(
+                "model.dtype",
+                dtype,
+                "float16 makes resources.precision=auto resolve to fp16, which needs a GPU (DeepSpeed's fp16 mode "
+                "with dynamic loss scaling runs on CUDA only)",
+                "set resources.use_gpu=true, or model.dtype=bfloat16, float32 or auto on CPU",
+            )
+        elif self.training_precision() == "fp16" and (r.zero_stage == 0 or st.mode == "single"):
+            field, value = ("resources.zero_stage", 0) if r.zero_stage == 0 else ("stream.mode", "single")
+            yield Problem(
+                field,
+                value,
+                "fp16 training needs DeepSpeed's dynamic loss scaling, which only runs with ZeRO (zero_stage 2 or 3) "
+                "in sequential mode; without it fp16 gradients underflow",
+                "use resources.precision=bf16 (no loss scaling needed), or resources.zero_stage=2 with "
+                "stream.mode=sequential",
+            )
         if st.sequence_length and st.mode != "sequential":
             yield Problem(
                 "stream.sequence_length",

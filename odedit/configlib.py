@@ -417,15 +417,15 @@ def read_yaml(path: str, issues: list[ConfigIssue]) -> dict:
     return data
 
 
-def help_table(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every field, for `--help-config` style listings and docs."""
-    rows: list[tuple[str, str, str]] = []
+def help_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) for every leaf field, nested sections flattened, for `--help-config`."""
+    rows: list[tuple[str, str, str, str]] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = _join(prefix, f.name)
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows.extend(help_table(tp, key))
+            rows.extend(help_rows(tp, key))
             continue
         default = (
             f.default
@@ -434,5 +434,10 @@ def help_table(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>"  # type: ignore[misc]
             )
         )
-        rows.append((key, repr(default), f.metadata.get("help", "")))
+        rows.append((key, _type_name(tp), repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def help_table(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for `--help-config` style listings and docs."""
+    return [(key, default, text) for key, _, default, text in help_rows(cls, prefix)]

@@ -91,7 +91,13 @@ def case_from_record(record: EditRecord, load_image: Callable[[str | None, str],
 def compute_references(
     adapter: ModelAdapter, samples: Sequence[Sample], k: int = 64, batch_size: int = 32
 ) -> list[Reference]:
-    """Pre-edit top-K references of `samples` (run this with the unedited model)."""
+    """Pre-edit top-K references of `samples` (run this with the unedited model).
+
+    [INFERENCE] The model runs in its own dtype (the edit workers', `resources.precision`: the pipeline loads
+    it so, so R_loc starts at 0 on the unedited model), but the log-softmax and top-K are taken in fp32 and the
+    log-probabilities stored as fp32: in bf16 the K stored log-probs would keep 2-3 significant digits and the
+    tail bucket's mass, 1 - sum of K probabilities, would be mostly rounding.
+    """
     # deferred: torch only where references are computed; data workers build cases without it
     import torch
 

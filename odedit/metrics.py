@@ -6,6 +6,9 @@ Each metric name maps to a `MetricProtocol` that travels with the number (`Metri
 EasyEdit's own numbers are not comparable across its versions (PR #687) and its locality is agreement, not
 accuracy (issue #243).
 
+[INFERENCE] Scores are taken from fp32 copies of the logits whatever the model dtype (`resources.precision`):
+the cast is exact, so argmax and top-k see the model's own numbers, and every mean is an fp32 one.
+
 | name        | inputs                               | scorer                                                    |
 |-------------|--------------------------------------|-----------------------------------------------------------|
 | rel         | (image, prompt) -> target            | teacher-forced token accuracy (exact match optional)      |
@@ -110,7 +113,7 @@ def token_accuracy(out: ForwardOutput, exact_match: bool = False) -> torch.Tenso
     argmax of the logits at each answer position is compared with the next target token (EasyEdit's
     `rewrite_acc` etc.). Padding never counts, on either side.
     """
-    logits = out.answer_logits()
+    logits = out.answer_logits().float()
     correct = (logits.argmax(-1) == out.answer_targets()).float()
     return _per_sample(correct, out.answer_row(), out.batch.size, "all" if exact_match else "mean")
 

@@ -156,7 +156,8 @@ class ODEditObjective(Objective):
         if not se:
             return None
         n = outs.spans["in"].stop - outs.spans["in"].start if hasattr(outs, "spans") else outs["in"].batch.size
-        z = self._pooled_stacked(outs, ("in", *se))  # edit prompts first, then their rephrases
+        # edit prompts first, then their rephrases; [INFERENCE] R_gen's kernels in fp32 whatever the model dtype
+        z = self._pooled_stacked(outs, ("in", *se)).float()
         # [INFERENCE] The bandwidths are fixed for the whole step from its first iteration: a median heuristic
         # re-estimated every iteration makes MMD^2 invariant to a uniform shrinking of the distances, so
         # R_gen could never pull rephrases towards the edit prompt.

@@ -7,6 +7,13 @@ target does not outweigh a short one ([INFERENCE]: the paper writes expectations
 
 Every risk takes a logit scale `omega` (default 1.0): the dummy classifier of IRM (method.md §2.5) through
 which the TV-l1 penalty measures how each environment's risk reacts to the environment ([TV1]/[TV2] code).
+
+[INFERENCE] Every risk, slope and kernel here is computed in fp32 whatever the model's dtype
+(`resources.precision`): logits are cast before the log-softmax (and before the omega scaling, so the slope in
+omega is not taken on bf16 products), hidden states before the MMD kernels. In bf16 (8 mantissa bits) a
+log-softmax over a large vocabulary loses the small probabilities that R_loc's KL and the references' tail
+bucket are made of, and the TV-l1 penalty's slopes (E_q[z] - z_y) are differences of nearly equal numbers.
+The casts are differentiable, so gradients still reach the bf16 model.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ def reliability_risk(
         rows, n_rows: batch row of each position, batch size.
         omega: logit scale (1.0 outside the penalty).
     """
-    nll = F.cross_entropy((logits * omega).float(), targets.to(logits.device), reduction="none")
+    nll = F.cross_entropy(logits.float() * omega, targets.to(logits.device), reduction="none")
     return _sample_mean(nll, rows, n_rows)
 
 
@@ -73,7 +80,7 @@ def locality_risk(
         rows, n_rows: batch row of each position, batch size.
         omega: logit scale of the edited model.
     """
-    logq = torch.log_softmax((logits * omega).float(), -1)
+    logq = torch.log_softmax(logits.float() * omega, -1)
     ref_ids = ref_ids.to(logits.device).long()
     ref_logprobs = ref_logprobs.to(logits.device).float()
     logq_k = logq.gather(-1, ref_ids)

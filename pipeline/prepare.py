@@ -7,8 +7,10 @@ Reads the records through `pipeline.data.sources.SOURCES[data.source]`, builds t
 computes the unedited model's references on the OUT environments (`pipeline.data.references`) with
 `model.name_or_path`, or, when that is empty, with the demo model (`pipeline.demo.model`, trained once and
 cached), and writes `<output_dir>/prepare.json`: record, kept and quarantined counts with reasons, shards and
-rows per environment, paths, and the demo model's measured accuracy. A re-run with the same config and
-inputs reuses the shards and references it finds (their manifests carry a fingerprint of the inputs).
+rows per environment, paths, and the demo model's measured accuracy. With `data.export_hf=<dir>` the kept
+records are also written there as a Hugging Face dataset (`pipeline.data.hf_export`; `export_hf` in the
+summary: its path and rows). A re-run with the same config and inputs reuses the shards and references it
+finds (their manifests carry a fingerprint of the inputs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 
 from odedit.config import Config, ModelConfig
 from pipeline.cluster.session import ray_session
+from pipeline.data.hf_export import export_records
 from pipeline.data.references import build_references
 from pipeline.data.shards import MANIFEST, REFERENCES_DIR, build_shards
 from pipeline.data.sources import SOURCES
@@ -52,13 +55,18 @@ def prepare(cfg: Config) -> dict:
         t0 = time.perf_counter()
         manifest, shards_reused = build_shards(source, cfg, shards_dir)
         shard_seconds = time.perf_counter() - t0
+        # ---- the validated records as a Hugging Face dataset, when asked
+        exported = export_records(source, cfg, shards_dir, cfg.data.export_hf) if cfg.data.export_hf else None
 
         # ---- the unedited model's references on OUT
         model_cfg, model_path, model_report = resolve_model(cfg)
         t0 = time.perf_counter()
         refs, refs_reused = build_references(
             shards_dir,
-            model_cfg,
+            # [INFERENCE] the references run the model in the dtype the edit workers load it in
+            # (resources.precision), so R_loc's KL starts at 0 on the unedited model rather than at the gap
+            # between two precisions; their log-probs and top-K are taken in fp32 (odedit.envs).
+            dataclasses.replace(model_cfg, dtype=cfg.model_dtype()),
             model_path,
             cfg.data.reference_k,
             workers=cfg.resources.num_workers,
@@ -93,6 +101,7 @@ def prepare(cfg: Config) -> dict:
             "quarantine": os.path.join(shards_dir, manifest["quarantine_files"]["jsonl"]),
             "references": os.path.join(shards_dir, REFERENCES_DIR),
         },
+        "export_hf": exported,
         "model": {
             "family": model_cfg.family,
             "name_or_path": model_path,

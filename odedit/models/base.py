@@ -124,9 +124,10 @@ class ForwardOutput:
         if pooling == "last":
             idx = self.batch.last_prompt.to(self.hidden.device)
             return self.hidden[torch.arange(self.hidden.shape[0], device=self.hidden.device), idx]
-        if pooling == "mean":
-            m = self.batch.prompt_mask.to(self.hidden.dtype).unsqueeze(-1)
-            return (self.hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if pooling == "mean":  # summed in fp32: a bf16 sum over ~600 positions keeps about 2 significant digits
+            hidden = self.hidden.float()
+            m = self.batch.prompt_mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
+            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
 
 

@@ -103,8 +103,6 @@ def load_image(root: str, rel: str, limits: ImageLimits) -> StoredImage:
     Raises:
         ImageRefused: with the refusal code and a message naming the path.
     """
-    from PIL import Image
-
     path = resolve_under_root(root, rel)
     if not os.path.isfile(path):
         raise ImageRefused(
@@ -112,18 +110,46 @@ def load_image(root: str, rel: str, limits: ImageLimits) -> StoredImage:
             f"image {rel!r} does not exist under {root!r}; check the image root in "
             "the config or the path in the record",
         )
-    size = os.path.getsize(path)
-    if size > limits.max_bytes:
-        raise ImageRefused(
-            TOO_LARGE,
-            f"image {rel!r} is {size} bytes, over data.max_image_bytes="
-            f"{limits.max_bytes}; shrink the file or raise the limit",
-        )
+    check_size(os.path.getsize(path), rel, limits)
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
         raise ImageRefused(MISSING, f"image {rel!r} cannot be read ({exc.strerror})") from None
+    return decode_checked(data, rel, limits)
+
+
+def load_image_bytes(data: bytes, name: str, limits: ImageLimits) -> StoredImage:
+    """`load_image` for an image given as bytes (a `datasets.Image` cell): the same size, pixel and decode
+    checks, then the same stored form. `name` is what messages call it (the cell's path or a content name).
+
+    Raises:
+        ImageRefused: with the refusal code and a message naming the image.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageRefused(CORRUPT, f"image {name!r} is {type(data).__name__}, not bytes; re-encode the dataset")
+    check_size(len(data), name, limits)
+    return decode_checked(bytes(data), name, limits)
+
+
+def check_size(size: int, name: str, limits: ImageLimits) -> None:
+    """Refuse an image of more than `limits.max_bytes` bytes (before anything reads or decodes it)."""
+    if size > limits.max_bytes:
+        raise ImageRefused(
+            TOO_LARGE,
+            f"image {name!r} is {size} bytes, over data.max_image_bytes="
+            f"{limits.max_bytes}; shrink the file or raise the limit",
+        )
+
+
+def decode_checked(data: bytes, name: str, limits: ImageLimits) -> StoredImage:
+    """Header pixel count, `verify()`, full decode, then `encode_image` (checks 3 and 4 of the module docstring).
+
+    Raises:
+        ImageRefused: too many pixels, or not a decodable / convertible image.
+    """
+    from PIL import Image
+
     with warnings.catch_warnings():
         # PIL warns (and above twice its limit raises) on huge images; both become refusals here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -133,7 +159,7 @@ def load_image(root: str, rel: str, limits: ImageLimits) -> StoredImage:
             if width * height > limits.max_pixels:
                 raise ImageRefused(
                     TOO_MANY_PIXELS,
-                    f"image {rel!r} declares {width}x{height} = "
+                    f"image {name!r} declares {width}x{height} = "
                     f"{width * height} pixels, over data.max_image_pixels="
                     f"{limits.max_pixels} (a decompression bomb?)",
                 )
@@ -144,17 +170,17 @@ def load_image(root: str, rel: str, limits: ImageLimits) -> StoredImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRefused(
-                TOO_MANY_PIXELS, f"image {rel!r} refused by PIL's decompression-bomb guard ({exc})"
+                TOO_MANY_PIXELS, f"image {name!r} refused by PIL's decompression-bomb guard ({exc})"
             ) from None
         except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) on bad data
             raise ImageRefused(
-                CORRUPT, f"image {rel!r} is not a decodable image ({type(exc).__name__}: {exc}); replace the file"
+                CORRUPT, f"image {name!r} is not a decodable image ({type(exc).__name__}: {exc}); replace the file"
             ) from None
     try:
         return encode_image(image, limits.max_side)
     except Exception as exc:  # a decodable image in a mode PIL cannot convert (e.g. "La")
         raise ImageRefused(
-            CORRUPT, f"image {rel!r} cannot be converted to RGB ({type(exc).__name__}: {exc}); re-save it as RGB"
+            CORRUPT, f"image {name!r} cannot be converted to RGB ({type(exc).__name__}: {exc}); re-save it as RGB"
         ) from None
 
 

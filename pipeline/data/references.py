@@ -32,6 +32,7 @@ from pipeline.data.envrows import row_sort_key
 from pipeline.data.images import decode_png
 from pipeline.data.schema import ENV_SCHEMA, REFERENCE_SCHEMA, read_table, to_table, write_table
 from pipeline.data.shards import MANIFEST, REFERENCES_DIR, read_manifest, reference_path
+from pipeline.reporting.progress import quiet_ray_data
 from pipeline.storage.jsonio import write_json
 
 _INPUT_COLUMNS = ["edit_id", "edit_index", "env", "sample_index", "prompt", "target", "image"]
@@ -177,6 +178,7 @@ def _score(
     # Leave a CPU for the read tasks: actors holding every CPU would starve the reads feeding them (deadlock).
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = max(1, min(workers, cpus - 1)) if not num_gpus else max(1, workers)
+    quiet_ray_data()  # no bar redraws in a job's log
     ds = ray.data.read_parquet(paths, columns=_INPUT_COLUMNS)
     ds = ds.map_batches(out_rows, batch_format="pyarrow")
     ds = ds.map_batches(

@@ -11,20 +11,24 @@ Steps (design.md §3):
    shrink each image (`pipeline.data.images`), build the edit's environment rows (`pipeline.data.envrows`), sort them by
    (edit_index, environment, sample_index) and write `env-<shard>.parquet` with the declared schema. A task
    holds one shard's records and images only, so memory does not grow with the split (EasyEdit decodes the
-   whole split in RAM). Records whose images are refused come back as quarantine rows.
+   whole split in RAM). Records whose images are refused come back as quarantine rows. Images embedded in a
+   dataset (`pipeline.data.sources.hf`) come from the source's image store (`pipeline.data.blobs`) through
+   the same checks (`record_fetcher`). Ray Data's progress bars are off when the output is not a terminal.
 3. Driver: quarantine files, then `manifest.json` LAST (its presence means the shards are complete).
 
 Shard names are `env-<planned shard number>.parquet` (5 digits), a function of the records and settings
 only; a planned shard whose every record is refused is not written, so numbers may skip. The manifest lists
-the shards with their rows, edits, edit_index range, rows per environment, size and sha256.
+the shards with their rows, edits, edit_index range, rows per environment, size and sha256, and their
+`content_hash` (`content_hash()`: equal hashes, byte-identical shards, however the records were read).
 
 Why not `Dataset.write_parquet`: it names files by write UUID and task and cuts files at block boundaries,
 so it promises neither stable names nor "all rows of an edit in one file"; each task here writes exactly the
 one shard it was given, atomically, and returns its summary.
 
-Caching: the manifest stores a fingerprint of the inputs (records, image files' sizes and mtimes, the data
-settings, schema version, Pillow version). `build_shards` returns the existing manifest, untouched, when the
-fingerprint matches and every shard is present with its recorded size.
+Caching: the manifest stores a fingerprint of the inputs (`config_hash`: records, image files' sizes and
+mtimes or embedded images' sha256, the data settings, schema version, Pillow version). `build_shards` returns
+the existing manifest, untouched, when the fingerprint matches and every shard is present with its recorded
+size.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ from odedit.envs import EditCase, Reference
 from odedit.models.base import Sample
 from odedit.records import EditRecord, validate_record
 from pipeline.data import quarantine as q
-from pipeline.data.envrows import image_requests, planned_rows, record_rows, row_sort_key
+from pipeline.data.blobs import blob_ref, load_blob
+from pipeline.data.envrows import Fetch, image_requests, planned_rows, record_rows, row_sort_key
 from pipeline.data.images import ImageLimits, ImageRefused, StoredImage, decode_png, load_image
 from pipeline.data.schema import ENV_SCHEMA, REFERENCE_SCHEMA, SCHEMA_VERSION, read_table, to_table, write_table
+from pipeline.reporting.progress import quiet_ray_data
 from pipeline.storage.jsonio import write_json
 
 MANIFEST = "manifest.json"
@@ -145,6 +151,10 @@ def fingerprint(source: Any, cfg: Any, good: Sequence[tuple[int, dict]], records
         h.update(json.dumps(raw, ensure_ascii=True, sort_keys=True, default=str).encode())
     for _, raw in good:
         for path, kind in image_requests(EditRecord.from_raw(raw, cfg.data.max_text_chars)):
+            ref = blob_ref(raw, kind, path)
+            if ref is not None:  # an embedded image: its content hash is its identity
+                h.update(f"{kind}:{path}:blob:{ref.get('sha256')}:{ref.get('bytes')}\n".encode())
+                continue
             try:
                 st = os.stat(os.path.join(roots[KIND_ROOT[kind]], path))
                 h.update(f"{kind}:{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -239,6 +249,7 @@ def _run_shard_tasks(plans: list, source: Any, cfg: Any, shards_dir: str) -> lis
     # while the driver dispatched the next one, and 2 workers on 2 CPUs built only ~1.1x faster than 1
     # (bench.shards; 1.7x now).
     blocks = min(len(items), max(workers * TASKS_PER_WORKER, -(-len(items) // MAX_SHARDS_PER_TASK)))
+    quiet_ray_data()  # no bar redraws in a job's log
     ctx = ray.data.DataContext.get_current()
     reserve = ctx.op_resource_reservation_enabled
     # Ray Data reserves part of the cluster for each operator's outputs; on a 2-CPU cluster that held the
@@ -257,6 +268,7 @@ def _run_shard_tasks(plans: list, source: Any, cfg: Any, shards_dir: str) -> lis
                 "limits": ImageLimits.from_config(cfg.data),
                 "max_chars": cfg.data.max_text_chars,
                 "source": source.name,
+                "blob_dir": getattr(source, "blob_dir", ""),
             },
         )
         summaries = [json.loads(row["summary"]) for row in ds.take_all()]
@@ -284,6 +296,7 @@ def _manifest(
     return {
         "schema_version": SCHEMA_VERSION,
         "config_hash": fp,
+        "content_hash": content_hash(shards),
         "source": source.name,
         "records": len(records),
         "kept": sum(s["edits"] for s in summaries),
@@ -299,34 +312,46 @@ def _manifest(
     }
 
 
+def content_hash(shards: Sequence[dict]) -> str:
+    """sha256 of what the shards hold, whatever the inputs were: each shard's file name, rows and sha256, in
+    order. Two builds with equal content hashes have byte-identical shard files (the `config_hash`, by
+    contrast, fingerprints the inputs: a source read another way gets another one)."""
+    payload = [[s["file"], s["rows"], s["sha256"]] for s in shards]
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- Ray task side
 
 
 def build_shard_batch(
-    batch: dict, *, shards_dir: str, roots: dict, limits: ImageLimits, max_chars: int, source: str
+    batch: dict, *, shards_dir: str, roots: dict, limits: ImageLimits, max_chars: int, source: str, blob_dir: str = ""
 ) -> dict:
     """Ray Data batch function: build and write the shard(s) in `batch`; return one JSON summary each."""
     out = []
     for shard, payload in zip(batch["shard"], batch["records"]):
-        out.append(
-            json.dumps(
-                build_one_shard(int(shard), json.loads(str(payload)), shards_dir, roots, limits, max_chars, source)
-            )
+        summary = build_one_shard(
+            int(shard), json.loads(str(payload)), shards_dir, roots, limits, max_chars, source, blob_dir=blob_dir
         )
+        out.append(json.dumps(summary))
     return {"summary": out}
 
 
-def build_one_shard(
-    shard: int, plan: list, shards_dir: str, roots: dict, limits: ImageLimits, max_chars: int, source: str
-) -> dict:
-    """Decode the images of one planned shard, write its rows, and summarise it (with image quarantine)."""
-    cache: dict[tuple[str, str], StoredImage | ImageRefused] = {}
+def record_fetcher(raw: dict, roots: dict, limits: ImageLimits, blob_dir: str = "", cache: dict | None = None) -> Fetch:
+    """The image loader of one raw record: its embedded images from the blob store (`pipeline.data.blobs`),
+    the others from files under `roots` (`image_root`, `rephrase_image_root`, `locality_image_root`); both
+    through the checks of `pipeline.data.images`. `cache` (shared by the records of a shard) keeps each
+    image's stored form or refusal."""
+    cache = {} if cache is None else cache
 
     def fetch(path: str, kind: str) -> StoredImage:
-        key = (KIND_ROOT[kind], path)
+        ref = blob_ref(raw, kind, path)
+        key = ("blob", str(ref.get("sha256")), path) if ref is not None else (KIND_ROOT[kind], path, "")
         if key not in cache:
             try:
-                cache[key] = load_image(roots[KIND_ROOT[kind]], path, limits)
+                if ref is not None:
+                    cache[key] = load_blob(blob_dir, ref, path, limits)
+                else:
+                    cache[key] = load_image(roots[KIND_ROOT[kind]], path, limits)
             except ImageRefused as exc:
                 cache[key] = exc
         value = cache[key]
@@ -334,6 +359,21 @@ def build_one_shard(
             raise value
         return value
 
+    return fetch
+
+
+def build_one_shard(
+    shard: int,
+    plan: list,
+    shards_dir: str,
+    roots: dict,
+    limits: ImageLimits,
+    max_chars: int,
+    source: str,
+    blob_dir: str = "",
+) -> dict:
+    """Decode the images of one planned shard, write its rows, and summarise it (with image quarantine)."""
+    cache: dict[tuple[str, str, str], StoredImage | ImageRefused] = {}
     rows: list[dict] = []
     refused: list[dict] = []
     edits_by_split: Counter[str] = Counter()
@@ -341,7 +381,7 @@ def build_one_shard(
     for index, raw in plan:
         record = EditRecord.from_raw(raw, max_chars)
         try:
-            record_rows_, problems = record_rows(record, index, fetch)
+            record_rows_, problems = record_rows(record, index, record_fetcher(raw, roots, limits, blob_dir, cache))
         except Exception as exc:  # a record must never kill the job: it is quarantined with what went wrong
             record_rows_, problems = [], [(q.UNEXPECTED, f"record: {type(exc).__name__}: {exc}")]
         if problems:

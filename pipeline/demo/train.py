@@ -40,6 +40,7 @@ from odedit.models.llava import LlavaAdapter
 from pipeline.demo.facts import text_facts
 from pipeline.demo.questions import COLORS, EASY_VQA_FORMS, PARAPHRASES, SHAPES, ParsedQuestion, paraphrase
 from pipeline.demo.world import DEMO_PROMPT_TEMPLATE, labels_from_questions, load_split, vocabulary_corpus
+from pipeline.reporting.progress import progress as progress_bar
 
 # design.md §7: CLIP tower 32 px, patch 8, hidden 64, 2 layers (16 image tokens); Llama hidden 128, 2 layers.
 # The head count is not given there: with 4 the yes/no questions started using the image within 400 joint
@@ -309,8 +310,6 @@ def train_demo(
     first; with `max_steps` the cosine schedule follows steps instead of time, so a run is reproducible
     whatever the load (as long as the time budget is not reached).
     """
-    from tqdm.auto import tqdm
-
     if not 0 <= pretrain_s < budget_s:
         raise ValueError(
             f"pretrain time {pretrain_s}s must be >= 0 and below the budget {budget_s}s "
@@ -331,7 +330,7 @@ def train_demo(
             "color": float((data.color_labels >= 0).float().mean()),
         }
     )
-    bar = tqdm(
+    bar = progress_bar(  # a tqdm bar on a terminal, a line per 10% in a log
         total=round(budget_s),
         unit="s",
         desc="demo model",

@@ -65,8 +65,9 @@ def storage_root(cfg: Config) -> tuple[str, bool]:
 
 
 def resolve_storage(cfg: Config) -> Config:
-    """`cfg` with `storage_root`, `output_dir`, `data.shards_dir` and `stream.storage_path` absolute under the
-    root, and the cache directory set beside them when the root was given (see the module docstring).
+    """`cfg` with `storage_root`, `output_dir`, `data.shards_dir`, `data.export_hf` and `stream.storage_path`
+    absolute under the root, and the cache directory set beside them when the root was given (see the module
+    docstring).
 
     Raises:
         StorageError: a relative location inside a Ray job's package folder with no root set, or a URI root.
@@ -79,6 +80,7 @@ def resolve_storage(cfg: Config) -> Config:
             for key, value in (
                 ("output_dir", cfg.output_dir),
                 ("data.shards_dir", cfg.data.shards_dir),
+                ("data.export_hf", cfg.data.export_hf),
                 ("stream.storage_path", cfg.stream.storage_path),
             )
             if value and not os.path.isabs(value)
@@ -99,6 +101,6 @@ def resolve_storage(cfg: Config) -> Config:
         cfg,
         storage_root=root,
         output_dir=under(cfg.output_dir),
-        data=dataclasses.replace(cfg.data, shards_dir=under(cfg.data.shards_dir)),
+        data=dataclasses.replace(cfg.data, shards_dir=under(cfg.data.shards_dir), export_hf=under(cfg.data.export_hf)),
         stream=dataclasses.replace(cfg.stream, storage_path=under(cfg.stream.storage_path)),
     )

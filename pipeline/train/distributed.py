@@ -1,11 +1,14 @@
-"""Distributed plumbing of the edit engine: the worker group, DeepSpeed ZeRO steppers, parameter access.
+"""Distributed plumbing of the edit engine: DeepSpeed ZeRO steppers, parameter access, the DeepSpeed config.
 
-    comm = TorchComm()                                   # rank, world, gather, mean, any over torch.distributed
+    comm = TorchComm(local_rank=...)                     # pipeline.train.collectives: every collective goes there
     wire_editor(editor, cfg, comm)                       # DeepSpeed ZeRO-2/3 (or all-reduce) for phi_e updates
 
-On GPU workers: NCCL and bf16; on CPU: gloo and fp32 with a torch optimiser handed to DeepSpeed (no FusedAdam
-JIT, platform.md §2). DeepSpeed wraps the whole model but optimises only phi_e; it averages phi_e's gradients
-over workers, so a step whose edits are split between workers moves every replica identically.
+On GPU workers: NCCL, bf16 by default (`resources.precision`); on CPU: gloo, fp32 by default, with a torch
+optimiser handed to DeepSpeed (no FusedAdam JIT, platform.md §2). DeepSpeed wraps the whole model but optimises
+only phi_e; it averages phi_e's gradients over workers, so a step whose edits are split between workers moves
+every replica identically. This module calls no torch.distributed collective itself: the all-reduce of
+zero_stage 0 and ODEdit's penalty mean go through `TorchComm`, ZeRO's own through DeepSpeed on its engine's
+device, checked to be the communicator's.
 """
 
 from __future__ import annotations
@@ -18,59 +21,58 @@ import torch
 
 from odedit.dual import parameter_summary
 from odedit.editstep import ParamAccess, TorchStepper, torch_stepper_factory
+from pipeline.train.collectives import CollectiveDeviceError, TorchComm
+
+# DeepSpeed's dynamic loss scaling for fp16 (`loss_scale: 0` = dynamic): start at 2^16, halve on an overflow
+# (after `hysteresis` overflows in a row), double after `loss_scale_window` steps without one, never below
+# `min_loss_scale`. DeepSpeed's documented defaults.
+FP16_LOSS_SCALING = {
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class TorchComm:
-    """The stream's `Comm` over an initialised torch.distributed process group (Ray Train sets it up)."""
+def deepspeed_config(stage: int, use_gpu: bool, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config of an edit stream: ZeRO `stage`, one micro-batch, and the resolved `precision`
+    (`Config.training_precision()`): a `bf16` section for bf16, an `fp16` section with dynamic loss scaling
+    (`FP16_LOSS_SCALING`) for fp16, neither for fp32.
 
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
-
-    def mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        self.dist.all_reduce(t)
-        return float(t.item()) / self.world
-
-    def any(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-
-def deepspeed_config(stage: int, use_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config of an edit stream: ZeRO `stage`, bf16 on GPU, fp32 on CPU, one micro-batch.
+    The model is loaded in the same dtype (`Config.model_dtype()`); DeepSpeed keeps fp32 master copies of the
+    optimised parameters (phi_e) under bf16/fp16. [INFERENCE] what must stay fp32 whatever the model dtype is
+    computed in fp32 from the model's outputs: the risks, their omega-slopes and the TV-l1 penalty
+    (`odedit.risks`, `odedit.envrisks`: logits cast before log-softmax, MMD kernels on fp32 states), the
+    lambda-network (fp32 parameters), the metrics (`odedit.metrics`) and the pre-edit references' log-probs
+    (`odedit.envs`). A half-precision log-softmax over a 32k vocabulary loses the small probabilities R_loc's KL
+    and the top-K references are made of, and the penalty's slopes are differences of nearly equal numbers.
 
     On CPU (gloo) ZeRO's `overlap_comm` and `contiguous_gradients` are off: there is no communication stream to
     overlap with and no device-memory fragmentation to avoid, so they only add copies to every iteration (an
     in-process A/B on the demo model, alternating steps: 5-7 ms less per 10-iteration step of ~70 ms).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (resolved), got {precision!r}")
+    if precision == "fp16" and not use_gpu:
+        raise ValueError("precision fp16 needs a GPU (DeepSpeed's fp16 mode runs on CUDA only); use bf16 or fp32")
     zero: dict[str, Any] = {"stage": stage}
     if not use_gpu:
         zero.update(overlap_comm=False, contiguous_gradients=False)
-    return {
+    cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(use_gpu)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        cfg["fp16"] = {"enabled": True, **FP16_LOSS_SCALING}
+    return cfg
 
 
 class ZeroAccess(ParamAccess):
@@ -115,9 +117,7 @@ class AllReduceStepper(TorchStepper):
     def step(self, loss: torch.Tensor, k: int) -> None:
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
-        for g in grads:
-            self.comm.dist.all_reduce(g)
-            g.div_(self.comm.world)
+        self.comm.mean_(grads)
         self._apply(grads, k)
 
 
@@ -125,6 +125,17 @@ def _reset_optimizer_state(engine: Any) -> None:
     """Each edit step is a fresh optimisation (as in EasyEdit): clear Adam moments between steps."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     inner.state.clear()
+
+
+def check_engine_device(engine: Any, comm: TorchComm) -> None:
+    """ZeRO's collectives run on the DeepSpeed engine's device: it must be the one the communicator declares."""
+    device = getattr(engine, "device", None)
+    if device is not None and torch.device(device) != comm.device:
+        raise CollectiveDeviceError(
+            f"DeepSpeed's collectives (ZeRO gradient reduction, parameter gathering) would run on {device}, but "
+            f"the process group runs its collectives on {comm.device}; DeepSpeed places the model by $LOCAL_RANK "
+            "(set by Ray Train): load it on cuda:<local rank> with NCCL, on cpu with gloo"
+        )
 
 
 def wire_editor(editor: Any, cfg: Any, comm: TorchComm) -> Any:
@@ -151,7 +162,7 @@ def wire_editor(editor: Any, cfg: Any, comm: TorchComm) -> Any:
 
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[cfg.method.optimizer]
     optimizer = opt_cls(params, lr=cfg.method.lr)
-    ds_cfg = deepspeed_config(cfg.resources.zero_stage, cfg.resources.use_gpu)
+    ds_cfg = deepspeed_config(cfg.resources.zero_stage, cfg.resources.use_gpu, cfg.training_precision())
     engine, _, _, _ = deepspeed.initialize(
         model=editor.adapter.model,
         optimizer=optimizer,
@@ -159,6 +170,7 @@ def wire_editor(editor: Any, cfg: Any, comm: TorchComm) -> Any:
         config=ds_cfg,
         dist_init_required=False,
     )
+    check_engine_device(engine, comm)
     access = ZeroAccess(engine, cfg.resources.zero_stage)
     editor.access = access
     extra = objective.extra_parameters()

@@ -5,7 +5,8 @@
 A `TorchTrainer` with `resources.num_workers` workers (gloo on CPU, NCCL on GPU) runs
 `odedit.methods.mend.train.MetaTrainer` data-parallel: each worker loads the model, takes its slice of the
 training edits, and the meta-gradients, running statistics and ODEdit's lambda-network are reduced over the
-process group every step, so the replicas stay identical (the hypernetwork is small; no ZeRO sharding, so
+process group every step (through `pipeline.train.collectives.TorchComm`, on the backend's device), so the
+replicas stay identical (the hypernetwork is small; no ZeRO sharding, so
 `resources.zero_stage` does not apply here). With `odedit.enabled` the ODEdit terms are part of the
 editor-training loss ([INFERENCE] method.md §2.5). The last `method.val_edits` training edits are held out and
 scored before and after meta-training.
@@ -46,6 +47,7 @@ from pipeline.data.sources import SOURCES
 from pipeline.prepare import resolve_model
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.outputs import prepare_output_dir
+from pipeline.train.collectives import TorchComm
 
 HYPERNET_FILE = "hypernet.safetensors"
 SUMMARY_FILE = "train_editor.json"
@@ -105,23 +107,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: load the model, meta-train on this rank's slice, report (rank 0 with a checkpoint)."""
     import ray.train  # deferred: ray and torch are loaded in the worker process, not at import
     import torch
-    import torch.distributed as dist
 
     cfg = parse_config(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    comm = TorchComm(local_rank=ctx.get_local_rank())  # every reduction below, on the backend's device
     torch.manual_seed(cfg.seed)  # identical initial hypernetworks on every rank
     device = f"cuda:{ctx.get_local_rank()}" if cfg.resources.use_gpu else "cpu"
-    adapter = load_adapter(dataclasses.replace(cfg.model, device=device), config["model_path"])
+    model_cfg = dataclasses.replace(cfg.model, device=device, dtype=cfg.model_dtype())  # resources.precision
+    adapter = load_adapter(model_cfg, config["model_path"])
     method = METHODS.get(cfg.method.name).method_cls(adapter, cfg.method)
     method.prepare()
     objective = build_objective(cfg.odedit, method, with_hard=cfg.data.with_hard_in_training, pooling=cfg.model.pooling)
 
-    def reduce_sum(tensors: list[torch.Tensor]) -> None:
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    distributed = world > 1 and comm.world > 1
     train = config["train_cases"][rank::world]
     val = config["val_cases"][rank::world]
     trainer = MetaTrainer(
@@ -129,7 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         objective,
         train,
         val,
-        reduce_sum=reduce_sum if distributed else None,
+        reduce_sum=comm.sum_ if distributed else None,
         world_size=world,
         seed=cfg.seed + rank,
         reference_k=cfg.data.reference_k,
@@ -144,8 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     check = torch.tensor([sum(float(p.double().sum()) for p in method.meta_parameters())], dtype=torch.float64)
     hi, lo = check.clone(), -check.clone()
     if distributed:
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+        comm.max_([hi, lo])
     metrics = {
         "world_size": world,
         "steps": len(history),
@@ -176,6 +174,12 @@ def train_editor(cfg: Any, cases_fn: Callable[[Any], Sequence[Any]] = training_c
         raise SystemExit(
             f"error: method.name={cfg.method.name!r} has no trained components; "
             f"jobs.train_editor trains editors that implement {TrainableEditor.__name__} (e.g. mend)"
+        )
+    if cfg.training_precision() == "fp16":
+        raise SystemExit(
+            "error: resources.precision resolves to fp16 (resources.precision or model.dtype); jobs.train_editor "
+            "steps a plain torch optimiser without DeepSpeed, so fp16 would train without loss scaling and its "
+            "gradients underflow: use resources.precision=bf16 or fp32"
         )
     out_dir = prepare_output_dir(cfg)
     cases = list(cases_fn(cfg))

@@ -34,10 +34,12 @@ from pipeline.data.casesource import ShardCaseSource, attach_references
 from pipeline.data.schema import REFERENCE_SCHEMA, read_table
 from pipeline.data.shards import read_manifest, reference_path
 from pipeline.reporting.plots import plot_metrics, plot_retention
+from pipeline.reporting.progress import progress as progress_bar
 from pipeline.reporting.tracking import NullTracker, attach_tracker, tracking_uri
 from pipeline.storage.jsonio import write_json
 from pipeline.train.checkpoints import RunStore
-from pipeline.train.distributed import TorchComm, wire_editor
+from pipeline.train.collectives import TorchComm
+from pipeline.train.distributed import wire_editor
 from pipeline.train.runidentity import claim_run, stream_identity
 
 DATASET = "edits"
@@ -121,13 +123,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows one stream bar
-    comm = TorchComm()
+    local_rank = ray.train.get_context().get_local_rank()
+    comm = TorchComm(local_rank=local_rank)  # every collective of the stream, on the backend's device
     store = RunStore(config["run_dir"]).ensure()
     store.write_pid(comm.rank)
     store.write_node(comm.rank, ray.get_runtime_context().get_node_id())
     torch.manual_seed(cfg.seed)
-    device = f"cuda:{ray.train.get_context().get_local_rank()}" if cfg.resources.use_gpu else "cpu"
-    adapter = load_adapter(dataclasses.replace(cfg.model, device=device), config["model_path"])
+    device = f"cuda:{local_rank}" if cfg.resources.use_gpu else "cpu"
+    model_cfg = dataclasses.replace(cfg.model, device=device, dtype=cfg.model_dtype())  # resources.precision
+    adapter = load_adapter(model_cfg, config["model_path"])
     editor = Editor(adapter, cfg)
     wire_editor(editor, cfg, comm)
     # Every worker runs every step in full under ZeRO-3 (collective forward passes) and for editors whose
@@ -277,8 +281,6 @@ def run_stream(
     stream while it runs (a Ray Tune trial reports its retention metrics from it); a worker group restarted
     from a checkpoint appends the records after that checkpoint again.
     """
-    from tqdm import tqdm
-
     run_name = run_name or default_run_name(cfg)
     release = ensure_capacity(cfg)  # asks an autoscaling cluster for the workers, or refuses at once
     try:
@@ -308,7 +310,7 @@ def run_stream(
         done = threading.Event()
 
         def poll() -> None:
-            bar = tqdm(desc=run_name, unit="edit", disable=not progress)
+            bar = progress_bar(desc=run_name, unit="edit", disable=not progress)
             while not done.is_set():
                 p = store.read_progress()
                 if p:

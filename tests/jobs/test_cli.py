@@ -37,3 +37,62 @@ def test_every_registered_job_module_has_a_cli():
 
     for name in JOBS:
         assert callable(importlib.import_module(JOBS.get(name)[0]).cli), name
+
+
+# ---------------------------------------------------------------------------------------------- help that explains
+
+
+CONFIG_JOBS = ("prepare", "edit", "lifelong", "demo", "tune", "results", "train_editor")
+
+
+@pytest.mark.parametrize("name", CONFIG_JOBS)
+def test_help_gives_the_purpose_and_the_config_sections(name, capsys):
+    import importlib
+
+    from jobs.common import purpose
+
+    module = importlib.import_module(JOBS.get(name)[0])
+    with pytest.raises(SystemExit) as info:
+        module.cli(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert purpose(module.__doc__) in out  # the first paragraph of the module docstring
+    assert "--help-config [SECTION]" in out and "--config CONFIG" in out
+    for section in ("model", "data", "method", "odedit", "stream", "resources", "tracking", "search", "top level"):
+        assert f" {section} " in out, section
+
+
+def test_help_config_prints_every_key_with_type_default_and_help(capsys):
+    from odedit.config import Config
+    from odedit.configlib import help_rows
+
+    with pytest.raises(SystemExit) as info:
+        main(["prepare", "--help-config"])  # no --config needed
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for key, tp, default, _ in help_rows(Config):
+        assert f"  {key}: {tp} = {default}\n" in out, key
+    assert "  data.hf_columns: dict[str, str] = {}\n" in out and "EasyEdit's names" in out
+    assert "method.name=wise:" in out  # each editor's own keys
+
+
+def test_help_config_of_one_section(capsys):
+    from jobs.tune import cli
+
+    with pytest.raises(SystemExit):
+        cli(["--help-config", "data.demo"])
+    out = capsys.readouterr().out
+    assert out.startswith("data.demo:\n") and "  data.demo.num_edits: int = 400\n" in out
+    assert "data.source" not in out and "stream." not in out
+    with pytest.raises(SystemExit):
+        main(["lifelong", "--help-config", "method"])
+    out = capsys.readouterr().out
+    assert "  method.lr: float = 0.01\n" in out and "method.name=mend:" in out and "data." not in out
+
+
+def test_help_config_of_an_unknown_section_names_the_sections(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["results", "--help-config", "stram"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no config key or section 'stram'" in err and "stream" in err

@@ -91,3 +91,40 @@ def test_an_unknown_source_names_the_registered_ones(world, tiny_dir, ray_local)
     cfg = load_config(None, overrides(paths, tiny_dir("llava"), root / "run_c") + ["data.source=mmedt"])
     with pytest.raises(RegistryError, match="'mmedit'"):
         main(cfg)
+
+
+def test_prepare_exports_the_kept_records_as_a_hf_dataset_that_reads_back_to_the_same_edits(
+    world, tiny_dir, ray_local, capsys, monkeypatch
+):
+    datasets = pytest.importorskip("datasets")
+    from pipeline.data.shards import build_shards
+    from pipeline.data.sources import SOURCES
+
+    root, paths = world
+    monkeypatch.setenv("ODEDIT_CACHE_DIR", str(root / "cache"))
+    export = root / "run_a_hf"
+    ov = overrides(paths, tiny_dir("llava"), root / "run_a")  # run_a exists: shards and references reused
+    (root / "export.yaml").write_text("data:\n  source: mmedit\n")
+    assert cli(["--config", str(root / "export.yaml"), *ov, f"data.export_hf={export}"]) == 0
+    assert f"exported 6 records as a Hugging Face dataset: {export}" in capsys.readouterr().out
+    summary = json.loads((root / "run_a" / "prepare.json").read_text())
+    assert summary["export_hf"] == {"path": str(export), "rows": 6} and summary["shards"]["reused"] is True
+    ds = datasets.load_from_disk(str(export))
+    assert ds.num_rows == 6 and ds[0]["src"] and ds[0]["image"].size[0] > 0
+
+    cfg = load_config(None, ["data.source=hf", f"data.path={export}", "data.rows_per_shard=12", f"output_dir={root}"])
+    again, _ = build_shards(SOURCES.get("hf")(cfg), cfg, str(root / "hf_shards"), reuse=False)
+    first = json.loads((root / "run_a" / "shards" / "manifest.json").read_text())
+    assert again["kept"] == 6 and again["rows_by_env"] == first["rows_by_env"]
+    # two records were quarantined, so the export's positions (edit_index) are consecutive where the source's
+    # skip 2 and 5: the shard bytes differ in that column only, every edit is the same
+    assert [s["first_edit_index"] for s in again["shards"]] != [s["first_edit_index"] for s in first["shards"]]
+    from pipeline.data.shards import load_cases
+
+    a, b = load_cases(str(root / "run_a" / "shards")), load_cases(str(root / "hf_shards"))
+    assert [c.edit_id for c in a] == [c.edit_id for c in b]
+    for ca, cb in zip(a, b):
+        for env, samples in ca.samples.items():
+            assert [(s.prompt, s.target, s.image.tobytes() if s.image else None) for s in samples] == [
+                (s.prompt, s.target, s.image.tobytes() if s.image else None) for s in cb.samples[env]
+            ]

@@ -11,6 +11,8 @@ import subprocess
 
 import pytest
 
+from pipeline.reporting.progress import QUIET_ENV
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -25,7 +27,7 @@ def test_submit_passes_the_commit_and_the_storage_root_to_the_job():
     )
     i = cmd.index("--runtime-env-json")
     assert json.loads(cmd[i + 1]) == {
-        "env_vars": {"ODEDIT_GIT_COMMIT": "abc123-dirty", "ODEDIT_STORAGE_ROOT": "/mnt/shared/odedit"}
+        "env_vars": {**QUIET_ENV, "ODEDIT_GIT_COMMIT": "abc123-dirty", "ODEDIT_STORAGE_ROOT": "/mnt/shared/odedit"}
     }
     assert cmd[1:3] == ["job", "submit"] and cmd[cmd.index("--working-dir") + 1] == ROOT
     assert cmd[cmd.index("--address") + 1] == "http://h:8265"

@@ -169,3 +169,55 @@ def test_non_finite_numbers_are_refused():
         load_config(None, ["odedit.w_loc=.inf", "method.lr=.nan"])
     assert {i.path for i in info.value.issues} == {"odedit.w_loc", "method.lr"}
     assert all("finite" in i.problem for i in info.value.issues)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "precision", "dtype"),
+    [
+        ([], "fp32", "float32"),  # auto: fp32 on CPU workers ...
+        (["resources.use_gpu=true"], "bf16", "bfloat16"),  # ... bf16 on GPU ones, as before the option existed
+        (["resources.precision=fp32"], "fp32", "float32"),
+        (["resources.precision=bf16"], "bf16", "bfloat16"),
+        (["resources.use_gpu=true", "resources.precision=fp32"], "fp32", "float32"),
+        (["resources.use_gpu=true", "resources.precision=fp16"], "fp16", "float16"),
+        (["model.dtype=bfloat16"], "bf16", "bfloat16"),  # auto follows an explicit model.dtype
+        (["resources.use_gpu=true", "model.dtype=float32"], "fp32", "float32"),
+        (["model.dtype=bfloat16", "resources.precision=bf16"], "bf16", "bfloat16"),
+    ],
+)
+def test_precision_resolves_and_sets_the_model_dtype(overrides, precision, dtype):
+    cfg = load_config(None, overrides)
+    assert cfg.training_precision() == precision and cfg.model_dtype() == dtype
+    assert parse_config(dataclasses.asdict(cfg)) == cfg
+
+
+def test_fp16_on_cpu_is_refused_naming_the_field_the_value_and_the_fix():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["resources.precision=fp16"])
+    (issue,) = info.value.issues
+    assert issue.path == "resources.precision" and issue.value == "fp16"
+    assert "needs a GPU" in issue.problem and "resources.use_gpu=true" in issue.hint and "bf16" in issue.hint
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.dtype=float16"])  # precision auto would resolve to fp16 on CPU
+    (issue,) = info.value.issues
+    assert issue.path == "model.dtype" and issue.value == "float16" and "needs a GPU" in issue.problem
+
+
+def test_a_model_dtype_that_disagrees_with_the_precision_is_refused():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["resources.use_gpu=true", "model.dtype=bfloat16", "resources.precision=fp32"])
+    (issue,) = info.value.issues
+    assert issue.path == "model.dtype" and issue.value == "bfloat16"
+    assert "resources.precision=fp32" in issue.problem
+    assert "model.dtype=auto" in issue.hint and "model.dtype=float32" in issue.hint
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path"),
+    [(["resources.zero_stage=0"], "resources.zero_stage"), (["stream.mode=single"], "stream.mode")],
+)
+def test_fp16_without_deepspeeds_loss_scaling_is_refused(overrides, path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["resources.use_gpu=true", "resources.precision=fp16", *overrides])
+    (issue,) = info.value.issues
+    assert issue.path == path and "loss scaling" in issue.problem and "precision=bf16" in issue.hint

@@ -9,6 +9,8 @@ ODEdit's pass is that loss.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from testdata import step_cases
 
@@ -66,3 +68,55 @@ def test_odedit_loss_is_the_same_through_the_merged_fast_path_and_per_environmen
             assert abs(p_fast[key] - p_slow[key]) <= 1e-5 * max(1.0, abs(p_slow[key])), key
         for a, b in zip(g_fast, g_slow):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_bf16_edit_step_on_cpu_has_finite_losses_with_risks_penalty_and_mmd_in_fp32(tiny_dir, monkeypatch):
+    import dataclasses
+
+    import odedit.objective as objective_module
+    from odedit.editing import Editor
+    from odedit.models import load_adapter
+
+    cfg = load_config(
+        None,
+        [
+            "method.name=ft",
+            "model.family=llava",
+            "resources.precision=bf16",
+            "method.n_iter=3",
+            "odedit.warmup_iters=0",
+        ],
+    )
+    adapter = load_adapter(dataclasses.replace(cfg.model, device="cpu", dtype=cfg.model_dtype()), tiny_dir("llava"))
+    assert adapter.dtype == torch.bfloat16
+    cases = step_cases()
+    attach_references(adapter, cases, k=8)
+    assert all(r.topk_logprobs.dtype == torch.float32 for c in cases for refs in c.references.values() for r in refs)
+    seen: dict[str, list[torch.dtype]] = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            for t in out if isinstance(out, tuple) else (out,):
+                seen.setdefault(name, []).append(t.dtype)
+            return out
+
+        monkeypatch.setattr(objective_module, name, wrapped)
+
+    for name in ("env_risks", "generality_risk_stacked", "penalty_from_slopes"):
+        spy(name, getattr(objective_module, name))
+    editor = Editor(adapter, cfg)
+    params = list(editor.method.editable().values())
+    before = [p.detach().clone() for p in params]
+    handle, report = editor.edit(cases)
+    assert report.failed is None and len(report.parts) == 3
+    for parts in report.parts:
+        assert {"host", "r_loc", "r_gen", "penalty", "lambda", "loss"} <= parts.keys()
+        assert all(math.isfinite(v) for v in parts.values()), parts
+    assert report.parts[0]["r_loc"] < 1e-4  # references from the same bf16 model: R_loc starts at 0
+    # R_rel, R_loc and their slopes; R_gen's MMD; the TV-l1 penalty: fp32 though the model is bf16
+    assert seen.keys() == {"env_risks", "generality_risk_stacked", "penalty_from_slopes"}
+    assert all(d == torch.float32 for dtypes in seen.values() for d in dtypes), seen
+    assert all(p.dtype == torch.float32 for p in editor.objective.extra_parameters())  # the lambda-network
+    assert all(p.dtype == torch.bfloat16 for p in params) and any(not torch.equal(p, b) for p, b in zip(params, before))
+    handle.restore()

@@ -193,3 +193,38 @@ def test_smoothed_penalty_ignores_rounding_sized_slopes_and_keeps_real_ones():
     assert float(g[2]) == 0.0
     assert torch.allclose(g[:2], g0[:2], rtol=2e-3)
     assert torch.equal(penalty_from_slopes(s, "sum", 0.0), penalty_from_slopes(s, "sum"))
+
+
+def test_risks_of_bf16_logits_are_fp32_and_their_omega_slopes_are_not_taken_on_bf16_products():
+    # [INFERENCE] (odedit.risks): whatever the model dtype, the risks and their omega-slopes are fp32 numbers of
+    # the fp32 cast of the logits; scaling bf16 logits by omega before the cast would round omega * z to 8 bits
+    # (the slope at omega = 1 came out 10.25 instead of 10.2265 on these logits).
+    torch.manual_seed(3)
+    logits = (torch.randn(6, 50) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, 50, (6,))
+    rows = torch.tensor([0, 0, 1, 1, 1, 2])
+    ref = torch.log_softmax(torch.randn(6, 50), -1).topk(8, -1)
+    risks = {
+        "rel": (
+            lambda z, w: reliability_risk(z, targets, rows, 3, w),
+            reliability_risk_and_slope(logits, targets, rows, 3),
+        ),
+        "loc": (
+            lambda z, w: locality_risk(z, ref.indices, ref.values, rows, 3, w),
+            locality_risk_and_slope(logits, ref.indices, ref.values, rows, 3),
+        ),
+    }
+    for name, (risk, (closed_value, closed_slope)) in risks.items():
+        assert closed_value.dtype == closed_slope.dtype == torch.float32, name
+        for at in (1.0, 1.0 + 2**-6):
+            values, slopes = [], []
+            for z in (logits, logits.float()):
+                omega = torch.tensor(at, requires_grad=True)
+                value = risk(z, omega)
+                values.append(value)
+                slopes.append(torch.autograd.grad(value, omega)[0])
+            assert values[0].dtype == slopes[0].dtype == torch.float32, name
+            assert torch.equal(values[0], values[1]) and torch.equal(slopes[0], slopes[1]), (name, at)
+            if at == 1.0:
+                assert torch.allclose(values[0], closed_value, rtol=1e-6), name
+                assert torch.allclose(slopes[0], closed_slope, rtol=1e-5), name

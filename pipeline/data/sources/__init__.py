@@ -14,7 +14,7 @@ SOURCES: Registry = Registry("record source")
 def _register_builtin() -> None:
     import importlib
 
-    for module in ("demo", "mmedit", "vlkeb", "mmkebench"):
+    for module in ("demo", "mmedit", "vlkeb", "mmkebench", "hf"):
         try:
             importlib.import_module(f"pipeline.data.sources.{module}")
         except ModuleNotFoundError as exc:  # a reader module not written yet is simply not registered

@@ -21,13 +21,16 @@ class RecordSource:
     rephrase_image_root: str = ""
     locality_image_root: str = ""
     name: str = ""
+    blob_dir: str = ""  # where embedded images are kept by content (pipeline.data.blobs); "" = none
 
 
 def check_source(raw: dict) -> list:
-    """Config check owned by `pipeline` (on the raw config dict): `data.source` names a registered reader."""
+    """Config check owned by `pipeline` (on the raw config dict): `data.source` names a registered reader, and
+    the reader's own `check_config(raw)` (a function attribute of the reader, when it has one) finds nothing."""
 
     data = raw.get("data") if isinstance(raw, dict) else None
     name = data.get("source", "demo") if isinstance(data, dict) else "demo"
     if isinstance(name, str) and name in SOURCES:
-        return []
+        check = getattr(SOURCES.get(name), "check_config", None)
+        return list(check(raw)) if check is not None else []
     return [ConfigIssue("data.source", name, SOURCES.unknown_message(name), "pick a registered reader")]
