@@ -36,11 +36,11 @@ from odedit.records import normalize
 from pipeline.data import quarantine as q
 from pipeline.data.blobs import blob_path, blob_ref
 from pipeline.data.images import resolve_under_root
+from pipeline.data.shards import KIND_ROOT
 from pipeline.storage.hfdatasets import write_dataset
 
 TEXT_COLUMNS = ("id", "src", "alt", "pred", "rephrase", "loc", "loc_ans", "m_loc_q", "m_loc_a", "task", "split")
 IMAGE_COLUMNS = {"image": "edit", "image_rephrase": "rephrase", "m_loc": "locality"}  # column -> image kind
-KIND_ROOT = {"edit": "image_root", "rephrase": "rephrase_image_root", "locality": "locality_image_root"}
 PATH_SUFFIX = "_path"  # the hf source's NAME_SUFFIX
 
 

@@ -41,8 +41,8 @@ from odedit.objective import build_objective
 from odedit.records import EditRecord, validate_record
 from pipeline.cluster.session import ray_session
 from pipeline.cluster.trainer import build_trainer
-from pipeline.data.images import ImageLimits, ImageRefused, decode_png, load_image
-from pipeline.data.shards import MANIFEST, load_cases
+from pipeline.data.images import ImageLimits, ImageRefused, decode_png
+from pipeline.data.shards import KIND_ROOT, MANIFEST, load_cases, record_fetcher
 from pipeline.data.sources import SOURCES
 from pipeline.prepare import resolve_model
 from pipeline.storage.jsonio import write_json
@@ -65,17 +65,12 @@ def training_cases(cfg: Any) -> list:
 
 
 def _cases_from_records(cfg: Any) -> list:
+    """The train-split records as cases, their images through the shard builder's loader (files under the
+    source's roots, or embedded images from its blob store, with the same checks)."""
     source = SOURCES.get(cfg.data.source)(cfg)
-    roots = {
-        "edit": source.image_root,
-        "rephrase": source.rephrase_image_root or source.image_root,
-        "locality": source.locality_image_root or source.image_root,
-    }
+    roots = {key: getattr(source, key) or source.image_root for key in KIND_ROOT.values()}
     limits = ImageLimits.from_config(cfg.data)
-
-    def load(path: str | None, kind: str) -> Any:
-        return None if path is None else decode_png(load_image(roots[kind], path, limits).png)
-
+    cache: dict = {}
     cases = []
     for raw in source.records:
         if validate_record(raw, cfg.data.max_text_chars):
@@ -83,6 +78,11 @@ def _cases_from_records(cfg: Any) -> list:
         record = EditRecord.from_raw(raw, cfg.data.max_text_chars)
         if record.split != "train":
             continue
+        fetch = record_fetcher(raw, roots, limits, source.blob_dir, cache)
+
+        def load(path: str | None, kind: str, fetch=fetch) -> Any:
+            return None if path is None else decode_png(fetch(path, kind).png)
+
         try:
             cases.append(case_from_record(record, load))
         except ImageRefused:
