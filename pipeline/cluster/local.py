@@ -58,6 +58,14 @@ def _agent_ports() -> list[str]:
     return out
 
 
+def _signal(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 @dataclass
 class Node:
     name: str
@@ -227,11 +235,7 @@ class LocalCluster:
     def kill_node(self, name: str) -> int:
         """SIGKILL every process of node `name` at once (a machine lost, not a clean `ray stop`); returns how many."""
         procs = self.node_processes(name)
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
+        _signal(procs, signal.SIGKILL)
         psutil.wait_procs(procs, timeout=30)
         self.nodes.pop(name)
         self.save()
@@ -241,17 +245,9 @@ class LocalCluster:
         """Stop every node (workers first), then forget Ray's session file when it points at this head."""
         for name in sorted(self.nodes, key=lambda n: self.nodes[n].head):
             procs = self.node_processes(name)
-            for proc in procs:
-                try:
-                    proc.send_signal(signal.SIGTERM)
-                except psutil.NoSuchProcess:
-                    pass
+            _signal(procs, signal.SIGTERM)
             _, alive = psutil.wait_procs(procs, timeout=20)
-            for proc in alive:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
+            _signal(alive, signal.SIGKILL)
         self.nodes.clear()
         if (recorded_cluster() or "").endswith(f":{self.port}"):
             os.remove(SESSION_FILE)

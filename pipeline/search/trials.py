@@ -15,9 +15,8 @@ stops collapsing streams early. A file rather than Ray Train's `TuneReportCallba
 retention points (not the checkpoint reports), survives a restart of the worker group (points after its
 checkpoint come again and are skipped) and a restart of the trial (the earlier points are replayed).
 
-**Resume.** The Tune experiment lives in `<output_dir>/search/<name>/tune`; a re-run with the same name
-restores it (`Tuner.restore`): finished trials stay finished, an interrupted one starts again and its stream
-resumes from its own checkpoint (run name = search name + trial id), logging into the same MLflow run.
+**Resume.** An interrupted trial starts again when its search is restored; its stream resumes from its own
+checkpoint (run name = search name + trial id), logging into the same MLflow run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The search driver: a resumable Ray Tune experiment over `search.space` and its outcome.
 
-    search = Search(cfg, run_cfg, model_path)       # driver, after `pipeline.experiment.prepared`
+    search = Search(cfg, run_cfg, model_path)       # after `pipeline.experiment.prepared`
     outcome = search.fit()                          # new search, or the restored one of the same name
 
+**Resume.** The Tune experiment lives in `<output_dir>/search/<name>/tune`; a re-run with the same name
+restores it (see `pipeline.search.trials` for the trials themselves).
 
 **MLflow.** The driver creates the search's parent run; each trial creates its run nested under it
 (`mlflow.parentRunId`), into which its Ray Train rank 0 logs the stream. The trial process is killed when
