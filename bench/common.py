@@ -15,6 +15,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.storage.jsonio import write_json
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULT_PREFIX = "BENCH_RESULT "
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
@@ -47,10 +49,7 @@ def write_result(
         "details": dict(details or {}),
         "load": load_average(),
     }
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
+    path = write_json(os.path.join(RESULTS_DIR, f"{name}.json"), result)
     width = max(len(k) for k in result["figures"])
     print(f"\n{name}{' (quick)' if quick else ''}   load average {result['load']}")
     print(f"{'figure':<{width}}  {'value':>10}  {'target':>8}  met")

@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pipeline.storage.jsonio import write_json
+
 TARGETS = {"throughput_ratio_2w_1w": ">= 1.6", "peak_memory_ratio_stream_eager": "<= 0.3"}
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -325,10 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     met = {k: compare(figures[k], t) for k, t in TARGETS.items()}
     result = {"name": "shards", "quick": bool(args.quick), "figures": figures, "targets": TARGETS, "met": met}
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "shards.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(out + ".tmp", out)
+    write_json(out, result)
 
     width = max(len(k) for k in figures)
     print(

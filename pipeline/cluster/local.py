@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 from pipeline.cluster.session import SESSION_FILE, recorded_cluster
+from pipeline.storage.jsonio import write_json
 
 STATE_FILE = "local_cluster.json"
 
@@ -261,9 +262,7 @@ class LocalCluster:
         path = os.path.join(self.scratch, STATE_FILE)
         data = {k: v for k, v in asdict(self).items() if k != "nodes"}
         data["nodes"] = {n: asdict(node) for n, node in self.nodes.items()}
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-        return path
+        return write_json(path, data, indent=1)
 
     @classmethod
     def load(cls, scratch: str) -> LocalCluster:

@@ -17,7 +17,6 @@ mid-training leaves nothing that a later call would trust; that call trains agai
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -30,6 +29,7 @@ from pipeline.demo.evaluate import evaluate_demo_model
 from pipeline.demo.train import MODEL_SIZES, DemoData, Recipe, new_demo_adapter, train_demo
 from pipeline.demo.world import DEMO_PROMPT_TEMPLATE, WORLD_VERSION
 from pipeline.storage.cache import cache_dir, content_key, ensure_dir
+from pipeline.storage.jsonio import write_json
 
 # Bump when training or evaluation code changes in a way that changes the saved model or its report.
 DEMO_MODEL_VERSION = "1"
@@ -114,8 +114,7 @@ def train_demo_model(
             "load_average": _load(),
         }
     )
-    with open(out / REPORT_FILE, "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=1)
+    write_json(out / REPORT_FILE, report, indent=1)
     return report
 
 

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline.storage.jsonio import write_json
+
 log = logging.getLogger(__name__)
 
 OUTBOX = "mlflow_outbox.jsonl"
@@ -292,8 +294,7 @@ def replay_outbox(path: str, uri: str | None = None) -> dict[str, int]:
             _replay_record(client, mapping.get(rec["run_id"], rec["run_id"]), rec)
             counts[kind] = counts.get(kind, 0) + 1
         done["lines"] = number + 1
-        with open(mapping_path, "w", encoding="utf-8") as fh:
-            json.dump(done, fh)
+        write_json(mapping_path, done, indent=None)
     return counts
 
 

@@ -70,8 +70,7 @@ def save_state(directory: str, name: str, state: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)
     save_file(tensors, os.path.join(directory, f"{name}.safetensors"))
-    with open(os.path.join(directory, f"{name}.json"), "w", encoding="utf-8") as fh:
-        json.dump(skeleton, fh)
+    write_json(os.path.join(directory, f"{name}.json"), skeleton, indent=None)
 
 
 def load_state(directory: str, name: str) -> Any:
