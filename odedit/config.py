@@ -459,7 +459,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Ray Tune search (jobs/tune.py). The space's grammar and keys are checked by `pipeline.search.search`."""
+    """Ray Tune search (jobs/tune.py). The space's grammar and keys are checked by `pipeline.search.space`."""
 
     space: dict[str, Any] = option(
         factory=dict,
