@@ -188,7 +188,7 @@ class ModelAdapter(ABC):
     ) -> ModelAdapter:
         """Load model, tokenizer and image processor from a hub name or a local directory."""
         check_loadable(name_or_path, cls.model_type, cls.family)
-        model = cls.model_class().from_pretrained(name_or_path, dtype=dtype)
+        model = cls.model_class().from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
         model.to(device)
         model.eval()
         tokenizer, image_processor = cls._load_processors(name_or_path)
@@ -535,3 +535,26 @@ def check_loadable(name_or_path: str, model_type: str, family: str) -> None:
                 f"model.family: {family!r} expects a {model_type!r} checkpoint but {name_or_path!r} holds "
                 f"model_type={found!r}; set model.family to the matching adapter"
             )
+        check_safetensors(name_or_path)
+
+
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(directory: str) -> None:
+    """Refuse a local checkpoint whose weights are pickled: unpickling a file can run any code in it.
+
+    Model weights are loaded with `use_safetensors=True`; this check gives the project's own message (what was
+    found and how to convert it) before transformers' generic one.
+    """
+    names = os.listdir(directory)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(PICKLED_WEIGHTS))
+    if pickled:
+        raise ModelLoadError(
+            f"model.name_or_path: {directory!r} holds pickled weights ({', '.join(pickled)}) and no .safetensors; "
+            "this project never unpickles checkpoints (a pickle can run code). Convert them once, in an "
+            "environment you trust, with transformers' save_pretrained (it writes safetensors), and point "
+            "model.name_or_path at the result"
+        )

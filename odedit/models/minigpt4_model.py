@@ -174,7 +174,9 @@ class MiniGPT4ForConditionalGeneration(PreTrainedModel):
         """
         model = cls(config)
         if language_model is not None:
-            model.language_model = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
+            model.language_model = AutoModelForCausalLM.from_pretrained(
+                language_model, dtype=torch.float32, use_safetensors=True
+            )
             model.config.text_config = model.language_model.config
         load_minigpt4_weights(model, checkpoints, lm_loaded=language_model is not None)
         model.to(dtype)
