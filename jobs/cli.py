@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from odedit.registry import Registry
+from pipeline.reporting.progress import install_quiet_logs
 
 JOBS: Registry = Registry("job")
 for _name, _module, _summary in (
@@ -53,5 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return module.cli(args[1:])
 
 
+def console_main() -> int:
+    """The `odedit` console script: `main` in a job's process, with its quiet logs (see `jobs.common.run`)."""
+    install_quiet_logs()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

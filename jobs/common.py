@@ -8,8 +8,8 @@
 sections; `--help-config [SECTION]` prints every key of the typed config (`odedit.config`), or of one section
 (`data`, `data.demo`, `method`: each editor's own keys too), with its type, default and help, and exits.
 
-A config with mistakes prints every problem (dotted path, value, hint) and exits with status 2. Loading a config
-also makes the job's log quiet where it is not a terminal (`pipeline.reporting.progress.install_quiet_logs`):
+A config with mistakes prints every problem (dotted path, value, hint) and exits with status 2. A job's process
+entry, `run(cli)`, makes its log quiet where it is not a terminal (`pipeline.reporting.progress.install_quiet_logs`):
 progress as a line now and then instead of bar redraws, each repeated warning once.
 """
 
@@ -21,7 +21,8 @@ import os
 import sys
 import textwrap
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from odedit.config import Config, ConfigError, MethodConfig
 from odedit.configlib import help_rows
@@ -37,7 +38,6 @@ HELP_WIDTH = 100
 def load_job_config(path: str | None, overrides: Sequence[str], extra_checks: Sequence = ()) -> Config:
     """The config with every location resolved under the storage root; on a bad config or a location that
     would lose results, print all problems and exit 2 (before any work)."""
-    install_quiet_logs()
     try:
         return resolve_storage(load_config(path, overrides, extra_checks=[check_source, *extra_checks]))
     except (ConfigError, StorageError) as err:
@@ -209,3 +209,10 @@ def print_locations(cfg: Config, summary_path: str) -> None:
         uri = tracking_uri(cfg)
         print(f"MLflow:    {uri}")
         print(f"open it:   mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+
+
+def run(cli: Callable[[], int]) -> NoReturn:
+    """A job's process entry (`if __name__ == "__main__": run(cli)`): each repeated warning once and, off a
+    terminal, progress as occasional lines; then the job, whose status is the process's exit status."""
+    install_quiet_logs()
+    sys.exit(cli())

@@ -10,11 +10,10 @@ runs, prints the comparison table and where everything is, and writes `outputs/d
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import parse_job_args, print_locations
+from jobs.common import parse_job_args, print_locations, run
 from pipeline.storage.jsonio import write_json
 
 
@@ -65,4 +64,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

@@ -9,11 +9,10 @@ Writes `<output_dir>/summary.json` with the MMEdit metrics of every edit (MMEdit
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import parse_job_args, print_locations
+from jobs.common import parse_job_args, print_locations, run
 from odedit.loading import with_overrides
 from pipeline.storage.jsonio import write_json
 
@@ -39,4 +38,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

@@ -15,8 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jobs.common import job_prog, purpose
-from pipeline.reporting.progress import install_quiet_logs
+from jobs.common import job_prog, purpose, run
 from pipeline.reporting.rows_export import export_rows, find_rows
 
 
@@ -33,7 +32,6 @@ def cli(argv: Sequence[str] | None = None) -> int:
         "--out", default="", help="where to write the dataset (one rows.parquet only); default: beside it"
     )
     args = parser.parse_args(argv)
-    install_quiet_logs()
     found = find_rows(args.paths)
     if not found:
         print(f"error: no rows.parquet in {', '.join(args.paths)}", file=sys.stderr)
@@ -51,4 +49,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

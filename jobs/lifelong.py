@@ -12,11 +12,10 @@ writes `<output_dir>/summary.json`. Re-submitting with the same `stream.run_name
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import parse_job_args, print_locations
+from jobs.common import parse_job_args, print_locations, run
 from pipeline.storage.jsonio import write_json
 
 
@@ -44,4 +43,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

@@ -16,6 +16,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jobs.common import run
+
 
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Start or stop a multi-node Ray cluster on this machine.")
@@ -57,4 +59,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

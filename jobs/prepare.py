@@ -19,10 +19,9 @@ reads back into the same edits (`pipeline.data.hf_export`).
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
-from jobs.common import parse_job_args
+from jobs.common import parse_job_args, run
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
@@ -51,4 +50,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

@@ -13,6 +13,8 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 
+from jobs.common import run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -58,4 +60,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

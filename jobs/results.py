@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import job_parser, load_job_config
+from jobs.common import job_parser, load_job_config, run
 from pipeline.reporting.results_matrix import Cell, MatrixError, cells, load_matrix
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.outputs import prepare_output_dir
@@ -197,4 +197,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from jobs.common import run
 from pipeline.reporting.progress import QUIET_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,4 +101,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

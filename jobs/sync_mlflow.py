@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jobs.common import run
+
 
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Replay an MLflow outbox file into MLflow.")
@@ -28,4 +30,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

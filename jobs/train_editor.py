@@ -24,10 +24,9 @@ records of `data.source` whose split is `train`, built with `odedit.envs.case_fr
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
-from jobs.common import parse_job_args
+from jobs.common import parse_job_args, run
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
@@ -46,4 +45,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

@@ -15,10 +15,9 @@ it with `jobs.lifelong`), and under `<output_dir>/search/<name>/`: `summary.json
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
-from jobs.common import job_parser, load_job_config
+from jobs.common import job_parser, load_job_config, run
 from pipeline.search.space import check_search
 
 
@@ -46,4 +45,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run(cli)

@@ -226,9 +226,18 @@ def attach_once_filter() -> None:
                 handler.addFilter(_ONCE)
 
 
+_INSTALLED = False  # set by install_quiet_logs: only a job's process entry changes its logging
+
+
 def install_quiet_logs(stream: IO | None = None) -> bool:
     """Each repeated warning once; when `stream` (default stderr) is not a terminal, the environment defaults
-    of `QUIET_ENV` too. Returns whether the output is a terminal. Idempotent."""
+    of `QUIET_ENV` too. Returns whether the output is a terminal. Idempotent.
+
+    Called by a job's process entry (`jobs.common.run`, the `odedit` command), never by library code: a
+    process that imports the pipeline (a test session, a notebook) keeps its own logging.
+    """
+    global _INSTALLED
+    _INSTALLED = True
     tty = interactive(stream)
     if not getattr(warnings.showwarning, "odedit_once", False):
         warnings.showwarning = _show_once(warnings.showwarning)
@@ -250,7 +259,8 @@ def quiet_ray_data(stream: IO | None = None) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    attach_once_filter()  # Ray configured its loggers' handlers on import
+    if _INSTALLED:
+        attach_once_filter()  # Ray configured its loggers' handlers on import
 
 
 def _num(x: float | None) -> str:

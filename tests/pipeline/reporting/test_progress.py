@@ -13,6 +13,20 @@ from pipeline.reporting import progress as pr
 from pipeline.reporting.progress import LineProgress, OnceFilter, install_quiet_logs, progress
 
 
+@pytest.fixture(autouse=True)
+def _leave_logging_as_found(monkeypatch):
+    """install_quiet_logs changes process-wide state; undo it so later tests see their own warnings."""
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setattr(pr, "_INSTALLED", False)
+    for key in pr.QUIET_ENV:
+        monkeypatch.setenv(key, os.environ[key]) if key in os.environ else monkeypatch.delenv(key, raising=False)
+    yield
+    for name in ("", "py.warnings", *pr.LIBRARY_LOGGERS):
+        for handler in logging.getLogger(name).handlers:
+            if pr._ONCE in handler.filters:
+                handler.removeFilter(pr._ONCE)
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 0.0
