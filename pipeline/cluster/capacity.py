@@ -102,12 +102,13 @@ def ensure_capacity(
     have = dict(cluster_resources())
     if not missing(need, have):
         return lambda: None
-    maximum = dict(r.max_cluster) or autoscaler_max() or have
+    configured = autoscaler_max() if not r.max_cluster else None  # read once
+    maximum = dict(r.max_cluster) or configured or have
     if missing(need, maximum):
         source = (
             "resources.max_cluster"
             if r.max_cluster
-            else ("the autoscaler's config" if autoscaler_max() else "the cluster, which does not autoscale")
+            else ("the autoscaler's config" if configured else "the cluster, which does not autoscale")
         )
         hint = (
             f"set resources.cpus_per_worker={max(0.1, (maximum.get('CPU', 0.0) - DATA_CPU) / r.num_workers):g}"
