@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -64,30 +65,72 @@ def ray_local():
 
 # ---------------------------------------------------------------------------------------------- reliability log
 # Fault-injection and bad-input tests record what they observed; at the end of the session the records are
-# written to outputs/reliability/outcomes.json, from which `python -m jobs.reliability_report` renders
-# docs/reliability.md (the table is generated from a real test run, never written by hand).
+# written to outputs/reliability/outcomes.json (always: a run that records nothing leaves an empty file, never an
+# older run's), with each row's test result, the commit and the date. `python -m jobs.reliability_report` renders
+# docs/reliability.md from it; a whole-suite run fails when the committed docs/reliability.md differs from what
+# the generator writes for this run (issue 19 item 21), so the table cannot drift from what the tests observe.
 
 _OUTCOMES: list[dict] = []
+_RESULTS: dict[str, bool] = {}
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def record_outcome(request):
-    """`record_outcome(kind, case, outcome, detail="")`: log an observed outcome of a fault or bad input."""
+    """`record_outcome(kind, case, outcome, detail="", *, edits_lost=None, applied_twice=None)`: log an observed
+    outcome of a fault or bad input. Fault tests that check a ledger pass the counts they measured."""
 
-    def record(kind: str, case: str, outcome: str, detail: str = "") -> None:
-        _OUTCOMES.append(
-            {"kind": kind, "case": case, "outcome": outcome, "detail": detail[:300], "test": request.node.nodeid}
-        )
+    def record(
+        kind: str,
+        case: str,
+        outcome: str,
+        detail: str = "",
+        *,
+        edits_lost: int | None = None,
+        applied_twice: int | None = None,
+    ) -> None:
+        row = {"kind": kind, "case": case, "outcome": outcome, "detail": detail[:300], "test": request.node.nodeid}
+        if edits_lost is not None:
+            row.update(edits_lost=int(edits_lost), applied_twice=int(applied_twice or 0))
+        _OUTCOMES.append(row)
 
     return record
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not _OUTCOMES:
-        return
-    import json
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed or (report.when == "call" and report.passed):
+        _RESULTS[item.nodeid] = _RESULTS.get(item.nodeid, True) and report.passed
 
-    out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "outputs", "reliability")
+
+def _whole_suite(session) -> bool:
+    """A run of every test (no selection): the only kind whose outcomes may be compared with the document."""
+    opt = session.config.option
+    args = [os.path.realpath(a) for a in session.config.args]
+    everything = {os.path.realpath(_REPO), os.path.realpath(os.path.join(_REPO, "tests"))}
+    return (
+        not opt.keyword
+        and not opt.markexpr
+        and not getattr(opt, "lf", False)
+        and not getattr(opt, "deselect", None)
+        and set(args) <= everything
+    )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from jobs import reliability_report  # deferred: only at the end of a session
+
+    for row in _OUTCOMES:
+        row["test_passed"] = _RESULTS.get(row["test"], False)
+    data = reliability_report.outcomes_document(_OUTCOMES, int(exitstatus), _REPO)
+    out = os.path.join(_REPO, "outputs", "reliability")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "outcomes.json"), "w", encoding="utf-8") as fh:
-        json.dump({"exitstatus": int(exitstatus), "outcomes": _OUTCOMES}, fh, indent=1)
+        json.dump(data, fh, indent=1)
+    if not _whole_suite(session) or exitstatus != 0:
+        return
+    problem = reliability_report.check_document(data, os.path.join(_REPO, "docs", "reliability.md"))
+    if problem:
+        session.config.get_terminal_writer().line(f"\nerror: {problem}", red=True)
+        session.exitstatus = 1
