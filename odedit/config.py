@@ -207,8 +207,8 @@ class DataConfig:
     task: Literal["auto", "vqa", "caption"] = option(
         "auto",
         help=(
-            "task of records that name none; auto = caption when the records file name contains 'caption' (EasyEdit's "
-            "E-IC files), else vqa"
+            "task of records that name none; auto = caption when the records are E-IC's (their prompts are caption "
+            "prompts, not questions: see pipeline.data.sources.mmedit), else vqa"
         ),
     )
     split: Literal["test", "validation", "train"] = option(
@@ -251,6 +251,14 @@ class DataConfig:
         help=(
             "jobs.prepare also writes the validated records (the kept ones, images as datasets.Image) as a Hugging "
             "Face dataset (save_to_disk) to this directory; empty = no export"
+        ),
+    )
+    partial_records: bool = option(
+        False,
+        help=(
+            "keep records that lack a field a metric or odedit.environments needs (rephrase, image_rephrase, "
+            "loc/loc_ans, m_loc/m_loc_q/m_loc_a): the metric is then scored on fewer edits, counted per metric in "
+            "prepare.json; false = quarantine them (missing_field, naming the field)"
         ),
     )
 

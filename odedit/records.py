@@ -12,7 +12,7 @@ whether the file exists and decodes is checked where images are read (`pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -29,6 +29,24 @@ IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
 PAIRS = (("loc", "loc_ans"), ("m_loc_q", "m_loc_a"), ("m_loc", "m_loc_q"))
 
 DEFAULT_MAX_CHARS = 2000
+
+# The fields each environment is built from (`odedit.envs.case_from_record`): an environment whose fields are
+# absent is not built, so its metric (`odedit.metrics.METRIC_OF_ENV`) is not scored for that edit (issue 19 item 14).
+ENV_FIELDS = {
+    "in": ("prompt", "target"),
+    "se_text": ("rephrase",),
+    "se_image": ("image_rephrase",),
+    "out_text": ("loc", "loc_ans"),
+    "out_mm": ("m_loc", "m_loc_q", "m_loc_a"),
+    "out_hard": ("hard_images", "hard_answers"),
+}
+# Environments every MMEdit headline metric but the [EXTENSION] M-Loc-hard needs (reference.md §1.4).
+CORE_ENVS = ("in", "se_text", "se_image", "out_text", "out_mm")
+# [INFERENCE] The fields that define an edit, for finding a record that repeats an earlier one (issue 19 item
+# 13): everything an environment is built from, and the task. Not `id` (EasyEdit ids are made from positions),
+# `pred` (the unedited model's answer, not part of the edit), `split`, `source` or `extra` (reader data that is
+# not scored). Image fields compare by content where the pipeline can read it (`pipeline.data.duplicates`).
+EDIT_FIELDS = ("task", "prompt", "target", "rephrase", "loc", "loc_ans", "m_loc_q", "m_loc_a", "hard_answers")
 
 
 @dataclass(frozen=True)
@@ -200,3 +218,16 @@ def validate_record(raw: Any, max_chars: int = DEFAULT_MAX_CHARS) -> list[str]:
     if extra is not None and not isinstance(extra, Mapping):
         reasons.append(f"extra: must be an object, got {type(extra).__name__}")
     return reasons
+
+
+def missing_env_fields(raw: Mapping[str, Any], envs: Sequence[str]) -> list[tuple[str, str]]:
+    """(environment, field) for every field of `envs` (ENV_FIELDS) that `raw` lacks (absent, None or empty),
+    in `envs` order; an empty list means `raw` has every environment asked for (issue 19 item 14)."""
+    d = normalize(raw)
+    out: list[tuple[str, str]] = []
+    for env in envs:
+        for name in ENV_FIELDS[env]:
+            value = d.get(name)
+            if value is None or value == "" or value == [] or value == ():
+                out.append((env, name))
+    return out

@@ -1,8 +1,9 @@
 """Quarantine: refused records, every reason kept, counted by a short code, written beside the shards.
 
 A quarantine row keeps the raw record (ASCII-escaped JSON, so even undecodable text survives), its position
-in the source file, its id when it has one, the stage that refused it (`validate`: the record's own fields and
-duplicate ids, on the driver; `images`: files, in the Ray Data tasks) and every reason as "field: problem".
+in the source file, its id when it has one, the stage that refused it (`validate`: the record's own fields,
+duplicate ids and contents, fields a metric needs and target words the tokenizer knows, on the driver;
+`images`: files, in the Ray Data tasks) and every reason as "field: problem".
 Each reason also gets a code (`missing_field`, `empty_text`, `image_missing`, ...) so the manifest can count
 them without parsing prose.
 
@@ -25,6 +26,9 @@ QUARANTINE_PARQUET = "quarantine.parquet"
 QUARANTINE_JSONL = "quarantine.jsonl"
 
 DUPLICATE_ID = "duplicate_id"
+DUPLICATE = "duplicate"  # same content as an earlier record, whatever the ids (pipeline.data.duplicates)
+MISSING_FIELD = "missing_field"  # also: a field a metric or odedit.environments needs (issue 19 item 14)
+UNKNOWN_TOKENS = "target_unknown_tokens"  # target words the model's tokenizer makes <unk> (issue 19 item 18)
 READER = "reader_problem"
 UNEXPECTED = "unexpected_error"  # an exception while building a record's rows (reported, never fatal)
 # Readers put problems only they can see (a malformed portability list, an unparsable JSON Lines line) under
@@ -37,7 +41,7 @@ _TEXT_RULES = (
     ("not valid UTF-8", "not_utf8"),
     ("U+FFFD", "not_utf8"),
     ("characters long", "text_too_long"),
-    ("missing", "missing_field"),
+    ("missing", MISSING_FIELD),
     ("is empty", "empty_text"),
     ("must be", "wrong_type"),
 )

@@ -5,8 +5,13 @@
 
 Steps (design.md §3):
 1. Driver, text only: cut to `data.limit`, validate every record (`odedit.records.validate_record` plus reader
-   problems and duplicate ids: the first record with an id is kept, later ones are refused), and plan shards:
-   consecutive good records, whole edits only, until a shard would pass `data.rows_per_shard` rows.
+   problems and duplicate ids: the first record with an id is kept, later ones are refused), and refuse, with
+   every reason (issue 19 items 13, 14, 18): a record whose content repeats an earlier kept one (`duplicate`,
+   `pipeline.data.duplicates`); one lacking a field a metric or `odedit.environments` needs (`missing_field`,
+   `required_envs`) unless `data.partial_records`; one whose target has words the model's tokenizer does not
+   know (`target_unknown_tokens`, when `build_shards` is given `unknown_words`: `pipeline.prepare` gives it the
+   resolved model's tokenizer). Then plan shards: consecutive good records, whole edits only, until a shard
+   would pass `data.rows_per_shard` rows.
 2. Ray Data, one task per planned shard (at most `data.build_workers` at once): read, check, decode and
    shrink each image (`pipeline.data.images`), build the edit's environment rows (`pipeline.data.envrows`), sort them by
    (edit_index, environment, sample_index) and write `env-<shard>.parquet` with the declared schema. A task
@@ -39,14 +44,15 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from odedit.envs import EditCase, Reference
 from odedit.models.base import Sample
-from odedit.records import EditRecord, validate_record
+from odedit.records import CORE_ENVS, ENV_FIELDS, EditRecord, missing_env_fields, validate_record
 from pipeline.data import quarantine as q
 from pipeline.data.blobs import blob_ref, load_blob
+from pipeline.data.duplicates import DuplicateFinder
 from pipeline.data.envrows import Fetch, image_requests, planned_rows, record_rows, row_sort_key
 from pipeline.data.images import ImageLimits, ImageRefused, StoredImage, decode_png, load_image
 from pipeline.data.schema import ENV_SCHEMA, REFERENCE_SCHEMA, SCHEMA_VERSION, read_table, to_table, write_table
@@ -70,6 +76,7 @@ _CONTENT_SETTINGS = (
     "max_image_bytes",
     "max_text_chars",
     "stored_image_size",
+    "partial_records",
 )
 
 
@@ -80,14 +87,60 @@ class ShardsError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- driver side
 
 
-def validate_records(records: Sequence[Any], source: str, max_chars: int) -> tuple[list[tuple[int, dict]], list[dict]]:
-    """(good (index, raw) pairs, quarantine entries): every reason of every bad record, duplicates refused."""
+def required_envs(cfg: Any) -> tuple[str, ...]:
+    """The environments every kept record must have (issue 19 item 14): those of the MMEdit metrics
+    (`odedit.records.CORE_ENVS`) and, with ODEdit on, `odedit.environments`; none with `data.partial_records`.
+    IN is always built (its fields are required by `validate_record` itself)."""
+    if cfg.data.partial_records:
+        return ()
+    envs = list(CORE_ENVS)
+    if cfg.odedit.enabled:
+        envs += [e for e in cfg.odedit.environments if e not in envs]
+    return tuple(e for e in envs if e != "in")
+
+
+def validate_records(
+    records: Sequence[Any],
+    source: str,
+    max_chars: int,
+    *,
+    required: Sequence[str] = (),
+    duplicates: DuplicateFinder | None = None,
+    unknown_words: Callable[[str], list[str]] | None = None,
+) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """(good (index, raw) pairs, quarantine entries): every reason of every bad record.
+
+    Args:
+        required: environments a record must have (`required_envs`); each missing field is a `missing_field`.
+        duplicates: finds records whose content repeats an earlier kept one (`duplicate`); None = ids only.
+        unknown_words: target text -> the words the model's tokenizer does not know (`target_unknown_tokens`).
+    """
     good: list[tuple[int, dict]] = []
     bad: list[dict] = []
     first_seen: dict[str, int] = {}
     for i, raw in enumerate(records):
         reasons = validate_record(raw, max_chars)
         problems = [(q.classify(r), r) for r in reasons]
+        if isinstance(raw, dict) and not reasons:
+            problems += [
+                (
+                    q.MISSING_FIELD,
+                    f"{field}: missing (the {env} environment needs {', '.join(ENV_FIELDS[env])}); "
+                    "set data.partial_records=true to keep such records and score that metric on fewer edits",
+                )
+                for env, field in missing_env_fields(raw, required)
+            ]
+            target = EditRecord.from_raw(raw, max_chars).target
+            unknown = unknown_words(target) if unknown_words is not None else []
+            if unknown:
+                problems.append(
+                    (
+                        q.UNKNOWN_TOKENS,
+                        f"target: {', '.join(repr(w) for w in unknown)} not in the model's tokenizer vocabulary "
+                        "(each would become <unk>, which makes the edit trivially reliable); rephrase the target "
+                        "or use a model whose tokenizer knows the words",
+                    )
+                )
         if isinstance(raw, dict):
             problems += [(q.READER, str(r)) for r in raw.get(q.READER_PROBLEMS_KEY) or []]
             rid = raw.get("id")
@@ -103,10 +156,21 @@ def validate_records(records: Sequence[Any], source: str, max_chars: int) -> tup
                     )
                 else:
                     first_seen[key] = i
+            earlier = duplicates.earlier(raw) if duplicates is not None and not reasons else None
+            if earlier is not None:
+                problems.append(
+                    (
+                        q.DUPLICATE,
+                        f"record: the same edit as the record at position {earlier} (equal prompt, target, "
+                        "rephrases, localities and image contents); each edit is kept once",
+                    )
+                )
         if problems:
             bad.append(q.entry(i, raw, source, "validate", problems))
         else:
             good.append((i, raw))
+            if duplicates is not None:
+                duplicates.add(i, raw)
     return good, bad
 
 
@@ -128,8 +192,11 @@ def plan_shards(good: Sequence[tuple[int, dict]], rows_per_shard: int, max_chars
     return plans
 
 
-def fingerprint(source: Any, cfg: Any, good: Sequence[tuple[int, dict]], records: Sequence[Any]) -> str:
-    """sha256 of everything the shards depend on (see the module docstring)."""
+def fingerprint(
+    source: Any, cfg: Any, good: Sequence[tuple[int, dict]], records: Sequence[Any], vocabulary: str = ""
+) -> str:
+    """sha256 of everything the shards depend on (see the module docstring); `vocabulary` identifies the
+    tokenizer the targets were checked against ("" = none)."""
     from PIL import __version__ as pillow_version
 
     h = hashlib.sha256()
@@ -143,6 +210,8 @@ def fingerprint(source: Any, cfg: Any, good: Sequence[tuple[int, dict]], records
                 "settings": settings,
                 "roots": roots,
                 "name": source.name,
+                "required_envs": list(required_envs(cfg)),
+                "vocabulary": vocabulary,
             },
             sort_keys=True,
         ).encode()
@@ -213,12 +282,42 @@ def _clear(shards_dir: str) -> None:
     shutil.rmtree(os.path.join(shards_dir, REFERENCES_DIR), ignore_errors=True)
 
 
-def build_shards(source: Any, cfg: Any, shards_dir: str, reuse: bool = True) -> tuple[dict, bool]:
-    """Build (or reuse) the shards of `source` under `shards_dir`; return (manifest, reused)."""
+def check_records(
+    source: Any, cfg: Any, unknown_words: Callable[[str], list[str]] | None = None
+) -> tuple[list[Any], list[tuple[int, dict]], list[dict]]:
+    """(records after `data.limit`, good (index, raw) pairs, validation quarantine entries) of `source`: the
+    driver-side checks of step 1, without Ray (also what `pipeline.prepare.preflight` runs before any work)."""
     data = cfg.data
     records = list(source.records[: data.limit] if data.limit else source.records)
-    good, bad = validate_records(records, source.name, data.max_text_chars)
-    fp = fingerprint(source, cfg, good, records)
+    finder = DuplicateFinder({k: getattr(source, k) for k in KIND_ROOT.values()}, getattr(source, "blob_dir", ""))
+    good, bad = validate_records(
+        records,
+        source.name,
+        data.max_text_chars,
+        required=required_envs(cfg),
+        duplicates=finder,
+        unknown_words=unknown_words,
+    )
+    return records, good, bad
+
+
+def build_shards(
+    source: Any,
+    cfg: Any,
+    shards_dir: str,
+    reuse: bool = True,
+    *,
+    unknown_words: Callable[[str], list[str]] | None = None,
+    vocabulary: str = "",
+) -> tuple[dict, bool]:
+    """Build (or reuse) the shards of `source` under `shards_dir`; return (manifest, reused).
+
+    `unknown_words` (target -> words the tokenizer does not know) and `vocabulary` (an identity of that
+    tokenizer, part of the fingerprint) come from `pipeline.prepare.target_vocabulary_check`; None = no check.
+    """
+    data = cfg.data
+    records, good, bad = check_records(source, cfg, unknown_words)
+    fp = fingerprint(source, cfg, good, records, vocabulary)
     if reuse:
         manifest = _reusable(shards_dir, fp)
         if manifest is not None:
@@ -282,9 +381,11 @@ def _manifest(
 ) -> dict:
     rows_by_env: Counter[str] = Counter()
     edits_by_split: Counter[str] = Counter()
+    edits_by_env: Counter[str] = Counter()
     for s in summaries:
         rows_by_env.update(s["rows_by_env"])
         edits_by_split.update(s["edits_by_split"])
+        edits_by_env.update(s.get("edits_by_env", {}))
     shards = [
         {
             k: s[k]
@@ -306,6 +407,10 @@ def _manifest(
         "rows": sum(rows_by_env.values()),
         "rows_by_env": dict(sorted(rows_by_env.items())),
         "edits_by_split": dict(sorted(edits_by_split.items())),
+        # kept edits that have each environment: with data.partial_records, a metric is scored on fewer edits
+        "edits_by_env": dict(sorted(edits_by_env.items())),
+        "partial_records": bool(data.partial_records),
+        "reader_notes": dict(sorted(getattr(source, "notes", {}).items())),
         "rows_per_shard": data.rows_per_shard,
         "stored_image_size": data.stored_image_size,
         "shards": shards,
@@ -377,6 +482,7 @@ def build_one_shard(
     rows: list[dict] = []
     refused: list[dict] = []
     edits_by_split: Counter[str] = Counter()
+    edits_by_env: Counter[str] = Counter()
     edit_indices: list[int] = []
     for index, raw in plan:
         record = EditRecord.from_raw(raw, max_chars)
@@ -389,6 +495,7 @@ def build_one_shard(
             continue
         rows.extend(record_rows_)
         edits_by_split[record.split] += 1
+        edits_by_env.update({r["env"] for r in record_rows_})
         edit_indices.append(index)
     name = SHARD_NAME.format(shard)
     path = os.path.join(shards_dir, name)
@@ -407,6 +514,7 @@ def build_one_shard(
         "last_edit_index": max(edit_indices) if edit_indices else None,
         "rows_by_env": dict(Counter(r["env"] for r in rows)),
         "edits_by_split": dict(edits_by_split),
+        "edits_by_env": dict(edits_by_env),
         "bytes": size,
         "sha256": digest,
         "quarantine": refused,

@@ -22,6 +22,9 @@ class RecordSource:
     locality_image_root: str = ""
     name: str = ""
     blob_dir: str = ""  # where embedded images are kept by content (pipeline.data.blobs); "" = none
+    # What a reader skipped inside records it kept, by a short name (e.g. VLKEB portability entries without a
+    # `port_type`: "portability_skipped"); counted in the shards manifest as `reader_notes`.
+    notes: dict[str, int] = field(default_factory=dict)
 
 
 def check_source(raw: dict) -> list:

@@ -9,11 +9,11 @@ schema in `odedit.records` reads `src` as `prompt` and `alt` as `target`):
     src, pred, alt, rephrase, image, image_rephrase, loc, loc_ans, m_loc, m_loc_q, m_loc_a
 
 Added when absent: `id` (`mmedit-<task>-<position>`, position in the file, zero-padded), `task` (`data.task`;
-auto = `caption` for E-IC files, whose names contain "caption", else `vqa`), `split` (`data.split`) and
-`source`. Keys the record schema does not know go to `extra` (nothing is dropped). Image roots: `image` and
-`hard_images` under `data.image_root`, `image_rephrase` under `data.rephrase_image_root`, `m_loc` under
-`data.locality_image_root` (as EasyEdit, both default to the edit-image root; an empty `data.image_root`
-means the records file's directory).
+auto = `caption` for E-IC records, else `vqa`: `detect_task`), `split` (`data.split`) and `source`. Keys the
+record schema does not know go to `extra` (nothing is dropped). Image roots: `image` and `hard_images` under
+`data.image_root`, `image_rephrase` under `data.rephrase_image_root`, `m_loc` under `data.locality_image_root`
+(as EasyEdit, both default to the edit-image root; an empty `data.image_root` means the records file's
+directory).
 
 A file that is not valid JSON (truncated download, wrong file) is a whole-file problem: `RecordFileError`
 names the file, the position and the fix. Records with problems are passed on as they are, to be quarantined
@@ -131,11 +131,26 @@ def to_record(
     return record
 
 
-def resolve_task(task: str, path: str) -> str:
-    """`data.task`, with auto = caption for E-IC files (names containing "caption"), else vqa."""
-    if task != "auto":
-        return task
-    return "caption" if "caption" in os.path.basename(path).lower() else "vqa"
+def detect_task(items: list[Any]) -> str:
+    """`caption` when `items` are E-IC records, else `vqa` (issue 19 item 19: the file's name decides nothing).
+
+    [INFERENCE] EasyEdit's E-VQA and E-IC loaders read the very same keys (reference.md §1.3), so the keys
+    alone cannot tell the two apart; their prompts can: E-VQA's `src` is a question ("What ... ?"), E-IC's a
+    caption prompt ("a photo of"). A file is E-IC when most of its records that name no `task` of their own
+    have a text prompt (`src`, or our `prompt`) that is not a question. A record's own `task` always wins.
+    """
+    prompts = [
+        r.get("prompt", r.get("src"))
+        for r in items
+        if isinstance(r, dict) and "task" not in r and isinstance(r.get("prompt", r.get("src")), str)
+    ]
+    questions = sum(1 for p in prompts if p.rstrip().endswith("?"))
+    return "caption" if prompts and 2 * questions < len(prompts) else "vqa"
+
+
+def resolve_task(task: str, items: list[Any]) -> str:
+    """`data.task`, with auto = `detect_task(items)`."""
+    return detect_task(items) if task == "auto" else task
 
 
 def image_roots(cfg: Any) -> dict[str, str]:
@@ -150,10 +165,15 @@ def image_roots(cfg: Any) -> dict[str, str]:
 
 
 def read_easyedit_file(
-    cfg: Any, name: str, task: str, convert_extra: Callable[[dict, dict, list[str]], None] | None = None
+    cfg: Any,
+    name: str,
+    task: str | None,
+    convert_extra: Callable[[dict, dict, list[str]], None] | None = None,
 ) -> RecordSource:
-    """Read `cfg.data.path` as an EasyEdit-style list into a `RecordSource` named `name`."""
+    """Read `cfg.data.path` as an EasyEdit-style list into a `RecordSource` named `name` (`task` None: from
+    `data.task` and the records, `resolve_task`)."""
     items = read_json_records(cfg.data.path)
+    task = task or resolve_task(cfg.data.task, items)
     records = [
         to_record(
             raw,
@@ -171,7 +191,8 @@ def read_easyedit_file(
 
 def read(cfg: Any) -> RecordSource:
     """E-VQA / E-IC records of `cfg.data.path` (see the module docstring)."""
-    return read_easyedit_file(cfg, "mmedit", resolve_task(cfg.data.task, cfg.data.path))
+    return read_easyedit_file(cfg, "mmedit", None)
 
 
+read.reads_before_ray = True  # a JSON file read on the driver: pipeline.prepare.preflight reads it first
 SOURCES.register("mmedit", read)

@@ -29,7 +29,7 @@ from typing import Any
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.base import RecordSource
 from pipeline.data.sources.mmedit import read_easyedit_file
-from pipeline.data.sources.vlkeb import portability_from_port_new
+from pipeline.data.sources.vlkeb import count_skipped, portability_from_port_new
 
 KNOWLEDGE_TYPES = ("entity_level", "visual_knowledge", "user_specific")
 
@@ -44,7 +44,8 @@ def _convert(raw: dict, extra: dict, problems: list[str]) -> None:
 def read(cfg: Any) -> RecordSource:
     """MMKE-Bench records of `cfg.data.path` (see the module docstring)."""
     task = cfg.data.task if cfg.data.task != "auto" else "vqa"
-    return read_easyedit_file(cfg, "mmkebench", task, convert_extra=_convert)
+    return count_skipped(read_easyedit_file(cfg, "mmkebench", task, convert_extra=_convert))
 
 
+read.reads_before_ray = True  # a JSON file read on the driver: pipeline.prepare.preflight reads it first
 SOURCES.register("mmkebench", read)

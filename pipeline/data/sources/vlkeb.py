@@ -9,8 +9,12 @@ read exactly as `pipeline.data.sources.mmedit` reads them; VLKEB's own loader re
 
 Portability (the multi-hop files): `port_new` is a list of `{"port_type": "1-hop", "Q&A": {"Question": ...,
 "Answer": ...}}`. It becomes `extra["portability"]`, a list of `{"hop": 1, "question": ..., "answer": ...}` in
-file order (VLKEB's loader keeps the first question of the requested hop). A malformed `port_new` is kept
-as it is in `extra` and the record is quarantined with the reason. Ids: `vlkeb-vqa-<position>` when absent.
+file order (VLKEB's loader keeps the first question of the requested hop). Portability is not scored, so an
+entry whose question and answer are fine but whose `port_type` is missing or not `<n>-hop` does not cost the
+edit (issue 19 item 15): it is left out of `extra["portability"]`, kept as it is under
+`extra["portability_skipped"]`, and counted (`RecordSource.notes["portability_skipped"]`, in the shards
+manifest's `reader_notes`). Any other malformed `port_new` is kept as it is in `extra` and the record is
+quarantined with the reason. Ids: `vlkeb-vqa-<position>` when absent.
 """
 
 from __future__ import annotations
@@ -28,18 +32,18 @@ def portability_from_port_new(raw: dict, extra: dict, problems: list[str]) -> No
         return
     items = raw["port_new"]
     converted: list[dict[str, Any]] = []
+    skipped: list[Any] = []
     if not isinstance(items, list):
         problems.append(f"port_new: must be a list of portability questions, got {type(items).__name__}")
         return
     for i, item in enumerate(items):
         qa = item.get("Q&A") if isinstance(item, dict) else None
         hop = _hop(item.get("port_type")) if isinstance(item, dict) else None
-        if (
-            not isinstance(qa, dict)
-            or not isinstance(qa.get("Question"), str)
-            or not isinstance(qa.get("Answer"), str)
-            or hop is None
-        ):
+        qa_ok = isinstance(qa, dict) and isinstance(qa.get("Question"), str) and isinstance(qa.get("Answer"), str)
+        if qa_ok and hop is None:  # an unknown hop: skip this (unscored) question, keep the edit
+            skipped.append(item)
+            continue
+        if not qa_ok:
             problems.append(
                 f"port_new[{i}]: expected {{'port_type': '<n>-hop', 'Q&A': {{'Question': str, "
                 f"'Answer': str}}}}, got {_short(item)}"
@@ -48,6 +52,23 @@ def portability_from_port_new(raw: dict, extra: dict, problems: list[str]) -> No
         converted.append({"hop": hop, "question": qa["Question"], "answer": qa["Answer"]})
     extra.pop("port_new", None)
     extra["portability"] = converted
+    if skipped:
+        extra[SKIPPED_KEY] = skipped
+
+
+SKIPPED_KEY = "portability_skipped"
+
+
+def count_skipped(source: RecordSource) -> RecordSource:
+    """Count the portability entries the records' conversion skipped into `source.notes` (none: no note)."""
+    n = sum(
+        len(r["extra"].get(SKIPPED_KEY) or [])
+        for r in source.records
+        if isinstance(r, dict) and isinstance(r.get("extra"), dict)
+    )
+    if n:
+        source.notes[SKIPPED_KEY] = n
+    return source
 
 
 def _hop(port_type: Any) -> int | None:
@@ -65,7 +86,8 @@ def _short(value: Any) -> str:
 def read(cfg: Any) -> RecordSource:
     """VLKEB records of `cfg.data.path` (see the module docstring)."""
     task = cfg.data.task if cfg.data.task != "auto" else "vqa"
-    return read_easyedit_file(cfg, "vlkeb", task, convert_extra=portability_from_port_new)
+    return count_skipped(read_easyedit_file(cfg, "vlkeb", task, convert_extra=portability_from_port_new))
 
 
+read.reads_before_ray = True  # a JSON file read on the driver: pipeline.prepare.preflight reads it first
 SOURCES.register("vlkeb", read)

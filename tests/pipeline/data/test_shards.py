@@ -91,10 +91,12 @@ def write_world(root: str, make_bomb) -> dict:
     return {"path": path, "image_root": images, "records": records}
 
 
-def make_cfg(world: dict, *overrides: str):
+def make_cfg(world: dict, *overrides: str, partial: bool = True):
+    """The mixed world's config; `partial` keeps the records that lack an environment (GOOD[1:7] do)."""
     return load_config(
         None,
         [
+            f"data.partial_records={str(partial).lower()}",
             "data.source=mmedit",
             f"data.path={world['path']}",
             f"data.image_root={world['image_root']}",
@@ -162,6 +164,39 @@ def test_every_good_record_is_kept_and_counted(built):
     counts = manifest["quarantine_by_reason"]
     assert counts["image_path_escapes_root"] == 2 and counts["empty_text"] == 2 and counts["not_utf8"] == 1
     assert sum(counts.values()) == len(BAD) + 2  # bad-two counts under two codes
+    # data.partial_records: the edits each environment (so each metric) has, counted (issue 19 item 14)
+    by_env: dict[str, int] = {}
+    for rec in GOOD:
+        for env in expected_envs(rec):
+            by_env[env] = by_env.get(env, 0) + 1
+    assert manifest["edits_by_env"] == dict(sorted(by_env.items())) and manifest["partial_records"] is True
+    assert manifest["edits_by_env"]["in"] == len(GOOD) > manifest["edits_by_env"]["se_text"]
+
+
+def test_without_partial_records_a_record_missing_a_metric_field_is_quarantined(world, record_outcome):
+    """Issue 19 item 14: a record that would silently lose a metric is refused, naming the field."""
+    from pipeline.data.shards import required_envs, validate_records
+
+    strict = make_cfg(world, partial=False)
+    assert required_envs(strict) == ("se_text", "se_image", "out_text", "out_mm")
+    assert required_envs(make_cfg(world, "odedit.environments=[in,out_hard]", partial=False))[-1] == "out_hard"
+    good, bad = validate_records(GOOD, "mmedit", 2000, required=required_envs(strict))
+    kept = {raw["id"] for _, raw in good}
+    assert kept == {"good-0", "good-5", "good-7", "good-8", "good-9"}
+    reasons = {e["id"]: e["reasons"] for e in bad}
+    assert all(set(e["codes"]) == {"missing_field"} for e in bad)
+    assert reasons["good-1"] == [
+        "rephrase: missing (the se_text environment needs rephrase); set data.partial_records=true to keep such "
+        "records and score that metric on fewer edits"
+    ]
+    assert [r.split(":")[0] for r in reasons["good-3"]] == ["loc", "loc_ans"]
+    record_outcome(
+        "bad record",
+        "record without a field a metric needs (rephrase)",
+        "quarantined (missing_field)",
+        reasons["good-1"][0],
+    )
+    assert validate_records(GOOD, "mmedit", 2000, required=required_envs(make_cfg(world)))[1] == []
 
 
 def test_a_record_with_several_problems_reports_all_of_them(built):

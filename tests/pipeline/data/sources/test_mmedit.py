@@ -68,14 +68,23 @@ def test_evqa_file_builds_every_environment_from_its_roots(evqa_exact, make_conf
     }
 
 
-def test_caption_files_are_the_caption_task(evqa_exact, make_config, tmp_path):
-    path = tmp_path / "editing-data" / "caption" / "caption_eval_edit.json"
-    os.makedirs(path.parent)
-    path.write_text(json.dumps(evqa_exact["records"]))
-    source = read(make_config({**evqa_exact, "path": str(path)}))
+def test_caption_files_are_the_caption_task(evqa_exact, make_config, tmp_path, record_outcome):
+    """E-IC records are recognised by what they hold (caption prompts), not by the file's name (issue 19 item 19)."""
+    captions = [dict(r, src="a photo of", rephrase="a picture of") for r in evqa_exact["records"]]
+    plain = tmp_path / "mine" / "eval.json"  # no "caption" in the name
+    os.makedirs(plain.parent)
+    plain.write_text(json.dumps(captions))
+    source = read(make_config({**evqa_exact, "path": str(plain)}))
     assert {r["task"] for r in source.records} == {"caption"}
     assert source.records[0]["id"] == "mmedit-caption-00000"
-    forced = read(make_config({**evqa_exact, "path": str(path)}, "data.task=vqa", "data.split=validation"))
+    record_outcome("bad file", "E-IC records in a file not named *caption*", "recognised as captions by their records")
+    named = tmp_path / "mine" / "caption_eval_edit.json"  # E-VQA questions in a file named caption
+    named.write_text(json.dumps(evqa_exact["records"]))
+    assert {r["task"] for r in read(make_config({**evqa_exact, "path": str(named)})).records} == {"vqa"}
+    mixed = [dict(captions[0], task="vqa"), captions[1]]  # a record's own task wins
+    plain.write_text(json.dumps(mixed))
+    assert [r["task"] for r in read(make_config({**evqa_exact, "path": str(plain)})).records] == ["vqa", "caption"]
+    forced = read(make_config({**evqa_exact, "path": str(plain)}, "data.task=vqa", "data.split=validation"))
     assert {(r["task"], r["split"]) for r in forced.records} == {("vqa", "validation")}
 
 

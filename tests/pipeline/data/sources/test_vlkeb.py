@@ -72,3 +72,22 @@ def test_malformed_portability_is_kept_and_reported_for_quarantine(tmp_path, mak
     assert raws[0]["extra"]["port_new"] == bad["port_new"]  # nothing dropped
     assert raws[0]["_reader_problems"][0].startswith("port_new[0]: expected")
     assert raws[1]["_reader_problems"] == ["port_new: must be a list of portability questions, got str"]
+
+
+def test_portability_entry_without_port_type_keeps_the_edit_and_is_counted(tmp_path, make_config, record_outcome):
+    """Portability is not scored: an entry with no usable `port_type` is skipped, not the edit (issue 19 item 15)."""
+    no_type = {"Q&A": {"Question": "In which city is it?", "Answer": "London"}}
+    odd_type = {"port_type": "multi", "Q&A": {"Question": "Which river?", "Answer": "Thames"}}
+    good = {"port_type": "1-hop", "Q&A": {"Question": "Which country?", "Answer": "UK"}}
+    source = read(tmp_path, make_config, [vlkeb_record(port_new=[no_type, good, odd_type]), vlkeb_record()])
+    raw = source.records[0]
+    assert validate_record(raw) == [] and "_reader_problems" not in raw
+    assert raw["extra"]["portability"] == [{"hop": 1, "question": "Which country?", "answer": "UK"}]
+    assert raw["extra"]["portability_skipped"] == [no_type, odd_type]  # kept as they were, nothing dropped
+    assert source.notes == {"portability_skipped": 2}
+    record_outcome(
+        "bad record",
+        "VLKEB portability entry without port_type",
+        "edit kept; the entry skipped and counted (portability_skipped)",
+        str(source.notes),
+    )
