@@ -16,12 +16,13 @@ progress as a line now and then instead of bar redraws, each repeated warning on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import textwrap
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from odedit.config import Config, ConfigError, MethodConfig
@@ -209,6 +210,20 @@ def print_locations(cfg: Config, summary_path: str) -> None:
         uri = tracking_uri(cfg)
         print(f"MLflow:    {uri}")
         print(f"open it:   mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+
+
+@contextlib.contextmanager
+def data_errors() -> Iterator[None]:
+    """Around a job's work: input data that cannot make a stream (`pipeline.prepare.DataError`: no records,
+    none kept, an unreadable records file, a model path that is not there) is one `error:` line and exit 2,
+    not a traceback (issue 19 item 16)."""
+    from pipeline.prepare import DataError  # deferred: pulls in Ray, torch and transformers; `--help` needs none
+
+    try:
+        yield
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(cli: Callable[[], int]) -> NoReturn:

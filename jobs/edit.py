@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import parse_job_args, print_locations, run
+from jobs.common import data_errors, parse_job_args, print_locations, run
 from odedit.loading import with_overrides
 from pipeline.storage.jsonio import write_json
 
@@ -20,11 +20,15 @@ from pipeline.storage.jsonio import write_json
 def main(cfg: Any) -> dict:
     # deferred: Ray, torch and transformers load only after the arguments parse (fast --help, config errors)
     from pipeline.experiment import run_experiment
+    from pipeline.prepare import preflight, quarantine_report
     from pipeline.reporting.tables import comparison_table
 
     if cfg.stream.mode != "single":
         cfg = with_overrides(cfg, ["stream.mode=single"])
-    out = run_experiment(cfg, {"": []}, name="edit")
+    with data_errors():  # issue 19 item 16: bad input data is one error line, exit 2, before any work
+        preflight(cfg)
+        out = run_experiment(cfg, {"": []}, name="edit")
+    print(quarantine_report(out["prepare"]))
     summary = {"runs": out["results"], "prepare": out["prepare"]}
     path = write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     print(comparison_table(out["results"]))

@@ -18,7 +18,7 @@ from typing import Any
 from odedit.config import Config
 from odedit.loading import with_overrides
 from pipeline.cluster.session import ray_session
-from pipeline.prepare import prepare
+from pipeline.prepare import log_quarantine, prepare
 from pipeline.reporting.tracking import open_tracker
 from pipeline.storage.outputs import prepare_output_dir
 from pipeline.storage.root import ray_package_dir
@@ -108,6 +108,7 @@ def run_experiment(
                 outbox_dir=os.path.join(arm_cfg.output_dir, "runs", run_name),
             )
             tracker.log_params({**run_info(arm_cfg), "arm": arm or run_name})
+            log_quarantine(tracker, prep)
             summary = run_stream(
                 arm_cfg, model_path, tracker, run_name, num_edits=num_edits, offset=offset, progress=progress
             )

@@ -68,6 +68,12 @@ RECORD_CASES = [
     ("text locality without its answer", {"loc_ans": None}, "missing_field", "loc_ans"),
     ("record that is not an object", "just a string", "wrong_type", "record"),
     ("duplicate id", {"id": "dup"}, "duplicate_id", "id"),
+    # issue 19 item 13: EasyEdit ids come from positions, so a pasted-twice record is found by its content
+    ("record identical to an earlier one (another id)", {}, "duplicate", "record"),
+    # issue 19 item 18: the tiny model's word-level tokenizer does not know "zorblax"
+    ("target words the tokenizer does not know (<unk>)", {"alt": "zorblax"}, "target_unknown_tokens", "target"),
+    # issue 19 item 14: strict by default (data.partial_records=false)
+    ("record without a field a metric needs (rephrase)", {"rephrase": None}, "missing_field", "rephrase"),
 ]
 
 
@@ -83,7 +89,8 @@ def corpus(tmp_path_factory):
     (images / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
     _bomb(str(images / "img" / "bomb.png"), 60000, 60000)
     write_png(str(images / "img" / "big.png"), 900, 900, COLOURS["red"], seed=3)
-    records = [dict(GOOD, id="good-0"), dict(GOOD, id="dup")]
+    # the good records differ in content (a record that repeats another's content is a duplicate)
+    records = [dict(GOOD, id="good-0"), dict(GOOD, id="dup", loc_ans="marlowe")]
     for _case, change, _, _ in RECORD_CASES:
         if isinstance(change, str):
             records.append(change)
@@ -95,7 +102,7 @@ def corpus(tmp_path_factory):
             else:
                 rec[k] = v
         records.append(rec)
-    records.append(dict(GOOD, id="good-1"))
+    records.append(dict(GOOD, id="good-1", loc_ans="bacon"))
     path = root / "vqa_eval.json"
     path.write_text(json.dumps(records, ensure_ascii=True))
     return root, str(path), str(images), records
@@ -116,9 +123,14 @@ def test_bad_records_are_quarantined_with_reasons_and_the_job_goes_on(corpus, ti
             "model.family=llava",
             f"model.name_or_path={tiny_dir('llava')}",
             f"output_dir={root / 'out'}",
+            "stream.num_edits=50",
         ],
     )
-    summary = main(cfg)
+    with pytest.warns(UserWarning, match=r"stream.num_edits=50 but the test split has 3 kept edit") as warned:
+        summary = main(cfg)
+    record_outcome(
+        "bad config", "stream.num_edits above the kept edits", "warning with both numbers", str(warned[0].message)
+    )
     assert summary["kept"] == 3, "the good records (good-0, dup's first occurrence, good-1) are all kept"
     assert summary["quarantined"] == len(RECORD_CASES)
     with open(summary["paths"]["quarantine"]) as fh:
@@ -158,6 +170,12 @@ CONFIG_CASES = [
     ("unknown host editor", {"method": {"name": "romee"}}, "method.name", "unknown edit method"),
     ("unknown model family", {"model": {"family": "gpt5v"}}, "model.family", "unknown model family"),
     ("value out of range", {"method": {"name": "lora", "dropout": 2.0}}, "method.dropout", "must be in"),
+    (
+        "partial-records knob that is not a boolean",
+        {"data": {"partial_records": "maybe"}},
+        "data.partial_records",
+        "true or false",
+    ),
 ]
 
 
@@ -333,3 +351,140 @@ def test_mend_hypernetwork_for_other_shapes(tmp_path, tiny_adapter, record_outco
         "error naming the mismatch",
         str(info.value),
     )
+
+
+# ---------------------------------------------------------------------------------------------- issue 19 item 16
+
+
+def _job_argv(tmp_path, records, *overrides):
+    path = tmp_path / "vqa_eval.json"
+    path.write_text(records if isinstance(records, str) else json.dumps(records))
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("tracking:\n  enabled: false\n")
+    return [
+        "--config",
+        str(cfg),
+        "data.source=mmedit",
+        f"data.path={path}",
+        f"output_dir={tmp_path / 'out'}",
+        *overrides,
+    ]
+
+
+PREFLIGHT_CASES = [
+    ("empty records file", "[]", (), "holds no records"),
+    ("every record quarantined", [dict(GOOD, alt=""), dict(GOOD, src=42)], (), "all 2 records were quarantined"),
+    ("truncated JSON records file", json.dumps([GOOD, GOOD])[:300], (), "truncated"),
+    ("model path that does not exist", [GOOD], ("model.name_or_path=/nonexistent/llava",), "does not exist"),
+    (
+        "model path that is neither a directory nor a hub name",
+        [GOOD],
+        ("model.name_or_path=models/a/b",),
+        "does not exist",
+    ),
+]
+
+
+@pytest.mark.parametrize("job", ["lifelong", "edit"])
+@pytest.mark.parametrize("case,records,overrides,needle", PREFLIGHT_CASES, ids=[c[0] for c in PREFLIGHT_CASES])
+def test_bad_data_stops_the_edit_jobs_before_any_work(
+    tmp_path, capsys, monkeypatch, job, case, records, overrides, needle, record_outcome
+):
+    """An error: line and exit 2 before any work: nothing is prepared, Ray is not asked for (issue 19 item 16)."""
+    import importlib
+
+    import pipeline.experiment
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the job started work")
+
+    monkeypatch.setattr(pipeline.experiment, "run_experiment", no_work)
+    module = importlib.import_module(f"jobs.{job}")
+    with pytest.raises(SystemExit) as info:
+        module.cli(
+            _job_argv(
+                tmp_path, records, "stream.mode=single" if job == "edit" else "stream.mode=sequential", *overrides
+            )
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+    record_outcome(
+        "bad file" if "model" not in case else "bad config",
+        f"{case} (jobs.{job})",
+        "error: line, exit 2, before any work",
+        err[0],
+    )
+
+
+def test_every_record_refused_during_preparation_is_an_error_naming_the_quarantine(
+    tmp_path, capsys, tiny_dir, ray_local, record_outcome
+):
+    """Records whose every image is refused pass the driver checks; preparation stops with exit 2 before the
+    references and the stream (Ray is up by then: the images are checked in Ray Data tasks)."""
+    from jobs.lifelong import cli
+
+    records = [dict(GOOD, id=f"r{i}", image=f"img/none{i}.png", loc_ans=f"a{i}") for i in range(2)]
+    argv = _job_argv(tmp_path, records, "model.family=llava", f"model.name_or_path={tiny_dir('llava')}")
+    with pytest.raises(SystemExit) as info:
+        cli(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
+        "error: data: all 2 records were quarantined by preparation, nothing to edit: image_missing: 2"
+    )
+    assert "quarantine.jsonl" in err and not (tmp_path / "out" / "shards" / "references").exists()
+    record_outcome(
+        "bad file",
+        "every record refused at the image stage (jobs.lifelong)",
+        "error: line naming the quarantine file, exit 2",
+        err,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- issue 19 item 17
+
+
+def test_quarantine_is_reported_and_logged_into_the_stream_run(tmp_path):
+    from pipeline.prepare import log_quarantine, quarantine_report
+
+    jsonl = tmp_path / "quarantine.jsonl"
+    jsonl.write_text('{"record_index": 3}\n')
+    summary = {
+        "records": 10,
+        "kept": 7,
+        "quarantined": 3,
+        "quarantine_by_reason": {"duplicate": 1, "missing_field": 2},
+        "edits_by_metric": {"rel": 7, "t_gen": 5},
+        "reader_notes": {"portability_skipped": 2},
+        "paths": {"quarantine": str(jsonl)},
+    }
+    line = quarantine_report(summary)
+    assert line == (
+        f"data: 10 records, 7 kept, 3 quarantined (duplicate: 1, missing_field: 2); quarantine file: {jsonl}; "
+        "partial records: t_gen scored on 5 of 7; reader skipped: portability_skipped: 2"
+    )
+
+    class Recorder:
+        def __init__(self):
+            self.metrics, self.artifacts = {}, []
+
+        def log_metrics(self, metrics, step):
+            self.metrics.update(metrics)
+
+        def log_artifact(self, path, subdir=None):
+            self.artifacts.append((path, subdir))
+
+    tracker = Recorder()
+    log_quarantine(tracker, summary)
+    assert tracker.metrics == {
+        "data.records": 10.0,
+        "data.kept": 7.0,
+        "data.quarantined": 3.0,
+        "data.quarantine.duplicate": 1.0,
+        "data.quarantine.missing_field": 2.0,
+        "data.edits.rel": 7.0,
+        "data.edits.t_gen": 5.0,
+    }
+    assert tracker.artifacts == [(str(jsonl), "data")]
