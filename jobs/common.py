@@ -31,7 +31,7 @@ from odedit.loading import load_config
 from odedit.methods import METHODS
 from pipeline.data.sources.base import check_source
 from pipeline.reporting.progress import install_quiet_logs
-from pipeline.storage.root import StorageError, resolve_storage
+from pipeline.storage.root import StorageError, check_writable, resolve_storage
 
 HELP_WIDTH = 100
 
@@ -40,7 +40,9 @@ def load_job_config(path: str | None, overrides: Sequence[str], extra_checks: Se
     """The config with every location resolved under the storage root; on a bad config or a location that
     would lose results, print all problems and exit 2 (before any work)."""
     try:
-        return resolve_storage(load_config(path, overrides, extra_checks=[check_source, *extra_checks]))
+        cfg = resolve_storage(load_config(path, overrides, extra_checks=[check_source, *extra_checks]))
+        check_writable(cfg)  # an unwritable output or checkpoint directory stops here (issue 19 item 8)
+        return cfg
     except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -230,4 +232,18 @@ def run(cli: Callable[[], int]) -> NoReturn:
     """A job's process entry (`if __name__ == "__main__": run(cli)`): each repeated warning once and, off a
     terminal, progress as occasional lines; then the job, whose status is the process's exit status."""
     install_quiet_logs()
-    sys.exit(cli())
+    with storage_errors():
+        code = cli()
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """Around a job: storage that refuses the job's writes (`StorageError`; during a stream,
+    `pipeline.train.storagefail.StorageWriteError`: permission, read-only, full disk) is one `error:` line with
+    the fix and exit 2, not a traceback (issue 19 item 8)."""
+    try:
+        yield
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

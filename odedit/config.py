@@ -14,6 +14,7 @@ that `odedit.loading.load_config` reads back to an equal object.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -43,6 +44,34 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # resources.precision -> the model.dtype it loads the model in, and back.
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DTYPE_PRECISIONS = {dtype: precision for precision, dtype in PRECISION_DTYPES.items()}
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}")
+
+
+def safe_name(value: str) -> str | None:
+    """A name that becomes one directory under its root (`stream.run_name`, `search.name`) must be one safe path
+    component (issue 19 item 2): letters, digits, `- _ . +`, not starting with `.` or `-`; so no `/`, no `..`,
+    no NUL, no hidden or option-like names. Empty passes (the field's own default applies)."""
+    if not value or _SAFE_NAME.fullmatch(value):
+        return None
+    return (
+        "must be a single safe path component (letters, digits, - _ . +, at most 200, not starting with . or -; "
+        "no /, .., NUL or spaces); fix: pick such a name, e.g. "
+        f"{re.sub(r'[^A-Za-z0-9_.+-]+', '-', value).strip('.-') or 'run'!r}"
+    )
+
+
+def no_parent_dirs(value: str) -> str | None:
+    """An output location (`output_dir`, `data.shards_dir`, `data.export_hf`, `stream.storage_path`) has no `..`
+    component and no NUL: it resolves under the storage root (issue 19 item 2; `pipeline.storage.root` also
+    checks where it lands after symlinks)."""
+    if "\x00" in value:
+        return "contains a NUL character; fix: give a plain path"
+    if ".." in value.replace("\\", "/").split("/"):
+        return (
+            "has a '..' component, which would climb out of the storage root; fix: give a path under the root "
+            "without '..', or set storage_root (or $ODEDIT_STORAGE_ROOT) to where outputs should go"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -188,7 +217,9 @@ class DataConfig:
     image_root: str = option("", help="root of edit images (EasyEdit's coco_image)")
     rephrase_image_root: str = option("", help="root of image rephrases; empty = image_root")
     locality_image_root: str = option("", help="root of multimodal-locality images; empty = image_root")
-    shards_dir: str = option("", help="output dir of environment shards; empty = <output_dir>/shards")
+    shards_dir: str = option(
+        "", help="output dir of environment shards; empty = <output_dir>/shards", check=no_parent_dirs
+    )
     limit: int = option(0, help="read at most this many records; 0 = all", check=non_negative)
     rows_per_shard: int = option(256, help="rows per parquet shard", check=positive)
     max_image_pixels: int = option(
@@ -252,6 +283,7 @@ class DataConfig:
             "jobs.prepare also writes the validated records (the kept ones, images as datasets.Image) as a Hugging "
             "Face dataset (save_to_disk) to this directory; empty = no export"
         ),
+        check=no_parent_dirs,
     )
     partial_records: bool = option(
         False,
@@ -395,10 +427,15 @@ class StreamConfig:
     retention_sample: int = option(64, help="earlier edits re-evaluated at each retention evaluation", check=positive)
     checkpoint_every: int = option(0, help="checkpoint every this many steps; 0 = never", check=non_negative)
     storage_path: str = option(
-        "", help="checkpoints, ledger and results; empty = <output_dir>/storage (shared storage on clusters)"
+        "",
+        help="checkpoints, ledger and results; empty = <output_dir>/storage (shared storage on clusters)",
+        check=no_parent_dirs,
     )
     run_name: str = option(
-        "", help="stream name; resubmitting with the same name resumes it; empty = derived from the config"
+        "",
+        help="stream name (one safe path component under stream.storage_path); resubmitting with the same name "
+        "resumes it; empty = derived from the config",
+        check=safe_name,
     )
     on_change: Literal["error", "replace"] = option(
         "error",
@@ -478,9 +515,7 @@ class SearchConfig:
         "search",
         help="search name: its directory <output_dir>/search/<name> and MLflow parent run; "
         "re-running with the same name restores an interrupted search",
-        check=lambda v: (
-            None if v and all(c.isalnum() or c in "-_." for c in v) else "must be non-empty: letters, digits, - _ ."
-        ),
+        check=lambda v: safe_name(v) if v else "must be non-empty: letters, digits, - _ .",
     )
     num_samples: int = option(8, help="trials", check=positive)
     metric: str = option(
@@ -534,7 +569,12 @@ class Config:
     resources: ResourcesConfig = option(factory=ResourcesConfig, help="workers")
     tracking: TrackingConfig = option(factory=TrackingConfig, help="MLflow")
     search: SearchConfig = option(factory=SearchConfig, help="hyperparameter search")
-    output_dir: str = option("outputs/run", help="where results, shards and the sqlite MLflow store go")
+    output_dir: str = option(
+        "outputs/run",
+        help="where results, shards and the sqlite MLflow store go: a path under the storage root (relative to it, "
+        "or absolute inside it); outputs elsewhere: set storage_root",
+        check=no_parent_dirs,
+    )
     storage_root: str = option(
         "",
         help="the root every relative location (output_dir, data.shards_dir, stream.storage_path, the "

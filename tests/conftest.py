@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -13,6 +14,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions")
+)
+# Jobs write only under the storage root (issue 19 item 2, pipeline/storage/root.py). Tests put their outputs in
+# the temp directory, so that is this session's root, as a user with outputs elsewhere sets one; the caches stay in
+# the checkout's .cache, where they are without a root (the demo model is trained once).
+os.environ.setdefault("ODEDIT_STORAGE_ROOT", os.path.realpath(tempfile.gettempdir()))
+os.environ.setdefault(
+    "ODEDIT_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache")
 )
 
 import pytest  # noqa: E402

@@ -37,10 +37,13 @@ from pipeline.reporting.plots import plot_metrics, plot_retention
 from pipeline.reporting.progress import progress as progress_bar
 from pipeline.reporting.tracking import NullTracker, attach_tracker, tracking_uri
 from pipeline.storage.jsonio import write_json
+from pipeline.storage.root import run_directory
 from pipeline.train.checkpoints import RunStore
 from pipeline.train.collectives import TorchComm
 from pipeline.train.distributed import wire_editor
 from pipeline.train.runidentity import claim_run, stream_identity
+from pipeline.train.storagefail import FLAG_KEY as STOP_FLAG
+from pipeline.train.storagefail import new_flag, raise_if_stopped, stop_on_write_failure
 
 DATASET = "edits"
 
@@ -225,7 +228,7 @@ def write_results(store: RunStore, cfg: Config, result: Any, tracker: Any) -> No
 def build_stream_trainer(cfg: Config, run_name: str, loop_config: dict[str, Any], dataset: Any) -> Any:
     """The `TorchTrainer` of a stream: the shared builder, with the shards handed to every worker unsplit."""
     return build_trainer(
-        train_loop_per_worker,
+        stop_on_write_failure(train_loop_per_worker),  # a write failure stops the stream, unretried (issue 19)
         loop_config,
         cfg.resources,
         name=run_name,
@@ -287,7 +290,7 @@ def run_stream(
         cfg = for_workers(cfg)  # workers run in another directory: relative locations would not resolve there
         shards = shards_dir(cfg)
         edits = cfg.stream.num_edits if num_edits is None else num_edits
-        run_dir = os.path.join(storage_dir(cfg), run_name)
+        run_dir = run_directory(storage_dir(cfg), run_name)  # one safe name under the storage path (issue 19)
         # Resume only the same stream: a checkpoint of other settings is never loaded (pipeline/train/runidentity.py).
         claim_run(run_dir, stream_identity(cfg, model_path, shards, edits, offset), cfg.stream.on_change)
         store = RunStore(run_dir).ensure()
@@ -305,6 +308,7 @@ def run_stream(
             "num_edits": edits,
             "offset": offset,
             "metrics_path": metrics_path or "",
+            STOP_FLAG: new_flag(),  # where a worker records a write failure (pipeline/train/storagefail.py)
         }
         trainer = build_stream_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
         done = threading.Event()
@@ -328,9 +332,13 @@ def run_stream(
         t0 = time.perf_counter()
         try:
             trainer.fit()
+        except Exception as err:
+            raise_if_stopped(loop_config[STOP_FLAG], err)
+            raise
         finally:
             done.set()
             thread.join()
+        raise_if_stopped(loop_config[STOP_FLAG])
     finally:
         release()
     with open(os.path.join(store.results_dir, "summary.json"), encoding="utf-8") as fh:

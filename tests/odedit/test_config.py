@@ -221,3 +221,15 @@ def test_fp16_without_deepspeeds_loss_scaling_is_refused(overrides, path):
         load_config(None, ["resources.use_gpu=true", "resources.precision=fp16", *overrides])
     (issue,) = info.value.issues
     assert issue.path == path and "loss scaling" in issue.problem and "precision=bf16" in issue.hint
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "-x", "with space", "/abs"])
+def test_run_and_search_names_are_single_safe_path_components(name, record_outcome):
+    """Issue 19 item 2: a name that becomes a directory is refused at load, naming the field, the value and a fix."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"stream.run_name={name}", f"search.name={name}"])
+    assert {i.path for i in info.value.issues} == {"stream.run_name", "search.name"}
+    for issue in info.value.issues:
+        assert issue.value == name and "single safe path component" in issue.problem and "fix:" in issue.problem
+    assert load_config(None, ["stream.run_name=lora+odedit-b4_s0.v2"]).stream.run_name == "lora+odedit-b4_s0.v2"
+    record_outcome("bad input", f"stream.run_name / search.name = {name!r}", "refused when the config loads")
