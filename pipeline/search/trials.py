@@ -15,8 +15,9 @@ stops collapsing streams early. A file rather than Ray Train's `TuneReportCallba
 retention points (not the checkpoint reports), survives a restart of the worker group (points after its
 checkpoint come again and are skipped) and a restart of the trial (the earlier points are replayed).
 
-**Resume.** An interrupted trial starts again when its search is restored; its stream resumes from its own
-checkpoint (run name = search name + trial id), logging into the same MLflow run.
+**Resume.** An interrupted trial starts again when its search is resumed (`pipeline.search.resume`), under the
+trial id of its first attempt; its stream resumes from its own checkpoint (run name = search name + that trial
+id), logging into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from odedit.configlib import to_dict
 from odedit.loading import parse_config
 from odedit.metrics import PROTOCOLS
 from pipeline.reporting.tracking import attach_tracker, open_tracker
+from pipeline.search.resume import project_trial_id
 from pipeline.search.space import parse_space, sample_config
 from pipeline.storage.jsonio import read_json, write_json
 from pipeline.train.engine import run_stream
@@ -168,7 +170,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     dims = {d.key: d for d in parse_space(context["base"]["search"]["space"])[0]}
     sample = {k: dims[k].decode(v) for k, v in config.items() if k in dims}
     cfg = sample_config(context["base"], sample)
-    trial_id = ray.tune.get_context().get_trial_id()
+    trial_id = project_trial_id(config, ray.tune.get_context().get_trial_id())  # a re-run keeps its first id
     run_name = f"{cfg.search.name}-{trial_id}"
     run_dir = os.path.join(context["streams_dir"], run_name)
     os.makedirs(run_dir, exist_ok=True)

@@ -4,7 +4,8 @@
     outcome = search.fit()                          # new search, or the restored one of the same name
 
 **Resume.** The Tune experiment lives in `<output_dir>/search/<name>/tune`; a re-run with the same name
-restores it (see `pipeline.search.trials` for the trials themselves).
+resumes it from the project's own JSON state, never from Tune's pickles (`pipeline.search.resume`, issue 19
+item 1; see `pipeline.search.trials` for the trials themselves).
 
 **MLflow.** The driver creates the search's parent run; each trial creates its run nested under it
 (`mlflow.parentRunId`), into which its Ray Train rank 0 logs the stream. The trial process is killed when
@@ -31,6 +32,14 @@ from odedit.config import Config
 from odedit.configlib import flatten, to_dict
 from pipeline.data.casesource import ShardCaseSource
 from pipeline.reporting.tracking import tracking_uri
+from pipeline.search.resume import (
+    RESUME_KEY,
+    SearchState,
+    make_random_searcher,
+    make_recorder,
+    make_resume_searcher,
+    trial_dir_identity,
+)
 from pipeline.search.space import METRICS, Dimension, parse_space, validate_search
 from pipeline.search.trials import TRIAL_FILE, run_trial
 from pipeline.storage.jsonio import read_json, write_json
@@ -73,16 +82,6 @@ def _fingerprint(cfg: Config, model_path: str) -> dict[str, Any]:
     for key in ("search.max_concurrent", "search.cpus_per_trial", "search.gpus_per_trial"):
         flat.pop(key, None)
     return {**{k: v for k, v in flat.items() if not k.startswith("tracking.")}, "prepared.model_path": model_path}
-
-
-def _trial_id_and_index(path: str) -> tuple[str, int]:
-    """A trial's id and creation index from its directory name (`run_trial_<id>_<index>_<params>_<date>`)."""
-    import re
-
-    found = re.match(r"run_trial_([0-9a-f]+)_(\d+)", os.path.basename(path))
-    if found is None:
-        raise ValueError(f"unexpected Tune trial directory name {os.path.basename(path)!r}")
-    return found.group(1), int(found.group(2))
 
 
 class Search:
@@ -210,10 +209,13 @@ class Search:
             return "optuna"
         return "random"
 
-    def _searcher(self) -> Any:
+    def _searcher(self, with_points: bool = True) -> Any:
+        """The first attempt's searcher (the default point first when asked for); `with_points=False`: Optuna
+        without it, for a resumed attempt (the first attempt ran it)."""
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         points = [p for p in [self.default_point()] if p is not None] if self.cfg.search.include_default else []
+        points = points if with_points else []
         if self.searcher_name == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
@@ -250,18 +252,35 @@ class Search:
         state, existed = self._state(open_parent)
         s = self.cfg.search
         trainable = self._trainable(state["parent_run_id"], edits_total)
-        restored = existed and tune.Tuner.can_restore(self.tune_dir)
+        # Resume from trials-state.json only: nothing under the search directory is unpickled (issue 19 item 1).
+        progress = SearchState(self.dir)
+        restored = existed and bool(progress.trials)
+        earlier = progress.finished() if restored else []
+        reruns = progress.unfinished() if restored else []
+        progress.attempts += 1
+        progress.save()
+        name = "tune" if progress.attempts == 1 else f"tune-resume-{progress.attempts - 1}"
+        self.tune_dir = os.path.join(self.dir, name)
         if restored:
-            tuner = tune.Tuner.restore(self.tune_dir, trainable, resume_unfinished=True)
+            inner = (
+                self._searcher(with_points=False)
+                if self.searcher_name == "optuna"
+                else make_random_searcher(self.cfg.seed + progress.attempts)
+            )
+            search_alg = make_resume_searcher(inner, reruns, earlier, s.metric)
         else:
+            search_alg = self._searcher()
+        grid: list[Any] = []
+        remaining = s.num_samples - len(earlier)
+        if remaining > 0:
             tuner = tune.Tuner(
                 trainable,
                 param_space={d.key: d.domain() for d in self.dims},
                 tune_config=tune.TuneConfig(
                     metric=s.metric,
                     mode=s.mode,
-                    search_alg=self._searcher(),
-                    num_samples=s.num_samples,
+                    search_alg=search_alg,
+                    num_samples=remaining,
                     max_concurrent_trials=s.max_concurrent,
                     reuse_actors=False,
                     scheduler=ASHAScheduler(
@@ -272,13 +291,17 @@ class Search:
                     ),
                 ),
                 run_config=tune.RunConfig(
-                    name=os.path.basename(self.tune_dir),
+                    name=name,
                     storage_path=self.dir,
                     failure_config=tune.FailureConfig(max_failures=0),
+                    callbacks=[make_recorder(progress, self.dims, s.metric, progress.next_index())],
                 ),
             )
-        grid = tuner.fit()
-        trials = sorted((self._outcome(r) for r in grid), key=lambda t: t.index)
+            grid = list(tuner.fit())
+        trials = sorted(
+            [self._recorded_outcome(r) for r in earlier] + [self._outcome(r, progress) for r in grid],
+            key=lambda t: t.index,
+        )
         self._close_trial_runs(trials)
         return SearchOutcome(
             trials,
@@ -291,10 +314,30 @@ class Search:
             list(self.dims),
         )
 
-    def _outcome(self, result: Any) -> TrialOutcome:
+    def _recorded_outcome(self, record: dict[str, Any]) -> TrialOutcome:
+        """A trial an earlier attempt finished, as `trials-state.json` recorded it."""
+        run_dir = os.path.join(self.streams_dir, f"{self.cfg.search.name}-{record['trial_id']}")
+        trial = read_json(os.path.join(run_dir, TRIAL_FILE), default={})
+        return TrialOutcome(
+            int(record["index"]),
+            record["trial_id"],
+            record["status"],
+            dict(record.get("sample", {})),
+            {k: (record.get("metrics") or {}).get(k) for k in (*METRICS, "edits")},
+            [(int(e), float(v)) for e, v in record.get("curve", [])],
+            trial.get("run_name", ""),
+            trial.get("mlflow_run_id", ""),
+            record.get("error", ""),
+        )
+
+    def _outcome(self, result: Any, progress: SearchState) -> TrialOutcome:
         dims = {d.key: d for d in self.dims}
         metrics = dict(result.metrics or {})
-        trial_id, index = _trial_id_and_index(result.path)
+        tune_id, index = trial_dir_identity(result.path)
+        record = progress.by_tune_id(tune_id)
+        trial_id = (result.config or {}).get(RESUME_KEY) or tune_id
+        if record is not None:
+            index = int(record["index"])
         sample = {k: dims[k].decode(v) for k, v in (result.config or {}).items() if k in dims}
         curve = []
         df = result.metrics_dataframe

@@ -168,8 +168,32 @@ def _terminated_trials(tune_dir: str) -> list[str]:
     return [t.trial_id for t in analysis.trials if t.status == "TERMINATED"]
 
 
+class _Payload:
+    """Unpickling this creates `marker` (what a party with write access to shared storage could plant)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant_payloads(tune_dir: str, marker: str) -> list[str]:
+    """Replace every pickle Tune left in `tune_dir` (tuner.pkl, the searcher state, trials' params.pkl)."""
+    import pickle
+
+    planted = []
+    for folder, _, files in os.walk(tune_dir):
+        for name in files:
+            if name.endswith(".pkl"):
+                with open(os.path.join(folder, name), "wb") as fh:
+                    pickle.dump(_Payload(marker), fh)
+                planted.append(name)
+    return planted
+
+
 @pytest.mark.slow
-def test_killed_search_is_restored_without_repeating_finished_trials(world, tmp_path):
+def test_killed_search_is_restored_without_repeating_finished_trials(world, tmp_path, record_outcome):
     out = str(tmp_path / "out")
     search_dir = os.path.join(out, "search", "search")
     command = _tune_command(world, out, "search.num_samples=2")
@@ -188,9 +212,20 @@ def test_killed_search_is_restored_without_repeating_finished_trials(world, tmp_
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
     assert not os.path.exists(os.path.join(search_dir, "summary.json")), "the first driver died before the end"
+    # Issue 19 item 1: the search folder is shared storage; the resume must not unpickle anything in it.
+    marker = str(tmp_path / "payload-ran")
+    planted = _plant_payloads(os.path.join(search_dir, "tune"), marker)
+    assert "tuner.pkl" in planted and any(p.startswith("searcher-state") for p in planted), planted
 
     second = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert not os.path.exists(marker), "resuming the search unpickled a file from the search folder"
+    record_outcome(
+        "untrusted storage",
+        "search resumed with tuner.pkl and searcher state replaced by code-running pickles",
+        "payload not run; resumed from trials-state.json",
+        f"replaced: {sorted(set(planted))}",
+    )
     with open(os.path.join(search_dir, "summary.json")) as fh:
         summary = json.load(fh)
     assert summary["restored"] is True
