@@ -18,7 +18,10 @@
 
 Exactly once: the `StreamState` (next step, ledger of edit ids with their status, result rows, curve) is
 what checkpoints save; a resumed stream starts at `next_step`, so an edit whose step was not checkpointed is
-re-applied to a model restored from the checkpoint: the final model and the ledger hold it once.
+re-applied to a model restored from the checkpoint: the final model and the ledger hold it once. A state to
+resume from is checked first (`StreamRunner.check_state`, issue 19 item 5): its ledger must list the stream's
+edits in order, one row each, as many as `next_step` steps hold, with `edits_applied` matching its statuses;
+a state that does not fit raises `StateMismatch` instead of silently dropping or repeating an edit.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ from odedit.metrics import HEADLINE, PROTOCOLS
 
 APPLIED, FAILED = "applied", "failed"
 EVAL_CHUNK = 128  # edits scored per chunk when a whole stream is scored (pre-edit, final retention)
+
+
+class StateMismatch(ValueError):
+    """A saved stream state that does not fit the stream it would resume (issue 19 item 5)."""
 
 
 class CaseSource(Protocol):
@@ -143,6 +150,7 @@ class StreamHooks:
     on_checkpoint: Callable[[StreamState], None] | None = None
     on_metrics: Callable[[dict[str, float], int], None] | None = None
     on_progress: Callable[[int, int], None] | None = None
+    on_step: Callable[[int, list[str]], None] | None = None  # (step, edit ids) after a step's edits were applied
 
 
 @dataclass
@@ -212,8 +220,10 @@ class StreamRunner:
         """Run (or resume, given `state`) the stream over `source` (a `CaseSource` or a list of cases)."""
         if not hasattr(source, "fetch"):
             source = ListSource(source)  # type: ignore[arg-type]
-        state = state or StreamState()
         ids = source.ids()
+        if state is not None:
+            self.check_state(state.to_dict(), ids)
+        state = state or StreamState()
         t0 = time.perf_counter()
         if not state.pre and state.next_step == 0 and not state.ledger:
             pre = self._score_all(source, len(ids), self.cfg.stream.generation_eval)
@@ -225,6 +235,50 @@ class StreamRunner:
             self._run_sequential(source, ids, state)
         summary = self._summary(state, time.perf_counter() - t0)
         return StreamResult(state.rows, state.curve, state.ledger, summary)
+
+    def edits_per_step(self) -> int:
+        """Edits one step records in the ledger: a sequential step's batch, a single-mode round's workers."""
+        if self.cfg.stream.mode == "single":
+            return 1 if self.lockstep else self.comm.world
+        return self.cfg.stream.batch_size
+
+    def check_state(self, state: dict[str, Any], ids: Sequence[str]) -> None:
+        """Raise `StateMismatch` unless `state` (a `StreamState.to_dict()`) is a prefix of this stream: its
+        ledger lists `ids` in order, one entry per edit of its `next_step` steps with the step it was applied
+        in, `rows` follow the ledger, and `edits_applied` counts its applied entries (issue 19 item 5)."""
+        problems: list[str] = []
+        try:
+            next_step, applied = int(state["next_step"]), int(state["edits_applied"])
+            ledger, rows = list(state["ledger"]), list(state["rows"])
+            got = [e["edit_id"] for e in ledger]
+            steps = [e["step"] for e in ledger]
+            statuses = [e["status"] for e in ledger]
+            row_ids = [r["edit_id"] for r in rows]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateMismatch(f"the stream state lacks or mistypes {exc}") from None
+        unit, n = self.edits_per_step(), len(ids)
+        n_steps = (n + unit - 1) // unit
+        expect = min(next_step * unit, n)
+        if not 0 <= next_step <= n_steps:
+            problems.append(f"next_step={next_step} is outside the stream's {n_steps} steps")
+        if len(got) != expect:
+            problems.append(f"the ledger holds {len(got)} edits where next_step={next_step} means {expect}")
+        wrong = next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), None)
+        if wrong is not None:
+            problems.append(f"ledger entry {wrong} is {got[wrong]!r} where the stream's edit {wrong} is {ids[wrong]!r}")
+        bad_step = next((i for i, s in enumerate(steps) if s != i // unit), None)
+        if bad_step is not None:
+            problems.append(f"ledger entry {bad_step} says step {steps[bad_step]}, its place says {bad_step // unit}")
+        if any(s not in (APPLIED, FAILED) for s in statuses):
+            problems.append(f"the ledger has statuses other than {APPLIED!r}/{FAILED!r}")
+        if applied != statuses.count(APPLIED):
+            problems.append(f"edits_applied={applied} but the ledger marks {statuses.count(APPLIED)} applied")
+        if row_ids != got:
+            problems.append(f"the result rows ({len(row_ids)}) do not follow the ledger ({len(got)}) edit for edit")
+        if problems:
+            raise StateMismatch(
+                f"the saved stream state does not fit the stream of {n} edits ({unit} per step): " + "; ".join(problems)
+            )
 
     def _score_all(self, source: CaseSource, n: int, generation: bool) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -253,6 +307,7 @@ class StreamRunner:
             rows = local if (self.lockstep or world == 1) else [r for part in self.comm.gather(local) for r in part]
             self._record(state, round_cases, rows, s)
             state.next_step = s + 1
+            self._step(s, round_cases)
             self._progress(len(state.ledger), n)
             if every and (state.next_step % every == 0 or state.next_step == n_rounds):
                 self._checkpoint(state)
@@ -282,6 +337,7 @@ class StreamRunner:
             t_prev = now
             self._record(state, step_cases, rows, s)
             state.next_step = s + 1
+            self._step(s, step_cases)
             self._metrics(
                 {
                     **{f"immediate/{k}": v for k, v in _means(rows).items()},
@@ -341,6 +397,10 @@ class StreamRunner:
             row.update({f"pre_{k}": v for k, v in pre.items()})
             state.ledger.append({"edit_id": c.edit_id, "step": s, "status": status, "reason": row.get("failed", "")})
             state.rows.append(row)
+
+    def _step(self, s: int, cases: Sequence[EditCase]) -> None:
+        if self.hooks.on_step is not None:
+            self.hooks.on_step(s, [c.edit_id for c in cases])
 
     def _checkpoint(self, state: StreamState) -> None:
         if self.hooks.on_checkpoint is not None:

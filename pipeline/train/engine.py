@@ -10,12 +10,19 @@ its slice of each step), retention and final scoring fetch cases from the shards
 checkpoints, progress, results and MLflow records. A killed worker makes Ray Train restart the group
 (`FailureConfig`), which resumes from the last checkpoint; re-submitting a stopped job with the same
 `stream.run_name` does the same.
+
+Trust (issue 19): the driver holds the run's lease (`pipeline.train.lease`) from before its first write to the
+run until the stream ends, and rank 0 checks it before every write (a second job on the run refuses; workers of
+a killed driver stop writing). A resumed worker group takes the newest checkpoint whose checksums and stream
+state pass (`RunStore.resume`, `StreamRunner.check_state`); rank 0 moves each failing one aside, says so in the
+log and in MLflow (a `resume/set_aside/<dir>` param with the reason), and every rank loads the one rank 0 chose.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import threading
@@ -38,14 +45,16 @@ from pipeline.reporting.progress import progress as progress_bar
 from pipeline.reporting.tracking import NullTracker, attach_tracker, tracking_uri
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.root import run_directory
-from pipeline.train.checkpoints import RunStore
+from pipeline.train.checkpoints import Resumed, RunStore
 from pipeline.train.collectives import TorchComm
 from pipeline.train.distributed import wire_editor
+from pipeline.train.lease import RunLease, check_lease
 from pipeline.train.runidentity import claim_run, stream_identity
 from pipeline.train.storagefail import FLAG_KEY as STOP_FLAG
 from pipeline.train.storagefail import new_flag, raise_if_stopped, stop_on_write_failure
 
 DATASET = "edits"
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -128,6 +137,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows one stream bar
     local_rank = ray.train.get_context().get_local_rank()
     comm = TorchComm(local_rank=local_rank)  # every collective of the stream, on the backend's device
+    lease = config.get("lease") or {}
+
+    def guard() -> None:
+        """Write only while this job's driver holds the run (issue 19 item 7)."""
+        if lease:
+            check_lease(config["run_dir"], lease["token"], lease["stale_s"])
+
+    guard()
     store = RunStore(config["run_dir"]).ensure()
     store.write_pid(comm.rank)
     store.write_node(comm.rank, ray.get_runtime_context().get_node_id())
@@ -141,18 +158,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # update is not a pure average of per-edit gradients (patches, codebooks, memories, MEND's writes).
     lockstep = cfg.stream.mode == "sequential" and (cfg.resources.zero_stage == 3 or not editor.method.sliceable)
 
-    state = None
-    latest = store.latest()
-    if latest is not None:
-        editable, objective, stream = store.read_checkpoint(latest)
-        editor.load_state_dict({"method": editable, "objective": objective})
-        state = StreamState.from_dict(stream)
-
     shard = ray.train.get_dataset_shard(DATASET)
     rows = (lambda: shard.iter_rows()) if shard is not None else None
     source = ShardCaseSource(config["shards_dir"], cfg.stream.split, config["num_edits"], config["offset"], rows=rows)
+    ids = source.ids()
+    checker = StreamRunner(editor, cfg, comm, lockstep)
+    if comm.rank == 0:
+        guard()  # rank 0 may move bad checkpoints aside
+    found = resume(store, comm, lambda st: checker.check_state(st, ids))
+    state = None
+    if found.path is not None:
+        editor.load_state_dict({"method": found.editable, "objective": found.objective})
+        state = StreamState.from_dict(found.stream)
     source.prefetch()  # Ray Data starts its actors while the stream scores the edits pre-edit
     tracker = attach_tracker(cfg, config["run_id"], store.run_dir) if comm.rank == 0 else NullTracker()
+    if comm.rank == 0:
+        report_resume(found, tracker)
 
     def on_checkpoint(st: StreamState) -> None:
         # Our own atomic checkpoint is what a restarted worker resumes from; no `ray.train.report` here. Each
@@ -162,11 +183,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # every 2 steps). Progress reaches the driver through `store.write_progress`, metrics through MLflow.
         full = editor.state_dict()  # every rank: ZeRO-3 gathers collectively
         if comm.rank == 0:
+            guard()
             store.write_checkpoint(st.next_step, full["method"], full["objective"], st.to_dict())
 
     def on_progress(done: int, total: int) -> None:
         if comm.rank == 0:
+            guard()
             store.write_progress(done, total)
+
+    def on_step(step: int, edit_ids: list[str]) -> None:
+        if comm.rank == 0:
+            guard()
+            store.append_applied(step, edit_ids)
 
     metrics_path = config.get("metrics_path") or ""
 
@@ -176,14 +204,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, "values": values}) + "\n")
 
-    runner = StreamRunner(editor, cfg, comm, lockstep, StreamHooks(on_checkpoint, on_metrics, on_progress))
+    runner = StreamRunner(editor, cfg, comm, lockstep, StreamHooks(on_checkpoint, on_metrics, on_progress, on_step))
     result = runner.run(source, state)
     if comm.rank == 0:
+        guard()
         write_results(store, cfg, result, tracker)
     ckpt = None
     if comm.rank == 0:
         ckpt = ray.train.Checkpoint.from_directory(store.results_dir)
     ray.train.report({k: v for k, v in result.summary.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
+
+
+def resume(store: RunStore, comm: Any, check: Any) -> Resumed:
+    """The checkpoint a (re)started worker group resumes from (issue 19 items 5, 6): rank 0 takes the newest one
+    that passes `check` (checksums first), moving failing ones aside; every rank then reads the one rank 0 chose,
+    so all ranks resume from the same step."""
+    found = store.resume(check) if comm.rank == 0 else None
+    path, aside = comm.gather((found.path, found.set_aside) if found is not None else None)[0]
+    if found is None:
+        found = Resumed(path=path, set_aside=aside)
+        if path is not None:
+            found.editable, found.objective, found.stream = store.read_checkpoint(path, check)
+    return found
+
+
+def report_resume(found: Resumed, tracker: Any) -> None:
+    """Say in the log and in MLflow which checkpoint the stream resumes from and which it set aside, and why."""
+    for where, why in found.set_aside:
+        log.warning("checkpoint set aside as %s: %s", where, why)
+    if found.set_aside:
+        fallback = os.path.basename(found.path) if found.path else "the start of the stream (no checkpoint passed)"
+        log.warning("resuming from %s instead", fallback)
+        tracker.log_params({f"resume/set_aside/{os.path.basename(w)}": why[:490] for w, why in found.set_aside})
+    if found.path is not None:
+        log.info("resuming from checkpoint %s", found.path)
+        tracker.log_metrics({"resume/from_step": float(found.stream["next_step"])}, found.stream["edits_applied"])
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -266,6 +321,12 @@ def for_workers(cfg: Config) -> Config:
     )
 
 
+def _ray_job_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
+
+
 def run_stream(
     cfg: Config,
     model_path: str,
@@ -286,11 +347,16 @@ def run_stream(
     """
     run_name = run_name or default_run_name(cfg)
     release = ensure_capacity(cfg)  # asks an autoscaling cluster for the workers, or refuses at once
+    lease = None
     try:
         cfg = for_workers(cfg)  # workers run in another directory: relative locations would not resolve there
         shards = shards_dir(cfg)
         edits = cfg.stream.num_edits if num_edits is None else num_edits
         run_dir = run_directory(storage_dir(cfg), run_name)  # one safe name under the storage path (issue 19)
+        # One writer per run, from before its first write (issue 19 item 7): a second job stops with LeaseHeld.
+        lease = RunLease(run_dir, job_id=_ray_job_id()).acquire().start_heartbeat()
+        if lease.taken_over:
+            log.warning("took over the lease on %s from a job that is gone (%s)", run_dir, lease.taken_over)
         # Resume only the same stream: a checkpoint of other settings is never loaded (pipeline/train/runidentity.py).
         claim_run(run_dir, stream_identity(cfg, model_path, shards, edits, offset), cfg.stream.on_change)
         store = RunStore(run_dir).ensure()
@@ -308,6 +374,7 @@ def run_stream(
             "num_edits": edits,
             "offset": offset,
             "metrics_path": metrics_path or "",
+            "lease": {"token": lease.token, "stale_s": lease.stale_s},
             STOP_FLAG: new_flag(),  # where a worker records a write failure (pipeline/train/storagefail.py)
         }
         trainer = build_stream_trainer(cfg, run_name, loop_config, build_dataset(cfg, shards))
@@ -340,6 +407,8 @@ def run_stream(
             thread.join()
         raise_if_stopped(loop_config[STOP_FLAG])
     finally:
+        if lease is not None:
+            lease.release()
         release()
     with open(os.path.join(store.results_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)

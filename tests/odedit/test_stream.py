@@ -82,7 +82,28 @@ def test_single_mode_leaves_the_model_unchanged(setup):
     editor = Editor(adapter, cfg)
     installed = {k: v.clone() for k, v in adapter.model.state_dict().items()}
     dual = [p.detach().clone() for p in editor.objective.extra_parameters()]
-    result = StreamRunner(editor, cfg).run(cases[:3])
+    edit, moved = editor.edit, []
+
+    def watched(batch):  # what each edit did before the stream undid it (else the checks below prove nothing)
+        pre = {n: p.detach().clone() for n, p in editor.method.editable().items()}
+        handle, report = edit(batch)
+        lam = [p.detach() for p in editor.objective.extra_parameters()]
+        weights = editor.method.editable()
+        moved.append(
+            (
+                not all(torch.equal(a, b) for a, b in zip(dual, lam)),
+                not all(torch.equal(pre[n], weights[n].detach()) for n in pre),
+            )
+        )
+        return handle, report
+
+    editor.edit = watched
+    metrics = []
+    result = StreamRunner(editor, cfg, hooks=StreamHooks(on_metrics=lambda m, s: metrics.append((s, m)))).run(cases[:3])
+    per_step = [(s, m) for s, m in metrics if "edit/lambda" in m]  # single mode logs every edit too (issue 17)
+    assert [s for s, _ in per_step] == [0, 1, 2] and all("edit/target_prob" in m for _, m in per_step)
+    assert len(moved) == 3 and all(m[1] for m in moved), "every edit changed the model (its LoRA weights)"
+    assert any(m[0] for m in moved), "an edit moved the lambda-network"
     after = adapter.model.state_dict()
     assert all(torch.equal(installed[k], after[k]) for k in installed)
     assert dual and all(torch.equal(a, b) for a, b in zip(dual, editor.objective.extra_parameters())), (
@@ -170,6 +191,83 @@ def test_diverging_step_is_rolled_back_and_the_stream_goes_on(setup, kind, recor
         "step rolled back bit-exactly, edits marked failed with the reason, stream goes on",
         result.ledger[0]["reason"],
     )
+
+
+def test_a_step_that_already_updated_the_weights_is_rolled_back_bit_for_bit(setup, record_outcome):
+    """The step fails at its last iteration, after n_iter - 1 updates moved the weights and lambda (issue 19
+    item 23): the rollback must still restore both exactly, and the next step starts from there."""
+    adapter, cases = setup
+    cfg = _cfg("stream.batch_size=2", "stream.checkpoint_every=0", "stream.eval_every=0")
+    editor = Editor(adapter, cfg)
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    dual_before = [p.detach().clone() for p in editor.objective.extra_parameters()]
+    original, seen = editor.method.host_loss, {"calls": 0}
+
+    def host_loss(outs, batch):
+        seen["calls"] += 1
+        loss = original(outs, batch)
+        if seen["calls"] == editor.method.cfg.n_iter:  # first step, last iteration
+            now = adapter.model.state_dict()
+            seen["moved"] = [k for k in before if not torch.equal(before[k], now[k])]
+            seen["lam_moved"] = not all(
+                torch.equal(a, b) for a, b in zip(dual_before, editor.objective.extra_parameters())
+            )
+            return loss * float("nan")
+        return loss
+
+    editor.method.host_loss = host_loss
+    after_first = {}
+
+    def on_progress(done, total):
+        if done == 2:
+            after_first["weights"] = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+            after_first["lam"] = [p.detach().clone() for p in editor.objective.extra_parameters()]
+
+    result = StreamRunner(editor, cfg, hooks=StreamHooks(on_progress=on_progress)).run(cases[:4])
+    assert seen["moved"], "the failing step had already changed the weights"
+    assert [e["status"] for e in result.ledger] == [FAILED, FAILED, APPLIED, APPLIED]
+    assert "rolled back" in result.ledger[0]["reason"]
+    restored = after_first["weights"]
+    assert all(torch.equal(before[k], restored[k]) for k in before), "weights bit for bit as before the step"
+    assert all(torch.equal(a, b) for a, b in zip(dual_before, after_first["lam"])), "lambda as before the step"
+    changed = adapter.model.state_dict()
+    assert any(not torch.equal(before[k], changed[k]) for k in before), "the next step edits from there"
+    record_outcome(
+        "fault",
+        "edit step diverging after it updated the weights (last iteration)",
+        "rolled back bit for bit (weights and lambda), the stream goes on",
+        f"{len(seen['moved'])} tensors had moved; lambda moved: {seen['lam_moved']}",
+    )
+
+
+def test_a_saved_state_that_does_not_fit_the_stream_is_refused(record_outcome):
+    """A state whose ledger lost an entry or whose counts disagree is not resumed (issue 19 item 5)."""
+    from odedit.stream import StateMismatch
+
+    cases = [EditCase(f"e{i}", {}) for i in range(5)]
+    runner = StreamRunner(None, _cfg("stream.batch_size=2"))
+    state = StreamState(
+        next_step=2,
+        edits_applied=4,
+        ledger=[{"edit_id": f"e{i}", "step": i // 2, "status": APPLIED, "reason": ""} for i in range(4)],
+        rows=[{"edit_id": f"e{i}"} for i in range(4)],
+    )
+    runner.check_state(state.to_dict(), [c.edit_id for c in cases])
+    del state.ledger[2]
+    with pytest.raises(StateMismatch, match="ledger entry 2 is 'e3' where the stream's edit 2 is 'e2'") as err:
+        runner.run(cases, state)  # refused before any edit or scoring
+    record_outcome(
+        "bad checkpoint", "stream state with one ledger entry removed, resumed in process", "refused", str(err.value)
+    )
+    whole = StreamState(3, 5, [{"edit_id": f"e{i}", "step": i // 2, "status": APPLIED} for i in range(5)])
+    whole.rows = [{"edit_id": f"e{i}"} for i in range(5)]
+    runner.check_state(whole.to_dict(), [c.edit_id for c in cases])  # a finished stream: the last step is short
+    single = StreamRunner(None, _cfg("stream.mode=single"))
+    with pytest.raises(StateMismatch, match="edits_applied=4 but the ledger marks 3"):
+        single.check_state(
+            {**whole.to_dict(), "next_step": 3, "edits_applied": 4, "ledger": whole.ledger[:3], "rows": whole.rows[:3]},
+            [c.edit_id for c in cases],
+        )
 
 
 def _same(a, b) -> bool:

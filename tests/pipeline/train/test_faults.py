@@ -1,4 +1,5 @@
-"""Faults that must lose nothing: a checkpoint write interrupted, the job's driver killed and resubmitted.
+"""Faults that must lose nothing: a checkpoint write interrupted, a checkpoint damaged or made inconsistent
+after it was written (issue 19 items 5, 6), the job's driver killed and resubmitted.
 
 (A worker killed mid-step is in test_engine.py, an MLflow outage in test_tracking.py, a diverging step in
 tests/odedit/test_stream.py.)
@@ -17,7 +18,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.train.checkpoints import RunStore, load_state
+from odedit.loading import load_config
+from odedit.stream import StreamRunner
+from pipeline.train.checkpoints import CheckpointError, RunStore, load_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -61,6 +64,114 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, record_ou
         "checkpoint write killed mid-write",
         "previous checkpoint stays the latest, readable",
         f"leftover temporary dirs: {[d for d in os.listdir(store.ckpt_dir) if d.startswith('.tmp-')]}",
+    )
+
+
+IDS = [f"e{i}" for i in range(6)]
+
+
+def _stream_state(next_step: int, batch: int = 2) -> dict:
+    """The stream state a 6-edit stream of `batch`-edit steps checkpoints after `next_step` steps."""
+    done = IDS[: next_step * batch]
+    return {
+        "next_step": next_step,
+        "edits_applied": len(done),
+        "ledger": [{"edit_id": e, "step": i // batch, "status": "applied", "reason": ""} for i, e in enumerate(done)],
+        "rows": [{"edit_id": e, "rel": 1.0} for e in done],
+        "curve": [],
+        "pre": {},
+    }
+
+
+def _check(stream):
+    """The check the engine runs on resume (a runner needs no editor for it)."""
+    cfg = load_config(None, ["stream.batch_size=2"])
+    StreamRunner(None, cfg).check_state(stream, IDS)
+
+
+def _store_with_two(tmp_path) -> RunStore:
+    store = RunStore(str(tmp_path / "run")).ensure()
+    store.write_checkpoint(1, {"w": torch.arange(4.0)}, {"dual": None}, _stream_state(1))
+    store.write_checkpoint(2, {"w": torch.arange(4.0) * 2}, {"dual": None}, _stream_state(2))
+    return store
+
+
+def _edit_json(path: str, fn) -> None:
+    """Change a JSON part and record its new checksum (so only the stream check can find the change)."""
+    import hashlib
+
+    stream = json.load(open(os.path.join(path, "stream.json")))
+    fn(stream)
+    blob = json.dumps(stream).encode()
+    open(os.path.join(path, "stream.json"), "wb").write(blob)
+    marker = json.load(open(os.path.join(path, "COMPLETE")))
+    marker["sha256"]["stream.json"] = hashlib.sha256(blob).hexdigest()
+    json.dump(marker, open(os.path.join(path, "COMPLETE"), "w"))
+
+
+def test_a_changed_tensor_byte_fails_the_checksum_before_loading(tmp_path, record_outcome):
+    store = _store_with_two(tmp_path)
+    path = store.latest()
+    part = os.path.join(path, "editable.safetensors")
+    blob = bytearray(open(part, "rb").read())
+    blob[-1] ^= 0x01  # still a valid safetensors file: only the weights differ
+    open(part, "wb").write(bytes(blob))
+    with pytest.raises(CheckpointError, match="sha256") as err:
+        store.read_checkpoint(path)
+    marker = os.path.join(path, "COMPLETE")
+    open(marker, "w").write("step-000002")  # an old-style marker without checksums is not trusted either
+    with pytest.raises(CheckpointError, match="checksums"):
+        store.read_checkpoint(path)
+    record_outcome(
+        "bad checkpoint", "a weight byte changed after the checkpoint was written", "refused", str(err.value)
+    )
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda st: st["ledger"].pop(1), "ledger"),  # one entry removed: JSON-valid, checksum rewritten
+        (lambda st: (st["ledger"].pop(), st["rows"].pop(), st.update(edits_applied=3)), "next_step=2 means 4"),
+        (lambda st: st.update(edits_applied=3), "edits_applied=3"),
+        (lambda st: st["ledger"].reverse(), "ledger entry 0 is 'e3'"),
+    ],
+    ids=["entry-removed", "last-entry-removed", "count-wrong", "order-wrong"],
+)
+def test_a_stream_state_that_does_not_fit_the_stream_is_refused(tmp_path, damage, problem, record_outcome):
+    store = _store_with_two(tmp_path)
+    path = store.latest()
+    store.read_checkpoint(path, _check)  # intact
+    _edit_json(path, damage)
+    with pytest.raises(CheckpointError, match=problem) as err:
+        store.read_checkpoint(path, _check)
+    assert "does not fit the stream" in str(err.value)
+    record_outcome("bad checkpoint", f"stream.json consistent JSON but wrong ({problem})", "refused", str(err.value))
+
+
+def test_a_bad_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, record_outcome):
+    store = _store_with_two(tmp_path)
+    _edit_json(store.latest(), lambda st: st["ledger"].pop(1))
+    found = store.resume(_check)
+    assert found.path.endswith("step-000001") and found.stream["next_step"] == 1
+    assert torch.equal(found.editable["w"], torch.arange(4.0))
+    [(where, why)] = found.set_aside
+    assert os.path.basename(where) == "bad-step-000002" and "ledger" in why
+    assert "ledger" in open(os.path.join(where, "REASON")).read() and os.path.isfile(os.path.join(where, "COMPLETE"))
+    assert store.latest().endswith("step-000001"), "kept aside, never chosen again"
+    # The next checkpoint of the same step goes where the bad one was; a second bad one is kept beside the first.
+    store.write_checkpoint(2, {"w": torch.zeros(4)}, {"dual": None}, _stream_state(2))
+    open(os.path.join(store.latest(), "objective.json"), "a").write(" ")
+    again = store.resume(_check)
+    assert [os.path.basename(w) for w, _ in again.set_aside] == ["bad-step-000002-2"]
+    # With every checkpoint bad the stream starts afresh (its model is loaded from the original weights).
+    _edit_json(store.latest(), lambda st: st.update(next_step=9))
+    none = store.resume(_check)
+    assert none.path is None and len(none.set_aside) == 1 and store.latest() is None
+    record_outcome(
+        "bad checkpoint",
+        "newest checkpoint damaged (ledger entry removed)",
+        "resumed from the previous complete checkpoint; the bad one kept aside as bad-step-*",
+        why,
     )
 
 
