@@ -42,7 +42,7 @@ from pipeline.data.schema import REFERENCE_SCHEMA, read_table
 from pipeline.data.shards import read_manifest, reference_path
 from pipeline.reporting.plots import plot_metrics, plot_retention
 from pipeline.reporting.progress import progress as progress_bar
-from pipeline.reporting.tracking import NullTracker, attach_tracker, tracking_uri
+from pipeline.reporting.tracking import NullTracker, attach_tracker, bind_tracker, tracking_uri
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.root import run_directory
 from pipeline.train.checkpoints import Resumed, RunStore
@@ -360,6 +360,8 @@ def run_stream(
         # Resume only the same stream: a checkpoint of other settings is never loaded (pipeline/train/runidentity.py).
         claim_run(run_dir, stream_identity(cfg, model_path, shards, edits, offset), cfg.stream.on_change)
         store = RunStore(run_dir).ensure()
+        # The run's MLflow run and outbox live in its directory: a resume continues the same run (issue 19 item 11).
+        tracker = bind_tracker(tracker, store.run_dir)
         tracker.log_params({**flatten(to_dict(cfg)), "run_name": run_name, "model_path": model_path})
         config_path = os.path.join(store.run_dir, "config.yaml")  # the resolved config, as an artifact
         with open(config_path, "w", encoding="utf-8") as fh:
