@@ -75,6 +75,17 @@ def deepspeed_config(stage: int, use_gpu: bool, precision: str) -> dict[str, Any
     return cfg
 
 
+# What `wire_editor` adds to the stream's DeepSpeed config so that DeepSpeed's step is the torch optimiser's step
+# (issue 16 observation 6). DeepSpeed (0.19.8 here) clips the averaged gradient to global norm 1.0 unless
+# `gradient_clipping` says otherwise; the in-process `TorchStepper` and zero_stage 0's `AllReduceStepper` never
+# clip. Host FT's gradients on the test models stay under norm 1, so base streams agreed at every stage, but
+# ODEdit's R_gen (MMD) term lifts the norm above 1 (1.04 on the tiny LLaVA's first iteration), and ZeRO-2/3
+# then moved phi_e by 0.96x the averaged gradient: 4e-4 max |dw| after one SGD iteration, 0.16 after two
+# 4-iteration Adam steps. Set here rather than in `deepspeed_config` because it is part of the editor's
+# update rule, not of where the parameters live.
+EDIT_STEP_RULE: dict[str, Any] = {"gradient_clipping": 0.0}
+
+
 class ZeroAccess(ParamAccess):
     """Direct reads/writes of phi_e under ZeRO: gather (stage 3), then refresh the fp32 master copy."""
 
@@ -162,7 +173,11 @@ def wire_editor(editor: Any, cfg: Any, comm: TorchComm) -> Any:
 
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[cfg.method.optimizer]
     optimizer = opt_cls(params, lr=cfg.method.lr)
-    ds_cfg = deepspeed_config(cfg.resources.zero_stage, cfg.resources.use_gpu, cfg.training_precision())
+    # The edit step's update rule is the torch optimiser's, as in process and under zero_stage 0: no clipping.
+    ds_cfg = {
+        **deepspeed_config(cfg.resources.zero_stage, cfg.resources.use_gpu, cfg.training_precision()),
+        **EDIT_STEP_RULE,
+    }
     engine, _, _, _ = deepspeed.initialize(
         model=editor.adapter.model,
         optimizer=optimizer,
