@@ -217,6 +217,7 @@ def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_d
         p = store.read_progress()
         if p and 4 <= p["done"] < p["total"]:
             os.killpg(first.pid, signal.SIGKILL)
+            killed_time = time.time()
             killed_at = p["done"]
             break
         time.sleep(0.05)
@@ -224,8 +225,20 @@ def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_d
     assert killed_at is not None, "the driver was killed mid-stream"
     time.sleep(5)  # let Ray notice the dead driver and release its workers
 
+    def last_write() -> float:
+        paths = [os.path.join(store.run_dir, f) for f in ("progress.json", "applied.jsonl")]
+        paths += [os.path.join(store.ckpt_dir, d) for d in os.listdir(store.ckpt_dir)]
+        return max(os.stat(p).st_mtime for p in paths if os.path.exists(p))
+
+    # Its workers stop writing at their next write: the lease names a dead process now (issue 19 item 7).
+    late = last_write() - killed_time
+    assert late < 0.5, f"a worker of the killed driver wrote to the run {late:.2f} s after the kill"
+    assert json.load(open(store.run_dir + ".lease"))["pid"] == first.pid, "the dead driver's lease is still there"
+
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "took over the lease" in again.stderr, "the dead driver's lease was taken over"
+    assert not os.path.exists(store.run_dir + ".lease"), "released at the end"
 
     # An uninterrupted run of the same stream for comparison.
     ref_cfg, model_path, _ = prepared(load_config(cfg_path, ["stream.run_name=reference"]))
@@ -248,5 +261,6 @@ def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_d
         "fault",
         "job driver killed mid-stream, job resubmitted with the same run name",
         "resumed from the last checkpoint; ledger and metrics equal an uninterrupted run",
-        f"killed after {killed_at} of 16 edits; 0 edits lost, 0 applied twice",
+        f"killed after {killed_at} of 16 edits; 0 edits lost, 0 applied twice; last write by its workers "
+        f"{late:.2f} s after the kill; its lease taken over by the resubmitted job",
     )
