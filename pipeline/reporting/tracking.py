@@ -25,7 +25,7 @@ What MLflow shows is what happened (issue 19, items 9-12):
 * A step is logged once: [INFERENCE] a tracker does not send a (metric, step) pair that this run's outbox
   already holds, so steps re-applied after a worker restart (bit-identical to the first time) do not add a
   second point to MLflow's append-only metric history; the first value stays.
-* Honest status: `tracked()` marks a run FINISHED, FAILED (an exception) or KILLED (an interrupt); a driver
+* Honest status: `tracked()` marks a run FINISHED, FAILED (an exception) or KILLED (Ctrl-C); a driver
   killed outright cannot mark itself, so the next job on the same run directory marks any run of that
   directory still RUNNING as KILLED (tag `odedit.run_dir`), unless it is the run it resumes.
 """
@@ -537,16 +537,16 @@ def bind_tracker(tracker: Any, run_dir: str) -> Any:
 
 @contextlib.contextmanager
 def tracked(tracker: Any) -> Iterator[Any]:
-    """End `tracker`'s run as what happened (issue 19 item 11): FINISHED; FAILED when the body raises;
-    KILLED when it is interrupted (KeyboardInterrupt, SystemExit). A driver killed outright is marked by the
-    next job on its run directory (`MLflowTracker.mark_stale`)."""
+    """End `tracker`'s run as what happened (issue 19 item 11): FINISHED; KILLED when it is interrupted
+    (KeyboardInterrupt: Ctrl-C, SIGINT); FAILED when the body raises anything else (an error exit included). A
+    driver killed outright (SIGKILL, SIGTERM) is marked by the next job on its run directory (`mark_stale`)."""
     try:
         yield tracker
-    except Exception:
-        tracker.set_terminated("FAILED")
+    except KeyboardInterrupt:
+        tracker.set_terminated("KILLED")
         raise
     except BaseException:
-        tracker.set_terminated("KILLED")
+        tracker.set_terminated("FAILED")
         raise
     tracker.set_terminated("FINISHED")
 
