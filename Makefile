@@ -40,7 +40,7 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 bench: $(STAMP)
-	for b in odedit_overhead shards batching engine_overhead lifelong; do $(PY) -m bench.$$b --quick || exit 1; done
+	for b in odedit_overhead shards batching engine_overhead lifelong zero_memory; do $(PY) -m bench.$$b --quick || exit 1; done
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -31,7 +31,13 @@ class Editor:
         stepper_factory: how phi_e moves; default a torch optimiser per `cfg.method` / `cfg.odedit`.
     """
 
-    def __init__(self, adapter: ModelAdapter, cfg: Config, stepper_factory: StepperFactory | None = None) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        cfg: Config,
+        stepper_factory: StepperFactory | None = None,
+        access: ParamAccess | None = None,
+    ) -> None:
         self.adapter = adapter
         self.cfg = cfg
         spec = METHODS.get(cfg.method.name)
@@ -41,7 +47,9 @@ class Editor:
             cfg.odedit, self.method, with_hard=cfg.data.with_hard_in_training, pooling=cfg.model.pooling, seed=cfg.seed
         )
         self.stepper_factory = stepper_factory or torch_stepper_factory(cfg.method, cfg.odedit)
-        self.access: ParamAccess = DIRECT  # replaced by the distributed engine under DeepSpeed ZeRO
+        # Replaced by the distributed engine under DeepSpeed ZeRO; `access` is how the parameters are read before
+        # that (gathered, for a model loaded partitioned under ZeRO-3: issue 16 item 2).
+        self.access: ParamAccess = access or DIRECT
         # Streams of sequences of T edits (stream.sequence_length) go back to this state after each sequence.
         # Taken here, before the engine wires DeepSpeed or loads a checkpoint, so it is the pre-edit state.
         seq = cfg.stream.mode == "sequential" and cfg.stream.sequence_length > 0
@@ -93,30 +101,13 @@ def _detached(state: Any) -> Any:
 
 
 def step_report_fields(report: StepReport) -> dict[str, Any]:
-    """The per-edit columns a step report contributes to result rows (the `final_*` ones: the step's last
-    iteration; `target_prob`: the IN targets' probability on the model the step left, issue 17)."""
+    """The per-edit columns a step report contributes to result rows."""
     final = report.final
     return {
         "failed": report.failed or "",
         "iterations": report.iterations,
-        "stopped_early": report.stopped_early,
         "edit_seconds": report.seconds,
-        "target_prob": report.target_prob,
         "final_loss": final.get("loss", final.get("host", float("nan"))),
         "final_lambda": final.get("lambda", float("nan")),
         "final_penalty": final.get("penalty", float("nan")),
-        "final_host": final.get("host", float("nan")),
-        "final_r_loc": final.get("r_loc", float("nan")),
-        "final_r_gen": final.get("r_gen", float("nan")),
     }
-
-
-def step_metrics(report: StepReport) -> dict[str, float]:
-    """What a stream logs per step (issue 17): the last iteration's parts (host loss, R_loc, R_gen, penalty,
-    lambda, each environment's risk and omega-slope), the iterations taken and the target's probability after
-    them. Names under `edit/`."""
-    values: dict[str, float] = {f"edit/{k}": v for k, v in report.final.items()}
-    values["edit/iterations"] = float(report.iterations)
-    values["edit/target_prob"] = report.target_prob
-    values["edit/failed"] = float(report.failed is not None)
-    return values

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from odedit.models import blip2, instructblip, llava, minigpt4, qwen2_vl  # noqa: F401  (registration)
-from odedit.models.base import EncodedBatch, ForwardOutput, ModelAdapter, ModelLoadError, Sample
+from odedit.models.base import EncodedBatch, ForwardOutput, ModelAdapter, ModelLoader, ModelLoadError, Sample
 from odedit.models.registry import ADAPTERS
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "ForwardOutput",
     "ModelAdapter",
     "ModelLoadError",
+    "ModelLoader",
     "Sample",
     "build_tiny",
     "load_adapter",
@@ -46,14 +47,16 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_adapter(model_cfg: Any, name_or_path: str | None = None) -> ModelAdapter:
-    """Load the adapter a `ModelConfig` describes (`name_or_path` overrides the config's path)."""
+def load_adapter(model_cfg: Any, name_or_path: str | None = None, loader: ModelLoader | None = None) -> ModelAdapter:
+    """Load the adapter a `ModelConfig` describes (`name_or_path` overrides the config's path; `loader`, when
+    given, builds the model, see `ModelAdapter.from_pretrained`)."""
     cls = ADAPTERS.get(model_cfg.family)
     device = resolve_device(model_cfg.device)
     return cls.from_pretrained(
         name_or_path or model_cfg.name_or_path,
         dtype=resolve_dtype(model_cfg.dtype, device),
         device=device,
+        loader=loader,
         template=model_cfg.prompt_template,
         pooling=model_cfg.pooling,
         max_prompt_tokens=model_cfg.max_prompt_tokens,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -131,6 +131,10 @@ class ForwardOutput:
         raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
 
 
+# (model class, name or path, dtype, device) -> the loaded model, on its device (ModelAdapter.from_pretrained).
+ModelLoader = Callable[[Any, str, torch.dtype, str], nn.Module]
+
+
 class ModelLoadError(ValueError):
     """A model directory or hub name that cannot be loaded as the configured family."""
 
@@ -184,12 +188,26 @@ class ModelAdapter(ABC):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", **kwargs: Any
+        cls,
+        name_or_path: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        loader: ModelLoader | None = None,
+        **kwargs: Any,
     ) -> ModelAdapter:
-        """Load model, tokenizer and image processor from a hub name or a local directory."""
+        """Load model, tokenizer and image processor from a hub name or a local directory.
+
+        `loader(model_class, name_or_path, dtype, device)` builds the model instead of transformers'
+        `from_pretrained` + `.to(device)`: the distributed engine passes one that loads the weights already
+        partitioned under DeepSpeed ZeRO-3 (issue 16 item 2, `pipeline.train.zero_loading`).
+        """
         check_loadable(name_or_path, cls.model_type, cls.family)
-        model = cls.model_class().from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
-        model.to(device)
+        if loader is None:
+            model = cls.model_class().from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+            model.to(device)
+        else:
+            model = loader(cls.model_class(), name_or_path, dtype, device)
         model.eval()
         tokenizer, image_processor = cls._load_processors(name_or_path)
         return cls(model, tokenizer, image_processor, **kwargs)
@@ -400,12 +418,7 @@ class ModelAdapter(ABC):
         """One forward pass; gradients flow unless the caller disables them."""
         batch = batch.to(self.device)
         inputs = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.inputs.items()}
-        # Editors' hooks read the rows' last prompt positions from here (`odedit.methods.taps.ForwardTap`).
-        self.batch_in_flight = batch
-        try:
-            logits, hidden = self._forward_model(inputs)
-        finally:
-            self.batch_in_flight = None
+        logits, hidden = self._forward_model(inputs)
         return ForwardOutput(logits=logits, hidden=hidden, batch=batch)
 
     @property

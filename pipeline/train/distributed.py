@@ -14,7 +14,7 @@ device, checked to be the communicator's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,14 @@ FP16_LOSS_SCALING = {
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def deepspeed_config(stage: int, use_gpu: bool, precision: str) -> dict[str, Any]:
+# ZeRO-3's gathering knobs, in units of the model's hidden size h (`deepspeed_config`).
+PERSISTENCE_PER_HIDDEN = 10  # parameters of at most 10 h elements (norms, biases) stay whole on every worker
+PREFETCH_PER_HIDDEN_SQ = 0.9  # GPU: prefetch about one h x h projection ahead
+LIVE_PER_HIDDEN_SQ = 12  # GPU: at most about one LLaMA decoder layer (4 h^2 attention + 3 h x 2.7h FFN) gathered
+DEFAULT_HIDDEN = 4096  # LLaVA-1.5-7B's, where the model's hidden size is not known
+
+
+def deepspeed_config(stage: int, use_gpu: bool, precision: str, hidden_size: int = 0) -> dict[str, Any]:
     """The DeepSpeed config of an edit stream: ZeRO `stage`, one micro-batch, and the resolved `precision`
     (`Config.training_precision()`): a `bf16` section for bf16, an `fp16` section with dynamic loss scaling
     (`FP16_LOSS_SCALING`) for fp16, neither for fp32.
@@ -52,6 +59,21 @@ def deepspeed_config(stage: int, use_gpu: bool, precision: str) -> dict[str, Any
     On CPU (gloo) ZeRO's `overlap_comm` and `contiguous_gradients` are off: there is no communication stream to
     overlap with and no device-memory fragmentation to avoid, so they only add copies to every iteration (an
     in-process A/B on the demo model, alternating steps: 5-7 ms less per 10-iteration step of ~70 ms).
+
+    ZeRO-3 (issue 16 item 2) sets its four gathering knobs from the model's `hidden_size` h (`DEFAULT_HIDDEN`
+    when 0). [INFERENCE] DeepSpeed's defaults (max_live_parameters = max_reuse_distance = 1e9) keep every
+    parameter of a model under ~1 B parameters gathered from its forward use to its backward one, i.e. the
+    whole model on every worker during an edit, which is what ZeRO-3 is chosen to avoid. So:
+
+    * `stage3_max_reuse_distance: 0`: a module's parameters are released as soon as it has run; the backward
+      pass gathers them again (one more all-gather per layer per iteration: ZeRO-3's trade, memory for
+      communication);
+    * `stage3_param_persistence_threshold: 10 h` (transformers' "auto" value): vectors such as norms and biases
+      stay whole, saving an all-gather each for a few MB in all; every matrix (>= h^2 / 4 elements in these
+      families) is partitioned. Relative to h so that a test model (h = 32) is partitioned like a 7B one;
+    * `stage3_prefetch_bucket_size`: 0.9 h^2 on GPU (transformers' "auto": the next projection is gathered while
+      this one computes), 0 on CPU (gloo has no separate stream to overlap with; a prefetch only raises the peak);
+    * `stage3_max_live_parameters: 12 h^2` (about one LLaMA decoder layer): caps what prefetching may hold.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (resolved), got {precision!r}")
@@ -60,6 +82,14 @@ def deepspeed_config(stage: int, use_gpu: bool, precision: str) -> dict[str, Any
     zero: dict[str, Any] = {"stage": stage}
     if not use_gpu:
         zero.update(overlap_comm=False, contiguous_gradients=False)
+    if stage == 3:
+        h = hidden_size or DEFAULT_HIDDEN
+        zero.update(
+            stage3_max_reuse_distance=0,
+            stage3_param_persistence_threshold=PERSISTENCE_PER_HIDDEN * h,
+            stage3_prefetch_bucket_size=int(PREFETCH_PER_HIDDEN_SQ * h * h) if use_gpu else 0,
+            stage3_max_live_parameters=LIVE_PER_HIDDEN_SQ * h * h,
+        )
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -75,6 +105,33 @@ def deepspeed_config(stage: int, use_gpu: bool, precision: str) -> dict[str, Any
     return cfg
 
 
+def hidden_size_of(model_config: Mapping[str, Any]) -> int:
+    """The largest `hidden_size` in a model's (nested) config dict: the language model's in the MLLM families
+    (LLaVA-1.5-7B: 4096 over its vision tower's 1024); 0 when there is none."""
+    found = [int(v) for k, v in model_config.items() if k == "hidden_size" and isinstance(v, int)]
+    found += [hidden_size_of(v) for v in model_config.values() if isinstance(v, Mapping)]
+    return max(found, default=0)
+
+
+def stream_deepspeed_config(cfg: Any, model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`deepspeed_config` of a stream's config for the model whose config dict is `model_config`: the same dict
+    for partitioned loading (`pipeline.train.zero_loading`) and for `deepspeed.initialize` (`wire_editor`)."""
+    return deepspeed_config(
+        cfg.resources.zero_stage, cfg.resources.use_gpu, cfg.training_precision(), hidden_size_of(model_config)
+    )
+
+
+def uses_deepspeed(cfg: Any) -> bool:
+    """Whether `wire_editor` hands the model to DeepSpeed (see there)."""
+    return cfg.stream.mode != "single" and cfg.resources.zero_stage in (2, 3)
+
+
+def loads_partitioned(cfg: Any) -> bool:
+    """Whether a worker loads its model already partitioned (issue 16 item 2): exactly when `wire_editor` will run
+    ZeRO-3, the only case in which something (DeepSpeed's hooks) gathers the parameters for a forward pass."""
+    return uses_deepspeed(cfg) and cfg.resources.zero_stage == 3
+
+
 # What `wire_editor` adds to the stream's DeepSpeed config so that DeepSpeed's step is the torch optimiser's step
 # (issue 16 observation 6). DeepSpeed (0.19.8 here) clips the averaged gradient to global norm 1.0 unless
 # `gradient_clipping` says otherwise; the in-process `TorchStepper` and zero_stage 0's `AllReduceStepper` never
@@ -87,7 +144,9 @@ EDIT_STEP_RULE: dict[str, Any] = {"gradient_clipping": 0.0}
 
 
 class ZeroAccess(ParamAccess):
-    """Direct reads/writes of phi_e under ZeRO: gather (stage 3), then refresh the fp32 master copy."""
+    """Direct reads/writes of phi_e under ZeRO: gather (stage 3), then refresh the fp32 master copy. With no
+    `engine` (a model loaded partitioned, before `deepspeed.initialize`) it only gathers: there is no master copy
+    yet."""
 
     def __init__(self, engine: Any, stage: int) -> None:
         self.engine = engine
@@ -99,7 +158,7 @@ class ZeroAccess(ParamAccess):
 
         with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0, enabled=self.stage == 3):
             yield
-        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        refresh = getattr(getattr(self.engine, "optimizer", None), "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
 
@@ -174,10 +233,7 @@ def wire_editor(editor: Any, cfg: Any, comm: TorchComm) -> Any:
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[cfg.method.optimizer]
     optimizer = opt_cls(params, lr=cfg.method.lr)
     # The edit step's update rule is the torch optimiser's, as in process and under zero_stage 0: no clipping.
-    ds_cfg = {
-        **deepspeed_config(cfg.resources.zero_stage, cfg.resources.use_gpu, cfg.training_precision()),
-        **EDIT_STEP_RULE,
-    }
+    ds_cfg = {**stream_deepspeed_config(cfg, editor.adapter.model.config.to_dict()), **EDIT_STEP_RULE}
     engine, _, _, _ = deepspeed.initialize(
         model=editor.adapter.model,
         optimizer=optimizer,

@@ -40,18 +40,20 @@ from pipeline.cluster.trainer import build_trainer
 from pipeline.data.casesource import ShardCaseSource, attach_references
 from pipeline.data.schema import REFERENCE_SCHEMA, read_table
 from pipeline.data.shards import read_manifest, reference_path
-from pipeline.reporting.plots import plot_dual, plot_metrics, plot_retention
+from pipeline.reporting.plots import plot_metrics, plot_retention
 from pipeline.reporting.progress import progress as progress_bar
 from pipeline.reporting.tracking import NullTracker, attach_tracker, bind_tracker, tracking_uri
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.root import run_directory
 from pipeline.train.checkpoints import Resumed, RunStore
 from pipeline.train.collectives import TorchComm
-from pipeline.train.distributed import wire_editor
+from pipeline.train.distributed import ZeroAccess, loads_partitioned, stream_deepspeed_config, wire_editor
 from pipeline.train.lease import RunLease, check_lease
+from pipeline.train.memory import MemoryProbe, report_load
 from pipeline.train.runidentity import claim_run, stream_identity
 from pipeline.train.storagefail import FLAG_KEY as STOP_FLAG
 from pipeline.train.storagefail import new_flag, raise_if_stopped, stop_on_write_failure
+from pipeline.train.zero_loading import PartitionedLoader, model_config_dict
 
 DATASET = "edits"
 log = logging.getLogger(__name__)
@@ -145,14 +147,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             check_lease(config["run_dir"], lease["token"], lease["stale_s"])
 
     guard()
+    probe = MemoryProbe.from_env()  # bench.zero_memory: peak PSS of this worker, loading included
+    if probe is not None:
+        probe.start()
     store = RunStore(config["run_dir"]).ensure()
     store.write_pid(comm.rank)
     store.write_node(comm.rank, ray.get_runtime_context().get_node_id())
     torch.manual_seed(cfg.seed)
     device = f"cuda:{local_rank}" if cfg.resources.use_gpu else "cpu"
     model_cfg = dataclasses.replace(cfg.model, device=device, dtype=cfg.model_dtype())  # resources.precision
-    adapter = load_adapter(model_cfg, config["model_path"])
-    editor = Editor(adapter, cfg)
+    # Under ZeRO-3 the weights arrive partitioned (issue 16 item 2): no worker ever holds the whole model. Nothing
+    # runs the model before wire_editor's deepspeed.initialize, which installs the hooks that gather it.
+    partitioned = loads_partitioned(cfg)
+    ds_config = stream_deepspeed_config(cfg, model_config_dict(config["model_path"])) if partitioned else {}
+    loader = PartitionedLoader(ds_config) if partitioned else None
+    adapter = load_adapter(model_cfg, config["model_path"], loader=loader)
+    report_load(store.run_dir, comm.rank, adapter.model, partitioned=partitioned)
+    editor = Editor(adapter, cfg, access=ZeroAccess(None, 3) if partitioned else None)
     wire_editor(editor, cfg, comm)
     # Every worker runs every step in full under ZeRO-3 (collective forward passes) and for editors whose
     # update is not a pure average of per-edit gradients (patches, codebooks, memories, MEND's writes).
@@ -206,6 +217,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     runner = StreamRunner(editor, cfg, comm, lockstep, StreamHooks(on_checkpoint, on_metrics, on_progress, on_step))
     result = runner.run(source, state)
+    if probe is not None:
+        probe.write(store.run_dir, comm.rank)
     if comm.rank == 0:
         guard()
         write_results(store, cfg, result, tracker)
@@ -269,13 +282,11 @@ def write_results(store: RunStore, cfg: Config, result: Any, tracker: Any) -> No
     write_json(os.path.join(d, "summary.json"), _clean(result.summary))
     plot_retention(result.curve, os.path.join(d, "retention.png"))
     plot_metrics(result.summary, os.path.join(d, "metrics.png"))
-    plot_dual(result.rows, os.path.join(d, "dual.png"))  # lambda and the penalty along the stream (issue 17)
     tracker.log_metrics(
         {f"final/{k}": v for k, v in result.summary["final"].items() if isinstance(v, float) and math.isfinite(v)},
         result.summary["edits"],
     )
-    names = ("rows.parquet", "curve.json", "ledger.jsonl", "summary.json", "retention.png", "metrics.png", "dual.png")
-    for name in names:
+    for name in ("rows.parquet", "curve.json", "ledger.jsonl", "summary.json", "retention.png", "metrics.png"):
         tracker.log_artifact(os.path.join(d, name), "results")
 
 

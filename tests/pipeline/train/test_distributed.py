@@ -18,6 +18,8 @@ from pipeline.train.distributed import (
     AllReduceStepper,
     check_engine_device,
     deepspeed_config,
+    hidden_size_of,
+    loads_partitioned,
 )
 
 
@@ -27,7 +29,7 @@ def test_deepspeed_config_has_the_section_of_its_precision_and_no_other():
     assert fp32["zero_optimization"] == {"stage": 2, "overlap_comm": False, "contiguous_gradients": False}
     bf16 = deepspeed_config(3, True, "bf16")
     assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
-    assert bf16["zero_optimization"] == {"stage": 3}
+    assert bf16["zero_optimization"]["stage"] == 3 and "overlap_comm" not in bf16["zero_optimization"]
     assert deepspeed_config(2, False, "bf16")["bf16"] == {"enabled": True}  # bf16 runs on CPU too
     fp16 = deepspeed_config(2, True, "fp16")
     assert "bf16" not in fp16
@@ -38,6 +40,25 @@ def test_deepspeed_config_has_the_section_of_its_precision_and_no_other():
         deepspeed_config(2, False, "fp16")
     with pytest.raises(ValueError, match="resolved.*'auto'"):
         deepspeed_config(2, True, "auto")
+
+
+def test_zero3_releases_what_it_gathered_and_scales_its_knobs_with_the_hidden_size():
+    # issue 16 item 2: DeepSpeed's defaults kept a model under ~1 B parameters gathered through a whole edit
+    cpu = deepspeed_config(3, False, "fp32", hidden_size=32)["zero_optimization"]
+    assert cpu["stage3_max_reuse_distance"] == 0 and cpu["stage3_prefetch_bucket_size"] == 0
+    assert cpu["stage3_param_persistence_threshold"] == 320  # the tiny test model's norms only
+    gpu = deepspeed_config(3, True, "bf16", hidden_size=4096)["zero_optimization"]
+    assert gpu["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
+    assert gpu["stage3_max_live_parameters"] == 12 * 4096**2 and gpu["stage3_param_persistence_threshold"] == 40960
+    assert deepspeed_config(3, True, "bf16") == deepspeed_config(3, True, "bf16", hidden_size=4096)
+    assert not any(k.startswith("stage3_") for k in deepspeed_config(2, False, "fp32")["zero_optimization"])
+
+
+def test_the_hidden_size_is_the_language_models_and_only_zero3_loads_partitioned():
+    llava = {"vision_config": {"hidden_size": 1024}, "text_config": {"hidden_size": 4096}, "hidden_size": None}
+    assert hidden_size_of(llava) == 4096 and hidden_size_of({}) == 0
+    assert loads_partitioned(load_config(None, ["resources.zero_stage=3", "stream.mode=sequential"]))
+    assert not loads_partitioned(load_config(None, ["resources.zero_stage=2", "stream.mode=sequential"]))
 
 
 @pytest.mark.parametrize(

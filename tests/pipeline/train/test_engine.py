@@ -111,6 +111,19 @@ def test_two_workers_match_one_worker(prepared, one_worker, stage):
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=WEIGHT_TOL), k
     assert [e["edit_id"] for e in _ledger(cfg1, "w1")] == [e["edit_id"] for e in _ledger(cfg2, f"w2z{stage}")]
+    # What each worker held after loading (pipeline/train/memory.py): under ZeRO-3 the weights arrive partitioned
+    # (issue 16 item 2), about half the parameter elements per worker (norms stay whole: DeepSpeed's persistent
+    # parameters, 10 * hidden elements or fewer); under ZeRO-2 every worker loads the whole model.
+    loads = [_worker_json(cfg2, f"w2z{stage}", rank, "load") for rank in (0, 1)]
+    for load in loads:
+        assert load["partitioned"] == (stage == 3)
+        share = load["local_numel"] / load["total_numel"]
+        assert (0.5 <= share <= 0.52) if stage == 3 else share == 1.0, (stage, load)
+
+
+def _worker_json(cfg, name, rank, what):
+    with open(os.path.join(storage_dir(cfg), name, "workers", f"rank-{rank}.{what}.json")) as fh:
+        return json.load(fh)
 
 
 def test_killed_rank0_resumes_at_its_checkpoint_and_reapplies_only_the_rest(prepared, record_outcome):

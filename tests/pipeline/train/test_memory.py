@@ -1,0 +1,56 @@
+"""What a worker holds (`pipeline.train.memory`): PSS/RSS from /proc, the sampling probe and its reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.train.memory import SAMPLE_ENV, MemoryProbe, partition_numels, report_load, smaps_rollup, worker_file
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/smaps_rollup")
+
+
+@linux
+def test_smaps_rollup_gives_pss_and_rss_of_this_process():
+    mem = smaps_rollup()
+    assert mem.keys() == {"pss_kb", "rss_kb"}
+    assert 0 < mem["pss_kb"] <= mem["rss_kb"]
+    assert smaps_rollup(2**31 - 1) == {}  # no such process: nothing, no error
+
+
+@linux
+def test_the_probe_keeps_the_peak_and_writes_it(tmp_path):
+    probe = MemoryProbe(0.01).start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched while the probe runs
+    probe.sample()
+    del block
+    report = probe.write(str(tmp_path), 1, stage=3)
+    assert report["peak_pss_mb"] >= report["start_pss_mb"] + 48 and report["stage"] == 3
+    assert report["peak_rss_mb"] >= report["peak_pss_mb"]
+    with open(worker_file(str(tmp_path), 1, "memory")) as fh:
+        assert json.load(fh) == report
+
+
+def test_the_probe_is_off_unless_asked_for_and_checks_its_interval(monkeypatch, record_outcome):
+    monkeypatch.delenv(SAMPLE_ENV, raising=False)
+    assert MemoryProbe.from_env() is None
+    monkeypatch.setenv(SAMPLE_ENV, "0.5")
+    assert MemoryProbe.from_env().interval_s == 0.5
+    for bad in ("fast", "0"):
+        monkeypatch.setenv(SAMPLE_ENV, bad)
+        with pytest.raises(ValueError, match=SAMPLE_ENV) as err:
+            MemoryProbe.from_env()
+        record_outcome("bad_input", f"${SAMPLE_ENV}={bad}", "refused", str(err.value))
+
+
+def test_an_unpartitioned_model_is_held_whole(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2, bias=False))
+    assert partition_numels(model) == {"local_numel": 21, "total_numel": 21}
+    report = report_load(str(tmp_path), 0, model, partitioned=False)
+    assert report["local_numel"] == 21 and report["partitioned"] is False
+    with open(worker_file(str(tmp_path), 0, "load")) as fh:
+        assert json.load(fh)["total_numel"] == 21
