@@ -322,6 +322,14 @@ class MethodConfig:
             "positions the losses read (equal to the full replay up to float rounding; needs cache_prefix)"
         ),
     )
+    early_stop: bool = option(
+        False,
+        help=(
+            "[INFERENCE] stop an edit step's optimisation at the first iteration whose forward pass already has every "
+            "IN target token as the argmax (the step's Rel = 1), as incumbent editors stop once the target is reached; "
+            "the iterations run are logged (edit/iterations). Off: always n_iter iterations (issue 17)"
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -337,6 +345,22 @@ class ODEditConfig:
     fixed_lambda: float = option(1.0, help="lambda when penalty=fixed", check=non_negative)
     penalty_reduction: Literal["mean", "sum"] = option(
         "mean", help="[INFERENCE] E_omega over environments: mean (default) or sum of |dR_e/domega|"
+    )
+    locality_reference: Literal["original", "before_step", "both"] = option(
+        "original",
+        help=(
+            "[INFERENCE] the p_phi of R_loc's KL (Eq. 3) and of the OUT risks in the penalty: the original "
+            "(pre-stream) model's references, the model as it was at the start of the current step (taken from the "
+            "step's first forward pass), or both terms added (issue 17). Equal in single mode"
+        ),
+    )
+    mmd_estimator: Literal["biased", "unbiased"] = option(
+        "biased",
+        help=(
+            "[INFERENCE] R_gen's MMD^2 (Eq. 6): the V-statistic over all pairs (biased: each state's similarity to "
+            "itself counts) or the U-statistic without them (unbiased, may be negative; a set of one state has no "
+            "pair and its within-set term is 0) (issue 17)"
+        ),
     )
     penalty_smoothing: float = option(
         1e-3,
@@ -642,6 +666,14 @@ class Config:
                 st.sequence_length,
                 f"must be a multiple of stream.batch_size ({st.batch_size}) so no step straddles two sequences",
                 f"use {max(st.batch_size, st.sequence_length // st.batch_size * st.batch_size)}",
+            )
+        if self.method.early_stop and r.num_workers > 1:
+            yield Problem(
+                "method.early_stop",
+                True,
+                "an early stop is decided per worker, and workers stopping at different iterations would leave "
+                "DeepSpeed's gradient collectives waiting",
+                "set method.early_stop=false, or resources.num_workers=1",
             )
         if self.stream.mode == "single" and r.zero_stage == 3:
             yield Problem(

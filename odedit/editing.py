@@ -101,13 +101,30 @@ def _detached(state: Any) -> Any:
 
 
 def step_report_fields(report: StepReport) -> dict[str, Any]:
-    """The per-edit columns a step report contributes to result rows."""
+    """The per-edit columns a step report contributes to result rows (the `final_*` ones: the step's last
+    iteration; `target_prob`: the IN targets' probability on the model the step left, issue 17)."""
     final = report.final
     return {
         "failed": report.failed or "",
         "iterations": report.iterations,
+        "stopped_early": report.stopped_early,
         "edit_seconds": report.seconds,
+        "target_prob": report.target_prob,
         "final_loss": final.get("loss", final.get("host", float("nan"))),
         "final_lambda": final.get("lambda", float("nan")),
         "final_penalty": final.get("penalty", float("nan")),
+        "final_host": final.get("host", float("nan")),
+        "final_r_loc": final.get("r_loc", float("nan")),
+        "final_r_gen": final.get("r_gen", float("nan")),
     }
+
+
+def step_metrics(report: StepReport) -> dict[str, float]:
+    """What a stream logs per step (issue 17): the last iteration's parts (host loss, R_loc, R_gen, penalty,
+    lambda, each environment's risk and omega-slope), the iterations taken and the target's probability after
+    them. Names under `edit/`."""
+    values: dict[str, float] = {f"edit/{k}": v for k, v in report.final.items()}
+    values["edit/iterations"] = float(report.iterations)
+    values["edit/target_prob"] = report.target_prob
+    values["edit/failed"] = float(report.failed is not None)
+    return values

@@ -118,10 +118,14 @@ def torch_stepper_factory(method_cfg, odedit_cfg=None) -> StepperFactory:
 class StepReport:
     """What happened in one edit step."""
 
-    iterations: int = 0
+    iterations: int = 0  # parameter updates taken (fewer than n_iter when `method.early_stop` stopped the step)
     parts: list[dict[str, float]] = field(default_factory=list)
     failed: str | None = None
     seconds: float = 0.0
+    # The IN targets' mean sequence probability on the model the step leaves (issue 17: did the edit converge?),
+    # and whether `method.early_stop` ended the step before n_iter.
+    target_prob: float = float("nan")
+    stopped_early: bool = False
 
     @property
     def final(self) -> dict[str, float]:
@@ -222,6 +226,24 @@ def forward_envs(adapter: ModelAdapter, encoded: EnvBatch | None) -> Mapping[str
     return EnvOutputs(merged, encoded)
 
 
+def target_probability(out: ForwardOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over samples of p(target | prompt), whether every target token is the argmax) of IN's output.
+
+    The probability of a sample is the product of its answer tokens' teacher-forced probabilities; the second
+    value is the step's Rel = 1 under EasyEdit's token accuracy, the target `method.early_stop` waits for.
+    """
+    with torch.no_grad():
+        logits = out.answer_logits().float()
+        targets = out.answer_targets().to(logits.device).long()
+        rows = out.answer_row().to(logits.device)
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        per = torch.zeros(out.batch.size, device=logits.device).index_add(0, rows, logp)
+        present = torch.zeros(out.batch.size, dtype=torch.bool, device=logits.device)
+        present[rows] = True
+        prob = per[present].exp().mean() if bool(present.any()) else per.sum() * float("nan")
+        return prob, (logits.argmax(-1) == targets).all()
+
+
 def run_edit_step(
     method: StepEditor,
     objective: Objective,
@@ -240,7 +262,10 @@ def run_edit_step(
     stepper = stepper_factory(params)
     model = method.adapter.model
     was_training = model.training
-    model.eval()  # no dropout: edits are deterministic for a seed
+    model.eval()  # no dropout: edits are deterministic for a seed ...
+    for module in method.train_mode_modules():
+        module.train()  # ... except where the method asks for it (LoRA's `method.dropout`, issue 17)
+    early_stop = bool(getattr(method.cfg, "early_stop", False))
     try:
         # Encoded once per step; the frozen layers below the editor's first layer run once per step too.
         first = method.first_edited_layer() if method.cfg.cache_prefix else None
@@ -256,6 +281,13 @@ def run_edit_step(
             outs = forward_envs(method.adapter, encoded)
             loss, parts = objective.loss(method, outs, cases, k, params)
             report.parts.append(parts)
+            if early_stop and "in" in outs:
+                # [INFERENCE] issue 17: stop once the target is reached, judged on this iteration's forward pass
+                # (the model after k - 1 updates), before its update: the step keeps k - 1 updates.
+                prob, reached = target_probability(outs["in"])
+                if bool(reached):
+                    report.target_prob, report.stopped_early = float(prob), True
+                    break
             report.iterations = k
             reason = _divergence(loss, parts, objective)
             if reason is None:
@@ -271,6 +303,13 @@ def run_edit_step(
                 return handle, report
         with access.modify(params):
             method.end_step(cases, handle)
+        samples = [s for c in cases for s in c.env("in")]
+        if not report.stopped_early and samples:
+            # One full forward of the IN samples alone, on the model as evaluated (no dropout): end_step may have
+            # run other batches (WISE's threshold), which a prefix replay of the step's batch could not follow.
+            model.eval()
+            with torch.no_grad():
+                report.target_prob = float(target_probability(method.adapter.run(samples))[0])
     finally:
         model.train(was_training)
         report.seconds = time.perf_counter() - t0

@@ -22,8 +22,39 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from odedit.envs import OUT_ENVS, EditCase
+from odedit.envs import OUT_ENVS, EditCase, Reference
 from odedit.risks import _EPS, position_risks
+
+# An OUT environment whose R_loc compares with the model at the start of the current step instead of the
+# original model (`odedit.locality_reference`, issue 17): "out_text@step" reads the rows of "out_text".
+STEP = "@step"
+
+
+def base_env(env: str) -> str:
+    """The environment whose rows `env` reads ("out_text@step" -> "out_text")."""
+    return env[: -len(STEP)] if env.endswith(STEP) else env
+
+
+def step_references(outs: Mapping[str, ForwardOutput], envs: Sequence[str], k: int) -> dict[str, list[Reference]]:
+    """Top-k references of `envs`' samples from `outs`, in row order: the model as it is in this forward pass.
+
+    [INFERENCE] `odedit.locality_reference: before_step` (issue 17): taken from the first forward pass of an
+    edit step, they are exactly the logits of the model at the step's start, so R_loc is 0 at the first iteration
+    and limits each step's own collateral change, where references of the original model make R_loc repair what
+    earlier steps moved. Same form as `odedit.envs.compute_references` (fp32 log-softmax, top-k, tail bucket).
+    """
+    refs: dict[str, list[Reference]] = {}
+    with torch.no_grad():
+        for env in envs:
+            if env not in outs:
+                continue
+            o = outs[env]
+            logp = torch.log_softmax(o.answer_logits().detach().float(), -1)
+            vals, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+            rows = o.answer_row().to(ids.device)
+            refs[env] = [Reference(ids[rows == b], vals[rows == b]) for b in range(o.batch.size)]
+    return refs
+
 
 if TYPE_CHECKING:
     from odedit.models.base import ForwardOutput
@@ -67,37 +98,48 @@ class EnvPlan:
 
 
 def build_plan(
-    outs: Mapping[str, ForwardOutput], cases: Sequence[EditCase], owners: Mapping[str, Sequence], envs: Sequence[str]
+    outs: Mapping[str, ForwardOutput],
+    cases: Sequence[EditCase],
+    owners: Mapping[str, Sequence],
+    envs: Sequence[str],
+    step_refs: Mapping[str, Sequence[Reference]] | None = None,
 ) -> EnvPlan:
-    """Gather the step's constants for `envs` (those absent from `outs` are skipped)."""
-    rel = [e for e in envs if e in outs and e not in OUT_ENVS]
-    out = [e for e in envs if e in outs and e in OUT_ENVS]
+    """Gather the step's constants for `envs` (those absent from `outs` are skipped).
+
+    An OUT environment named with `STEP` ("out_text@step") reads its base environment's rows against
+    `step_refs[base]` (`step_references`) instead of the cases' pre-edit references.
+    """
+    rel = [e for e in envs if base_env(e) in outs and base_env(e) not in OUT_ENVS]
+    out = [e for e in envs if base_env(e) in outs and base_env(e) in OUT_ENVS]
     order = rel + out
     segs, seg_env, targets, ref_ids, ref_lps = [], [], [], [], []
     offset = 0
     for index, env in enumerate(order):
-        o = outs[env]
+        o = outs[base_env(env)]
         segs.append(o.answer_row() + offset)
         seg_env += [index] * o.batch.size
         offset += o.batch.size
-        if env in OUT_ENVS:
-            refs = [cases[i].references[env][j] for i, j in owners[env]]
+        if base_env(env) in OUT_ENVS:
+            if env.endswith(STEP):
+                refs = list(step_refs[base_env(env)])
+            else:
+                refs = [cases[i].references[env][j] for i, j in owners[env]]
             ref_ids += [r.topk_ids for r in refs]
             ref_lps += [r.topk_logprobs for r in refs]
         else:
             targets.append(o.answer_targets())
-    device = outs[order[0]].logits.device if order else torch.device("cpu")
+    device = outs[base_env(order[0])].logits.device if order else torch.device("cpu")
     merged = getattr(outs, "merged", None)  # an `odedit.editstep.EnvOutputs`: index its output once
     flat = None
     if merged is not None and order:
         length = merged.batch.targets.shape[1]
         parts = []
         for env in order:
-            span = outs.spans[env]
+            span = outs.spans[base_env(env)]
             r, c = merged.batch.answer_mask[span].nonzero(as_tuple=True)  # row-major, as boolean indexing
             parts.append((r + span.start) * length + c)
         flat = torch.cat(parts).to(device)
-    n_rel = sum(int(outs[e].batch.answer_mask.sum()) for e in rel)
+    n_rel = sum(int(outs[base_env(e)].batch.answer_mask.sum()) for e in rel)
     ids = torch.cat(ref_ids).to(device).long() if ref_ids else None
     lps = torch.cat(ref_lps).to(device).float() if ref_lps else None
     seg = torch.cat(segs).to(device) if segs else torch.zeros(0, dtype=torch.long, device=device)
@@ -155,7 +197,7 @@ def env_risks(plan: EnvPlan, outs: Mapping[str, ForwardOutput]) -> tuple[torch.T
     if plan.flat is not None and merged is not None:
         z = merged.take_logits(plan.flat).float()
     else:
-        z = torch.cat([outs[e].answer_logits() for e in plan.envs]).float()
+        z = torch.cat([outs[base_env(e)].answer_logits() for e in plan.envs]).float()
     logq = torch.log_softmax(z, -1)
     value, slope = position_risks(
         z, logq, plan.ids, plan.ref_all, plan.log_p_tail, plan.is_rel, plan.ref_ids is not None, plan.n_rel > 0

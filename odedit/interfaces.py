@@ -68,6 +68,10 @@ class StepEditor(LossEditor, Protocol):
         """The lowest decoder layer whose computation the editor changes (None: below the decoder layers),
         from which the step replays the model after its first forward pass."""
 
+    def train_mode_modules(self) -> Sequence[nn.Module]:
+        """Modules put in train mode while a step optimises (the rest of the model stays in eval mode)."""
+        ...
+
     def position_tail(self) -> tuple[nn.Module, nn.Module] | None:
         """(edited module, residual-input module) when only the last layer's module is edited position by position
         (`odedit.models.tail`); else None."""

@@ -24,10 +24,22 @@ import torch
 
 from odedit.config import ODEditConfig
 from odedit.dual import DualState
-from odedit.envrisks import EnvPlan, build_plan, env_risks
-from odedit.envs import OUT_ENVS, SE_ENVS, EditCase
+from odedit.envrisks import STEP, EnvPlan, base_env, build_plan, env_risks, step_references
+from odedit.envs import OUT_ENVS, SE_ENVS, EditCase, Reference
 from odedit.interfaces import LossEditor
-from odedit.risks import generality_risk_stacked, kernel_bandwidths, mmd_signs, penalty_from_slopes
+from odedit.risks import generality_risk_stacked, kernel_bandwidths, mmd_signs, mmd_weights, penalty_from_slopes
+
+STEP_REFERENCE_K = 64  # top-k of `before_step` references when the cases carry no pre-edit ones to copy k from
+
+# [INFERENCE] `odedit.locality_reference` (issue 17): which references R_loc's OUT environments compare with.
+# Measured on the demo world (docs/results.md, "Knobs of ODEdit"): with `original`, R_loc turns into a repair
+# term once earlier edits of a stream moved the OUT prompts; with `before_step` it only limits each step's own
+# change. `both` adds the two terms. Single mode starts every edit from the original model: all three agree.
+LOCALITY_REFERENCES: dict[str, tuple[str, ...]] = {
+    "original": ("",),
+    "before_step": (STEP,),
+    "both": ("", STEP),
+}
 
 if TYPE_CHECKING:
     from odedit.models.base import ForwardOutput
@@ -133,8 +145,17 @@ class ODEditObjective(Objective):
         outs = tuple(e for e in OUT_ENVS if e != "out_hard" or with_hard)
         envs = dict.fromkeys(tuple(method.host_envs) + ("in",) + SE_ENVS + outs)
         self.envs = tuple(envs)
-        self.out_envs = outs
-        self.penalty_envs = tuple(e for e in cfg.environments if e in self.envs)
+        # R_loc's OUT environments, each once per reference of `locality_reference` ("out_text", "out_text@step")
+        suffixes = LOCALITY_REFERENCES[cfg.locality_reference]
+        self.loc_terms = len(suffixes)
+        self.out_envs = tuple(e + x for x in suffixes for e in outs)
+        self.penalty_envs = tuple(
+            name
+            for e in cfg.environments
+            if e in self.envs
+            for name in ((e + x for x in suffixes) if e in OUT_ENVS else (e,))
+        )
+        self._step_refs: tuple[Owners, dict[str, list[Reference]]] | None = None  # `before_step` refs of a step
         n_tensors = len(method.editable())
         device = method.adapter.device
         self.dual = DualState.from_config(cfg, n_tensors, device=device, seed=seed)
@@ -165,7 +186,13 @@ class ODEditObjective(Objective):
             self._sigmas = kernel_bandwidths(
                 z[:n], z[n:], self.cfg.mmd_kernels, self.cfg.mmd_bandwidth_base, self.cfg.mmd_bandwidth_mult
             )
-            self._signs = mmd_signs(n, z.shape[0] - n, z.device) if z.shape[0] > n > 0 else None
+            m = z.shape[0] - n
+            self._signs = None
+            if m > 0 and n > 0:
+                unbiased = self.cfg.mmd_estimator == "unbiased"
+                self._signs = mmd_weights(n, m, z.device) if unbiased else mmd_signs(n, m, z.device)
+        if self._signs is not None and self._signs.dim() == 2:
+            return generality_risk_stacked(z, n, self._sigmas, weights=self._signs)
         return generality_risk_stacked(z, n, self._sigmas, self._signs)
 
     def _pooled_stacked(self, outs, envs: tuple[str, ...]) -> torch.Tensor:
@@ -198,7 +225,7 @@ class ODEditObjective(Objective):
         )
         step = self._plan
         if step is None or not step.fits(self.owners, envs):
-            plan = build_plan(outs, cases, self.owners, envs)
+            plan = build_plan(outs, cases, self.owners, envs, self._step_references(outs, cases, envs))
             device = plan.seg.device
             pen = torch.tensor(
                 [i for i, e in enumerate(plan.envs) if e in self.penalty_envs], dtype=torch.long, device=device
@@ -211,6 +238,21 @@ class ODEditObjective(Objective):
         values, slopes = env_risks(step.plan, outs)
         return values, slopes, step
 
+    def _step_references(self, outs, cases, envs: tuple[str, ...]) -> dict[str, list[Reference]] | None:
+        """The `before_step` references of this step's OUT environments, taken once per step (from its first
+        forward pass, where phi_e is still the step's starting point) and kept for all its iterations."""
+        wanted = [base_env(e) for e in envs if e.endswith(STEP)]
+        if not wanted:
+            return None
+        if self._step_refs is None or self._step_refs[0] is not self.owners:
+            k = next(
+                (c.references[e][0].k for e in wanted for c in cases if c.references.get(e)),
+                STEP_REFERENCE_K,
+            )
+            out_envs = [base_env(e) for e in self.out_envs if e.endswith(STEP)]
+            self._step_refs = (self.owners, step_references(outs, out_envs, k))
+        return self._step_refs[1]
+
     # -------------------------------------------------------------------------------------- G
 
     def loss(self, method, outs, cases, k, params):
@@ -222,6 +264,7 @@ class ODEditObjective(Objective):
         rel_host = method.host_loss_is_rel()
         values, slopes, step = self._env_risks(outs, cases, with_penalty, rel_host)
         rel_index, pen_index, loc_index = step.rel_index, step.penalty_index, step.loc_index
+        plan_envs = step.plan.envs
         host = values[rel_index] if rel_host and rel_index is not None else method.host_loss(outs, cases)
         total = host
         parts = {"host": host.detach()}
@@ -233,7 +276,8 @@ class ODEditObjective(Objective):
             )
         # R_loc: the OUT environments' KL (the same values the penalty's slopes were taken at, omega = 1).
         if len(loc_index):
-            r_loc = values[loc_index].mean()
+            # `both` references: the two terms added (each the mean over the OUT environments)
+            r_loc = values[loc_index].mean() * self.loc_terms
             total = total + (r_loc if cfg.w_loc == 1.0 else cfg.w_loc * r_loc)
             parts["r_loc"] = r_loc.detach()
         r_gen = self._gen(outs, k)
@@ -251,7 +295,9 @@ class ODEditObjective(Objective):
             parts["penalty"] = local if local is not None else pen.detach()
             parts["lambda"] = lam.detach()
         parts["loss"] = total.detach()
-        return total, _floats(parts)
+        # Per environment, the risk and its omega-slope (issue 17, logged per step): one vector, read with the rest.
+        parts["_env"] = torch.cat([values.detach(), slopes.detach()])
+        return total, _floats(parts, plan_envs)
 
     def rollback_reason(self, parts: Mapping[str, float]) -> str | None:
         """A runaway lambda: not finite, or above `odedit.lambda_max` (ODEdit's divergence guard)."""
@@ -271,17 +317,26 @@ class ODEditObjective(Objective):
         return self.dual.parameters()
 
 
-def _floats(parts: dict) -> dict[str, float]:
-    """The logged parts as plain floats, read from their tensors in one go."""
+def _floats(parts: dict, envs: Sequence[str] = ()) -> dict[str, float]:
+    """The logged parts as plain floats, read from their tensors in one go.
+
+    `parts["_env"]`, when present, is the (2E,) risks then omega-slopes of `envs`: it becomes `risk/<env>` and
+    `slope/<env>` ("@step" environments as "<env>_step").
+    """
     keys = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
-    if keys:
-        values = torch.stack(
-            [
-                t if t.dim() == 0 and t.dtype == torch.float32 else t.float().reshape(())
-                for t in (parts[k] for k in keys)
-            ]
-        ).tolist()
-        parts.update(zip(keys, values))
+    env_vec = parts.pop("_env", None)
+    keys = [k for k in keys if k != "_env"]
+    if keys or env_vec is not None:
+        flat = [parts[k].float().reshape(1) for k in keys]
+        if env_vec is not None:
+            flat.append(env_vec.float().reshape(-1))
+        values = torch.cat(flat).tolist()
+        parts.update(zip(keys, values[: len(keys)]))
+        if env_vec is not None:
+            rest = values[len(keys) :]
+            names = [e.replace(STEP, "_step") for e in envs]
+            parts.update({f"risk/{e}": v for e, v in zip(names, rest[: len(names)])})
+            parts.update({f"slope/{e}": v for e, v in zip(names, rest[len(names) :])})
     return {k: float(v) for k, v in parts.items()}
 
 

@@ -214,11 +214,14 @@ def multi_gaussian_kernel(a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor
     return torch.exp(-d2.unsqueeze(-1) / (2 * sigmas.float().pow(2))).sum(-1)
 
 
-def generality_risk(z_edit: torch.Tensor, z_rephrase: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def generality_risk(
+    z_edit: torch.Tensor, z_rephrase: torch.Tensor, sigmas: torch.Tensor, estimator: str = "biased"
+) -> torch.Tensor:
     """R_gen = MMD^2(Z_E, Z_R) with a sum of Gaussian kernels  (method.md Eq. 6).
 
-    E[k(z_e, z_e')] + E[k(z_r, z_r')] - 2 E[k(z_e, z_r)] over all pairs (the V-statistic, so one edit and one
-    rephrase give 2 k_max - 2 k(z_e, z_r), as method.md §2.4 notes).
+    E[k(z_e, z_e')] + E[k(z_r, z_r')] - 2 E[k(z_e, z_r)]. `estimator="biased"` (default) takes the first two
+    expectations over all pairs (the V-statistic, so one edit and one rephrase give 2 k_max - 2 k(z_e, z_r), as
+    method.md §2.4 notes); "unbiased" over distinct pairs only (`mmd_weights`, issue 17).
 
     Args:
         z_edit: (n, H) last hidden states of the edited model on the edit prompts.
@@ -227,7 +230,26 @@ def generality_risk(z_edit: torch.Tensor, z_rephrase: torch.Tensor, sigmas: torc
     """
     if z_edit.shape[0] == 0 or z_rephrase.shape[0] == 0:
         return (z_edit.sum() + z_rephrase.sum()) * 0.0
-    return generality_risk_stacked(torch.cat([z_edit, z_rephrase]), z_edit.shape[0], sigmas)
+    n, m = z_edit.shape[0], z_rephrase.shape[0]
+    weights = mmd_weights(n, m, z_edit.device) if estimator == "unbiased" else None
+    return generality_risk_stacked(torch.cat([z_edit, z_rephrase]), n, sigmas, weights=weights)
+
+
+def mmd_weights(n: int, m: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """W ((n+m), (n+m)) with sum(W * K) the unbiased MMD^2 (U-statistic) of z[:n] vs z[n:] (issue 17).
+
+    [INFERENCE] W_ee = 1 / (n (n-1)) off the diagonal, W_rr = 1 / (m (m-1)) off the diagonal, W_er = W_re =
+    -1 / (n m), 0 on the diagonal: the within-set expectations run over distinct pairs, so a state's similarity
+    to itself (k_max, whatever the states) no longer counts. The biased V-statistic (`mmd_signs`) counts it: with
+    1 IN and 2 SE states and 5 kernels that is 5 + 2.5 of constant mass on top of the cross term, and R_gen is
+    about 2 before any update (issue 17). A set of one state has no distinct pair: its within-set term is 0. The
+    estimate is unbiased for MMD^2 and can be negative.
+    """
+    w = torch.full((n + m, n + m), -1.0 / (n * m), device=device)
+    w[:n, :n] = 1.0 / (n * (n - 1)) if n > 1 else 0.0
+    w[n:, n:] = 1.0 / (m * (m - 1)) if m > 1 else 0.0
+    w.fill_diagonal_(0.0)
+    return w
 
 
 def mmd_signs(n: int, m: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -236,17 +258,24 @@ def mmd_signs(n: int, m: int, device: torch.device | str = "cpu") -> torch.Tenso
 
 
 def generality_risk_stacked(
-    z: torch.Tensor, n: int, sigmas: torch.Tensor, signs: torch.Tensor | None = None
+    z: torch.Tensor,
+    n: int,
+    sigmas: torch.Tensor,
+    signs: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`generality_risk` of z[:n] (edit prompts) vs z[n:] (rephrases), from one kernel matrix over both.
 
     With s = `mmd_signs(n, m)` (pass it to reuse it), s^T K s = mean K_ee + mean K_rr - 2 mean K_er: the
-    three block means of Eq. 6 in a third of the operations.
+    three block means of Eq. 6 in a third of the operations (the biased estimate). With `weights` (W of
+    `mmd_weights`), sum(W * K): the unbiased one.
     """
     m = z.shape[0] - n
     if n == 0 or m == 0:
         return z.sum() * 0.0
     k = multi_gaussian_kernel(z, z, sigmas)
+    if weights is not None:
+        return (weights.to(k.dtype) * k).sum()
     s = signs if signs is not None else mmd_signs(n, m, k.device)
     return s @ (k @ s)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from odedit.config import Config
-from odedit.editing import Editor, step_report_fields
+from odedit.editing import Editor, step_metrics, step_report_fields
 from odedit.envs import EditCase
 from odedit.evaluation import evaluate_cases
 from odedit.metrics import HEADLINE, PROTOCOLS
@@ -298,12 +298,16 @@ class StreamRunner:
             else:
                 mine = round_cases[self.comm.rank : self.comm.rank + 1]
             local = []
+            reports = []
             for case in mine:
                 handle, report = self.editor.edit([case])
                 row = evaluate_cases(self.editor.adapter, [case], generation=self.cfg.stream.generation_eval)[0]
                 handle.restore()
                 row.update(step_report_fields(report), step=s)
                 local.append(row)
+                reports.append(report)
+            if reports:  # this worker's edit of the round (rank 0's reaches the tracker)
+                self._metrics(step_metrics(reports[0]), s)
             rows = local if (self.lockstep or world == 1) else [r for part in self.comm.gather(local) for r in part]
             self._record(state, round_cases, rows, s)
             state.next_step = s + 1
@@ -341,7 +345,7 @@ class StreamRunner:
             self._metrics(
                 {
                     **{f"immediate/{k}": v for k, v in _means(rows).items()},
-                    **{f"edit/{k}": v for k, v in report.final.items()},
+                    **step_metrics(report),
                 },
                 state.edits_applied,
             )

@@ -100,6 +100,11 @@ class EditMethod(ABC):
             return None
         return self.adapter.position_tail(self.cfg.modules[0])
 
+    def train_mode_modules(self) -> Sequence[nn.Module]:
+        """Modules in train mode during a step's optimisation, everything else in eval mode (issue 17: LoRA's
+        dropout). Default none: an edit is deterministic for a seed."""
+        return []
+
     def target_modules(self) -> dict[str, nn.Module]:
         return self.adapter.edit_modules(self.cfg.modules, self.layers)
 

@@ -16,11 +16,13 @@ The chosen entries' values are then optimised for n_iter steps on the host loss 
 ODEdit on, that optimisation gets ODEdit's terms too (method.md §2.5). Every other value stays where it was.
 
 Design (each point a reconstruction choice):
-  * [INFERENCE] Key = the module's input at the edit prompt's last token (`replace_last`); lookup runs at
-    every position, so a prompt retrieves its value at its own last token whatever the batch, padding or
-    appended answer, and an input far from every key is untouched bit for bit. Like `replace_last`, only that
-    position is replaced: later answer tokens see the edit through attention in later layers, so multi-token
-    targets need a layer below the top.
+  * Key = the module's input at the edit prompt's last token (`replace_last`). The lookup keys one position per
+    sequence, its last prompt token, as GRACE does (`key_positions: last`, default; issue 17): comparing every
+    position with the codebook put every position of the demo-size model inside the first entry's radius after
+    a single edit (locality 0.00, against 0.90 for the incumbent implementation that keys one position).
+    `key_positions: all` keeps the every-position lookup. Either way an input far from every key is untouched
+    bit for bit, and only the looked-up position is replaced: later answer tokens see the edit through
+    attention in later layers, so multi-token targets need a layer below the top.
   * [INFERENCE] Entries are written in `begin_step`, before the value is trained (GRACE adds the key at its
     first iteration); undo callbacks on the step's handle remove them bit-exactly. A step that fills the
     codebook midway is undone before `CodebookFull` is raised.
@@ -78,6 +80,10 @@ class GRACEConfig(MethodConfig):
         "warm", help="a new value starts at the module's output (warm) or uniform [0, 1) (cold)"
     )
     seed: int = option(0, help="seed of cold value initialisation", check=non_negative)
+    key_positions: Literal["last", "all"] = option(
+        "last",
+        help="positions the codebook looks up: each sequence's last prompt token (GRACE; default) or every position",
+    )
 
     def _cross_checks(self) -> Iterable[Problem]:
         if len(self.modules) != 1:
@@ -89,8 +95,11 @@ class GRACEConfig(MethodConfig):
 class Codebook(nn.Module):
     """Keys (C, d_in), radii (C,) and values (C, d_out) of one module; the first `n` entries are in use."""
 
-    def __init__(self, d_in: int, d_out: int, capacity: int, like: torch.Tensor, tap: ForwardTap) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, capacity: int, like: torch.Tensor, tap: ForwardTap, key_positions: str = "last"
+    ) -> None:
         super().__init__()
+        self.key_positions = key_positions
         self.values = nn.Parameter(torch.zeros(capacity, d_out, dtype=like.dtype, device=like.device))
         self.register_buffer(
             "keys", torch.zeros(capacity, d_in, dtype=torch.float32, device=like.device), persistent=False
@@ -129,6 +138,8 @@ class Codebook(nn.Module):
             self.grab.append((self.tap.rows(args[0].detach()), self.tap.rows(out.detach())))
         if self.n == 0:
             return None
+        if self.key_positions == "last":
+            return self._lookup_last(args[0], out)
         x = args[0].reshape(-1, args[0].shape[-1])
         d, idx = self.nearest(x)
         hit = d <= self.eps[idx]
@@ -140,6 +151,20 @@ class Codebook(nn.Module):
         # parameter does, instead of a loss without a grad_fn that backward rejects.
         flat = out.reshape(-1, out.shape[-1])
         return torch.where(hit.unsqueeze(1), self.values[idx].to(flat.dtype), flat).reshape(out.shape)
+
+    def _lookup_last(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """`lookup` at one position per row, its last prompt token (`ForwardTap.key_positions`)."""
+        x3, out3 = self.tap.rows(x), self.tap.rows(out)
+        pos = self.tap.key_positions().to(x3.device)
+        rows = torch.arange(x3.shape[0], device=x3.device)
+        d, idx = self.nearest(x3[rows, pos])
+        hit = d <= self.eps[idx]
+        if not bool(hit.any()) and not (torch.is_grad_enabled() and self.values.requires_grad):
+            return None
+        at = torch.zeros(x3.shape[:2], dtype=torch.bool, device=x3.device)
+        at[rows, pos] = hit
+        new = torch.where(at.unsqueeze(-1), self.values[idx].to(out3.dtype).unsqueeze(1), out3)
+        return new.reshape(out.shape)
 
 
 class GRACE(EditMethod):
@@ -172,12 +197,18 @@ class GRACE(EditMethod):
             name,
             ATTR,
             lambda: Codebook(
-                module.weight.shape[1], module.weight.shape[0], self.cfg.capacity, module.weight, self._tap
+                module.weight.shape[1],
+                module.weight.shape[0],
+                self.cfg.capacity,
+                module.weight,
+                self._tap,
+                self.cfg.key_positions,
             ),
             "lookup",
             self.cfg.capacity,
             "capacity",
         )
+        book.key_positions = self.cfg.key_positions  # a codebook found again follows this editor's config
         self._book, self._name, self._module = book, name, module
 
     def editable(self) -> Mapping[str, nn.Parameter]:

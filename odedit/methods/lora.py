@@ -23,7 +23,12 @@ class LoRAConfig(MethodConfig):
     name: str = option("lora", help="host editor")
     rank: int = option(8, help="LoRA rank r", check=positive)
     alpha: float = option(16.0, help="LoRA scaling alpha (update scaled by alpha / r)", check=positive)
-    dropout: float = option(0.0, help="LoRA dropout", check=in_range(0.0, 0.9))
+    dropout: float = option(
+        0.0,
+        help="LoRA dropout on the adapters' input, active during each edit's optimisation only (evaluation runs "
+        "without it)",
+        check=in_range(0.0, 0.9),
+    )
 
 
 class LoRA(EditMethod):
@@ -46,6 +51,18 @@ class LoRA(EditMethod):
             r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout, target_modules=names, bias="none"
         )
         inject_adapter_in_model(config, self.adapter.model, adapter_name=self.ADAPTER_NAME)
+
+    def train_mode_modules(self) -> list[nn.Module]:
+        """PEFT's dropout modules of this adapter when `dropout` > 0 (issue 17: the knob took no effect while the
+        whole model ran in eval mode); only dropout layers, so nothing else changes behaviour."""
+        if self.cfg.dropout <= 0:
+            return []
+        wanted = tuple(self.target_modules())
+        return [
+            m
+            for n, m in self.adapter.model.named_modules()
+            if isinstance(m, nn.Dropout) and n.startswith(wanted) and n.endswith(f"lora_dropout.{self.ADAPTER_NAME}")
+        ]
 
     def editable(self) -> Mapping[str, nn.Parameter]:
         wanted = tuple(self.target_modules())

@@ -3,6 +3,7 @@
     tap = ForwardTap.of(adapter)       # one per model, shared by every editor installed on it
     x = tap.rows(h)                    # a hooked module's (B, L, D) or flattened (B*L, D) tensor, as (B, L, D)
     tap.valid                          # (B, L) True on real tokens of the current forward (its attention mask)
+    tap.key_positions()                # (B,) each row's last prompt token (GRACE's key position)
 
 A module hook sees only its own tensors: it cannot tell padding from tokens, and it does not know which
 environment a forward belongs to. The tap gets both from one forward pre-hook on the language model's base
@@ -61,6 +62,8 @@ class ForwardTap:
 
     def __init__(self) -> None:
         self.valid: torch.Tensor | None = None
+        self.last_prompt: torch.Tensor | None = None  # (B,) of the forward in progress, when its adapter says
+        self.adapter: ModelAdapter | None = None
         self.recording = False
         self.records: list[dict[str, Any]] = []
         self._pos = -1  # index of the last decoder layer entered in the current forward
@@ -77,6 +80,7 @@ class ForwardTap:
             for i, layer in enumerate(adapter.decoder_layers()):
                 tap._handles.append(layer.register_forward_pre_hook(tap._on_layer(i), with_kwargs=True))
             setattr(base, ATTR, tap)
+        tap.adapter = adapter  # whose `batch_in_flight` gives the rows' last prompt positions
         return tap
 
     def _open(self) -> None:
@@ -94,6 +98,10 @@ class ForwardTap:
             self.valid = mask.to(ref.device).bool()
         else:  # no padding mask (or a pre-expanded one): every position is a token
             self.valid = torch.ones(tuple(ref.shape[:2]), dtype=torch.bool, device=ref.device)
+        batch = getattr(self.adapter, "batch_in_flight", None)
+        self.last_prompt = None
+        if batch is not None and self.valid is not None and batch.last_prompt.shape[0] == self.valid.shape[0]:
+            self.last_prompt = batch.last_prompt.to(self.valid.device)
         self._pos = -1
         self._open()
 
@@ -125,6 +133,16 @@ class ForwardTap:
         raise RuntimeError(
             f"hooked tensor of shape {tuple(x.shape)} does not match the forward's (B, L) = {(b, length)}"
         )
+
+    def key_positions(self) -> torch.Tensor:
+        """(B,) one position per row of the current forward: its last prompt token (`EncodedBatch.last_prompt`,
+        from the adapter's forward), or, for a forward that did not come through an adapter, its last real token."""
+        if self.last_prompt is not None:
+            return self.last_prompt
+        if self.valid is None:
+            raise RuntimeError("no forward in progress: the language model was called without input_ids/inputs_embeds")
+        length = self.valid.shape[1]
+        return length - 1 - self.valid.flip(1).long().argmax(1)
 
     def row_mean(self, values: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B,): the mean over each row's real tokens."""

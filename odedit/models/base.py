@@ -418,7 +418,12 @@ class ModelAdapter(ABC):
         """One forward pass; gradients flow unless the caller disables them."""
         batch = batch.to(self.device)
         inputs = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.inputs.items()}
-        logits, hidden = self._forward_model(inputs)
+        # Editors' hooks read the rows' last prompt positions from here (`odedit.methods.taps.ForwardTap`).
+        self.batch_in_flight = batch
+        try:
+            logits, hidden = self._forward_model(inputs)
+        finally:
+            self.batch_in_flight = None
         return ForwardOutput(logits=logits, hidden=hidden, batch=batch)
 
     @property

@@ -39,6 +39,36 @@ def plot_retention(curve: Sequence[Mapping[str, Any]], path: str, title: str = "
     return path
 
 
+def plot_dual(rows: Sequence[Mapping[str, Any]], path: str, title: str = "lambda and the penalty") -> str:
+    """lambda and the TV-l1 penalty at each edit step's last iteration, against the edits of the stream (issue 17).
+
+    Reads the result rows' `final_lambda` / `final_penalty` (one point per step; NaN where the step had no
+    penalty, e.g. the host arm); the penalty on a log axis, as it spans orders of magnitude.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = list(range(1, len(rows) + 1))
+
+    def series(key: str) -> list[float]:
+        return [float(r[key]) if isinstance(r.get(key), (int, float)) else float("nan") for r in rows]
+
+    ax.plot(xs, series("final_lambda"), color="tab:blue", lw=1, label="lambda")
+    ax.set_xlabel("edit")
+    ax.set_ylabel("lambda", color="tab:blue")
+    pen = series("final_penalty")
+    twin = ax.twinx()
+    twin.plot(xs, pen, color="tab:red", lw=1, label="penalty")
+    if any(p > 0 for p in pen if not math.isnan(p)):
+        twin.set_yscale("log")
+    twin.set_ylabel("penalty", color="tab:red")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_metrics(summary: Mapping[str, Any], path: str, title: str = "Headline metrics") -> str:
     """Bars of the headline metrics: pre-edit, immediate and final (end of stream)."""
     return plot_comparison(

@@ -40,7 +40,7 @@ from pipeline.cluster.trainer import build_trainer
 from pipeline.data.casesource import ShardCaseSource, attach_references
 from pipeline.data.schema import REFERENCE_SCHEMA, read_table
 from pipeline.data.shards import read_manifest, reference_path
-from pipeline.reporting.plots import plot_metrics, plot_retention
+from pipeline.reporting.plots import plot_dual, plot_metrics, plot_retention
 from pipeline.reporting.progress import progress as progress_bar
 from pipeline.reporting.tracking import NullTracker, attach_tracker, bind_tracker, tracking_uri
 from pipeline.storage.jsonio import write_json
@@ -282,11 +282,13 @@ def write_results(store: RunStore, cfg: Config, result: Any, tracker: Any) -> No
     write_json(os.path.join(d, "summary.json"), _clean(result.summary))
     plot_retention(result.curve, os.path.join(d, "retention.png"))
     plot_metrics(result.summary, os.path.join(d, "metrics.png"))
+    plot_dual(result.rows, os.path.join(d, "dual.png"))  # lambda and the penalty along the stream (issue 17)
     tracker.log_metrics(
         {f"final/{k}": v for k, v in result.summary["final"].items() if isinstance(v, float) and math.isfinite(v)},
         result.summary["edits"],
     )
-    for name in ("rows.parquet", "curve.json", "ledger.jsonl", "summary.json", "retention.png", "metrics.png"):
+    names = ("rows.parquet", "curve.json", "ledger.jsonl", "summary.json", "retention.png", "metrics.png", "dual.png")
+    for name in names:
         tracker.log_artifact(os.path.join(d, name), "results")
 
 

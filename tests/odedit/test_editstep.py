@@ -120,3 +120,34 @@ def test_a_bf16_edit_step_on_cpu_has_finite_losses_with_risks_penalty_and_mmd_in
     assert all(p.dtype == torch.float32 for p in editor.objective.extra_parameters())  # the lambda-network
     assert all(p.dtype == torch.bfloat16 for p in params) and any(not torch.equal(p, b) for p, b in zip(params, before))
     handle.restore()
+
+
+def test_early_stop_ends_a_step_once_the_target_is_reached_and_reports_its_probability(tiny_adapter):
+    # Issue 17 item 2: `method.early_stop` stops at the first iteration whose forward pass has every IN target
+    # token as the argmax; the iterations taken and the target's probability after them are reported. The target
+    # here is the model's own greedy answer, reached before any update.
+    import dataclasses
+
+    from odedit.editing import Editor
+
+    reports = {}
+    for stop in (False, True):
+        cfg = load_config(
+            None,
+            [
+                "method.name=ft",
+                "model.family=llava",
+                "odedit.enabled=false",
+                "method.n_iter=3",
+                f"method.early_stop={stop}",
+            ],
+        )
+        adapter = tiny_adapter("llava")
+        case = step_cases()[0]
+        own = adapter.generate(case.env("in"), max_new_tokens=2)[0]
+        case.samples["in"] = [dataclasses.replace(case.env("in")[0], target=own)]
+        _, reports[stop] = Editor(adapter, cfg).edit([case])
+    full, early = reports[False], reports[True]
+    assert full.iterations == cfg.method.n_iter and not full.stopped_early and 0.0 < full.target_prob <= 1.0
+    assert early.stopped_early and early.iterations == 0 and len(early.parts) == 1
+    assert 0.0 < early.target_prob <= 1.0

@@ -14,6 +14,7 @@ from odedit.risks import (
     locality_risk,
     locality_risk_and_slope,
     median_bandwidth,
+    mmd_weights,
     multi_gaussian_kernel,
     penalty_from_slopes,
     reliability_risk,
@@ -228,3 +229,25 @@ def test_risks_of_bf16_logits_are_fp32_and_their_omega_slopes_are_not_taken_on_b
             if at == 1.0:
                 assert torch.allclose(values[0], closed_value, rtol=1e-6), name
                 assert torch.allclose(slopes[0], closed_slope, rtol=1e-5), name
+
+
+def test_unbiased_mmd_drops_self_similarity_and_is_near_zero_for_one_distribution():
+    # Issue 17: the biased V-statistic counts each state's similarity to itself (k_max per kernel), so two
+    # samples of ONE distribution get a clearly positive R_gen; the unbiased U-statistic is ~0 there.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 8, generator=g), torch.randn(24, 8, generator=g)
+    sigmas = kernel_bandwidths(x, y)
+    biased = float(generality_risk(x, y, sigmas))
+    unbiased = float(generality_risk(x, y, sigmas, estimator="unbiased"))
+    assert biased > 0.1 and abs(unbiased) < 0.2 * biased, (biased, unbiased)
+    # against the definition, pair by pair
+    k = multi_gaussian_kernel(torch.cat([x[:3], y[:2]]), torch.cat([x[:3], y[:2]]), sigmas)
+    kee, krr, ker = k[:3, :3], k[3:, 3:], k[:3, 3:]
+    naive = (kee.sum() - kee.diag().sum()) / 6 + (krr.sum() - krr.diag().sum()) / 2 - 2 * ker.mean()
+    assert torch.allclose(generality_risk(x[:3], y[:2], sigmas, estimator="unbiased"), naive, atol=1e-5)
+    # one edit state: no within-set pair, so its term is 0 (the estimate can be negative)
+    w = mmd_weights(1, 2)
+    assert float(w[0, 0]) == 0.0 and torch.allclose(w[1:, 1:], torch.tensor([[0.0, 0.5], [0.5, 0.0]]))
+    z = torch.zeros(1, 8)
+    assert float(generality_risk(z, z.repeat(2, 1), sigmas)) == pytest.approx(0.0, abs=1e-6)
+    assert float(generality_risk(z, z.repeat(2, 1), sigmas, estimator="unbiased")) < 0

@@ -73,6 +73,16 @@ def test_sequential_stream_curve_ledger_and_summary(setup):
         assert row["pre_t_loc"] == 1.0
     steps = [s for s, m in metrics if any(k.startswith("immediate/") for k in m)]
     assert steps == [2, 4, 6], "immediate metrics are logged with step = edits applied"
+    # Issue 17: per step, lambda, the penalty, each environment's risk and omega-slope, R_loc, R_gen, the host
+    # loss, the iterations and the target's probability after them.
+    per_step = [m for _, m in metrics if "edit/lambda" in m]
+    assert len(per_step) == 3
+    envs = ("in", "se_text", "se_image", "out_text", "out_mm")
+    want = {"edit/penalty", "edit/r_loc", "edit/r_gen", "edit/host", "edit/iterations", "edit/target_prob"}
+    for m in per_step:
+        assert want | {f"edit/risk/{e}" for e in envs} | {f"edit/slope/{e}" for e in envs} <= set(m)
+        assert 0.0 <= m["edit/target_prob"] <= 1.0 and m["edit/iterations"] == 4.0
+    assert all(0.0 <= r["target_prob"] <= 1.0 and r["stopped_early"] is False for r in result.rows)
     assert any(k.startswith("retention/") for _, m in metrics for k in m)
 
 
@@ -98,7 +108,10 @@ def test_single_mode_leaves_the_model_unchanged(setup):
         return handle, report
 
     editor.edit = watched
-    result = StreamRunner(editor, cfg).run(cases[:3])
+    metrics = []
+    result = StreamRunner(editor, cfg, hooks=StreamHooks(on_metrics=lambda m, s: metrics.append((s, m)))).run(cases[:3])
+    per_step = [(s, m) for s, m in metrics if "edit/lambda" in m]  # single mode logs every edit too (issue 17)
+    assert [s for s, _ in per_step] == [0, 1, 2] and all("edit/target_prob" in m for _, m in per_step)
     assert len(moved) == 3 and all(m[1] for m in moved), "every edit changed the model (its LoRA weights)"
     assert any(m[0] for m in moved), "an edit moved the lambda-network"
     after = adapter.model.state_dict()

@@ -178,3 +178,61 @@ def test_a_second_grace_of_another_capacity_on_the_same_model_is_refused(tiny_ad
     assert Editor(adapter, _cfg("method.capacity=8")).method.codebook.capacity == 8  # found again, reused
     with pytest.raises(ValueError, match=r"capacity 8; method.capacity is 16"):
         _ = Editor(adapter, _cfg("method.capacity=16")).method.codebook
+
+
+def _replaced_positions(editor, adapter, samples):
+    """(B, L) True where the GRACE module's output differs from the wrapped module's own output."""
+    seen = []
+    book = editor.method.codebook
+    hook = editor.method._module.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with torch.no_grad():
+        out = adapter.run(samples)
+        n, book.n = book.n, 0  # the same forward with an empty codebook: the module's own output
+        try:
+            adapter.run(samples)
+        finally:
+            book.n = n
+    hook.remove()
+    return (seen[0] != seen[1]).any(-1).reshape(out.batch.targets.shape), out
+
+
+def test_lookup_keys_one_position_per_sequence_by_default_all_positions_as_an_option(tiny_adapter):
+    # Issue 17 item 6: with the default radius (eps 1.0) every position of the tiny model lies inside the first
+    # entry's ball (its layer-1 FFN inputs are all within 0.09 of each other). Looking up every position replaced
+    # all of them, answer positions included, so no OUT prompt kept its prediction; keyed on each sequence's last
+    # prompt token, at most that one position is replaced and every later position is bit-identical here (GRACE
+    # edits the last layer of the 2-layer model, so the replaced output reaches no other position).
+    probe = [
+        Sample("which city is the capital of france ?", "the city of paris"),
+        Sample("is there a circle ?", "yes it is", make_image((30, 200, 30), seed=20)),
+    ]
+    with torch.no_grad():
+        before = tiny_adapter("llava").run(probe).logits
+    counts = {}
+    for keys in ("last", "all"):
+        adapter = tiny_adapter("llava")
+        editor = Editor(adapter, _cfg("method.n_iter=3", f"method.key_positions={keys}"))
+        _, report = editor.edit([_case(*BLUE)])
+        assert report.failed is None, report.failed
+        assert editor.method.codebook.n == 1
+        replaced, out = _replaced_positions(editor, adapter, probe)
+        valid = out.batch.inputs["attention_mask"].bool()
+        counts[keys] = replaced.sum(1).tolist()
+        answer = out.batch.targets >= 0
+        after_last = answer & (torch.arange(answer.shape[1]) > out.batch.last_prompt.unsqueeze(1))
+        same = (out.logits == before).all(-1)
+        if keys == "last":
+            assert all(c <= 1 for c in counts[keys]), counts
+            others = replaced.clone()
+            others[torch.arange(replaced.shape[0]), out.batch.last_prompt] = False
+            assert not bool(others.any()), "only the last prompt token may be replaced"
+            assert bool(same[after_last].all()), "answer positions after the first are untouched"
+        else:
+            assert bool(replaced[valid].all()), "all positions: every real position is inside the first radius"
+            assert not bool(same[after_last].any())
+    assert sum(counts["all"]) > 2 * sum(counts["last"])
+
+
+def test_key_positions_is_checked_at_load():
+    with pytest.raises(ConfigError, match="method.key_positions"):
+        _cfg("method.key_positions=first")
