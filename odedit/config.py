@@ -344,7 +344,12 @@ class ODEditConfig:
     )
     fixed_lambda: float = option(1.0, help="lambda when penalty=fixed", check=non_negative)
     penalty_reduction: Literal["mean", "sum"] = option(
-        "mean", help="[INFERENCE] E_omega over environments: mean (default) or sum of |dR_e/domega|"
+        "mean",
+        help=(
+            "[INFERENCE] E_omega over environments: mean (default) or sum of |dR_e/domega|. Measured (issue 17, "
+            "docs/results.md 'Knobs of ODEdit'): sum makes the penalty ~20x larger and moves the trade-off towards "
+            "reliability"
+        ),
     )
     locality_reference: Literal["original", "before_step", "both"] = option(
         "original",
@@ -388,7 +393,11 @@ class ODEditConfig:
     )
     lambda_hidden: int = option(32, help="[INFERENCE] width of the lambda-network (TV2 uses 32)", check=positive)
     lambda_init_bias: float = option(
-        0.0, help="[INFERENCE] initial output bias of the lambda-network: lambda starts near softplus(bias)"
+        0.0,
+        help=(
+            "[INFERENCE] initial output bias of the lambda-network: lambda starts near softplus(bias) (0 -> 0.693, "
+            "lambda's initial value; issue 17)"
+        ),
     )
     lambda_cap: float = option(
         1.0e3,
@@ -398,7 +407,15 @@ class ODEditConfig:
         check=non_negative,
     )
     lambda_max: float = option(1.0e4, help="a lambda above this is a runaway: the step is rolled back", check=positive)
-    dual_lr: float = option(1.0e-3, help="[INFERENCE] dual ascent step gamma_2 (TV2 default 1e-3)", check=positive)
+    dual_lr: float = option(
+        1.0e-3,
+        help=(
+            "[INFERENCE] dual ascent step gamma_2 (TV2 default 1e-3). Measured (issue 17, docs/results.md 'Knobs of "
+            "ODEdit'): at 1e-3 lambda barely moves over a stream (0.69 -> 0.72 over 96 edits), at 0.1 it learns "
+            "(-> 41)"
+        ),
+        check=positive,
+    )
     step_rule: Literal["optimizer", "adaptive"] = option(
         "optimizer",
         help=(
