@@ -57,9 +57,26 @@ def parse_config(
         cfg = from_dict(Config, data, source, REGISTRY_HOOKS)
     except ConfigError as err:
         raise ConfigError(issues + err.issues, source) from None
+    issues = _stage_issues(cfg)
     if issues:
         raise ConfigError(issues, source)
     return cfg
+
+
+def _stage_issues(cfg: Config) -> list[ConfigIssue]:
+    """An editor that cannot run under DeepSpeed ZeRO-3 says why in its class's `zero3_blocker` (issue 16 item 3);
+    with resources.zero_stage=3 in sequential mode (single mode refuses ZeRO-3 by itself) the config is refused."""
+    why = getattr(METHODS.get(cfg.method.name).method_cls, "zero3_blocker", "")
+    if not why or cfg.resources.zero_stage != 3 or cfg.stream.mode != "sequential":
+        return []
+    return [
+        ConfigIssue(
+            "resources.zero_stage",
+            3,
+            f"method.name={cfg.method.name} cannot run under DeepSpeed ZeRO-3: {why}",
+            "use resources.zero_stage=2 (each worker keeps the whole model; phi_e's optimiser state is sharded) or 0",
+        )
+    ]
 
 
 def load_config(

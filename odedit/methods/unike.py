@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +248,13 @@ class UniKE(EditMethod):
     config_cls = UniKEConfig
     host_envs = ("in",)
     default_last_layers = 3
+    # Why UniKE cannot run under DeepSpeed ZeRO-3; `odedit.loading` refuses the combination at load (issue 16 item 3).
+    # Measured with 2 gloo workers (tests/pipeline/train/test_zero_editors.py): the first backward failed with
+    # "SumBackward0 returned an invalid gradient at index 0 - got [0] but expected shape compatible with [256, 32]".
+    zero3_blocker: ClassVar[str] = (
+        "UniKE's memory neurons are read by hooks on the FFN output, outside their own module's forward, and under "
+        "ZeRO-3 they are empty partitions again by the time the backward pass reaches them"
+    )
 
     def __init__(self, adapter, cfg: UniKEConfig) -> None:
         super().__init__(adapter, cfg)

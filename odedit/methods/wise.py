@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +246,13 @@ class WISE(EditMethod):
 
     config_cls = WISEConfig
     host_envs = ("in", "out_text", "out_mm")
+    # Why WISE cannot run under DeepSpeed ZeRO-3; `odedit.loading` refuses the combination at load (issue 16 item 3).
+    # Measured with 2 gloo workers (tests/pipeline/train/test_zero_editors.py): the first `after_update` failed with
+    # "size of tensor a (64) must match the size of tensor b (0)".
+    zero3_blocker: ClassVar[str] = (
+        "WISE reads its layer's main weight directly, outside the layer's forward (`after_update` masks the side "
+        "memory with it, saving and merging shards copy it), and under ZeRO-3 that weight is an empty partition there"
+    )
 
     def __init__(self, adapter, cfg: WISEConfig) -> None:
         super().__init__(adapter, cfg)

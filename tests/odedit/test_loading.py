@@ -1,0 +1,33 @@
+"""`odedit.loading`'s checks that need the registries: an editor that cannot run under DeepSpeed ZeRO-3 is refused at
+load, naming the editor, the stage and a fix (issue 16 item 3)."""
+
+from __future__ import annotations
+
+import pytest
+
+from odedit.config import ConfigError
+from odedit.loading import load_config
+
+
+def test_wise_and_unike_under_zero3_are_refused_at_load_with_the_editor_the_stage_and_a_fix(record_outcome):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["method.name=wise", "stream.mode=sequential", "resources.zero_stage=3"])
+    text = str(err.value)
+    assert "resources.zero_stage" in text and "method.name=wise cannot run under DeepSpeed ZeRO-3" in text
+    assert "main weight" in text and "use resources.zero_stage=2" in text
+    record_outcome("bad input", "method.name=wise with resources.zero_stage=3", "refused at load", text.splitlines()[1])
+    with pytest.raises(ConfigError, match="method.name=unike cannot run under DeepSpeed ZeRO-3"):
+        load_config(None, ["method.name=unike", "stream.mode=sequential", "resources.zero_stage=3"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.name=wise", "stream.mode=sequential", "resources.zero_stage=2"],
+        ["method.name=ft", "stream.mode=sequential", "resources.zero_stage=3"],
+        ["method.name=tpatcher", "stream.mode=sequential", "resources.zero_stage=3"],
+        ["method.name=unike", "stream.mode=sequential", "resources.zero_stage=2"],
+    ],
+)
+def test_other_editor_stage_combinations_load(overrides):
+    assert load_config(None, overrides).resources.zero_stage in (2, 3)
