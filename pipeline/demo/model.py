@@ -13,10 +13,17 @@ tokenizer, image processor) and measured with `pipeline.demo.evaluate`. It lives
 training budget and image count, the seed, the prompt template and the code versions. The directory is
 published only when complete (`pipeline.storage.cache`): `report.json` plus a marker written last, so a run killed
 mid-training leaves nothing that a later call would trust; that call trains again.
+
+Only a model that trained all its steps and met its accuracy bars (`data.demo.min_vqa_accuracy`,
+`min_text_accuracy`) is ever cached: a trained model below a bar is refused with `DemoModelRejected` (nothing
+published), and a cached entry whose report is below the bars of the config asking for it (an older cache, a
+lower bar then) is moved aside and trained again. The time budget (`train_minutes`) ends no step-counted phase;
+exceeding it only warns (issue 19 item 20).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -28,11 +35,35 @@ from odedit.models.llava import LlavaAdapter
 from pipeline.demo.evaluate import evaluate_demo_model
 from pipeline.demo.train import MODEL_SIZES, DemoData, Recipe, new_demo_adapter, train_demo
 from pipeline.demo.world import DEMO_PROMPT_TEMPLATE, WORLD_VERSION
-from pipeline.storage.cache import cache_dir, content_key, ensure_dir
+from pipeline.storage.cache import cache_dir, content_key, ensure_dir, read_marker
 from pipeline.storage.jsonio import write_json
 
 # Bump when training or evaluation code changes in a way that changes the saved model or its report.
 DEMO_MODEL_VERSION = "1"
+
+log = logging.getLogger(__name__)
+
+
+class DemoModelRejected(RuntimeError):
+    """A trained (or cached) demo model that did not finish its steps or is below an accuracy bar."""
+
+
+def demo_model_problems(report: dict, demo: Any) -> list[str]:
+    """What keeps `report` (a demo model's `report.json`) from meeting `demo` (`cfg.data.demo`): steps not all
+    trained, or an accuracy below its bar. Empty when the model is acceptable."""
+    problems = []
+    for key, want in (("pretrain_steps", demo.pretrain_steps), ("joint_steps", demo.train_steps)):
+        got = report.get(key)
+        if want and got != want:
+            problems.append(f"{key} {got} of {want} trained")
+    for key, bar in (("vqa_accuracy", demo.min_vqa_accuracy), ("text_accuracy", demo.min_text_accuracy)):
+        got = report.get(key)
+        if bar and (got is None or got < bar):
+            shown = "missing" if got is None else f"{got:.4f}"
+            problems.append(f"{key} {shown} < bar {bar} (data.demo.min_{key})")
+    return problems
+
+
 REPORT_FILE = "report.json"
 
 
@@ -44,8 +75,9 @@ def demo_model_key(cfg: Any, eval_limit: int = 0) -> str:
             "eval_limit": eval_limit,
             "sizes": MODEL_SIZES,
             "recipe": asdict(Recipe()),
-            "train_minutes": demo.train_minutes,
-            "pretrain_minutes": demo.pretrain_minutes,
+            # the time budget shapes the model only where a phase trains for time (a step count of 0)
+            "train_minutes": demo.train_minutes if not (demo.train_steps and demo.pretrain_steps) else None,
+            "pretrain_minutes": demo.pretrain_minutes if not demo.pretrain_steps else None,
             "train_images": demo.train_images,
             "train_steps": demo.train_steps,
             "pretrain_steps": demo.pretrain_steps,
@@ -115,6 +147,21 @@ def train_demo_model(
         }
     )
     write_json(out / REPORT_FILE, report, indent=1)
+    spent = stats.train_seconds / 60
+    if demo.train_steps and demo.pretrain_steps and spent > demo.train_minutes:
+        log.warning(
+            "the demo model took %.1f min, over data.demo.train_minutes=%s; it trained all its steps, so it is the "
+            "same model a quiet machine makes (a loaded machine only makes it later)",
+            spent,
+            demo.train_minutes,
+        )
+    problems = demo_model_problems(report, demo)
+    if problems:
+        raise DemoModelRejected(
+            f"the demo model trained in {out} is refused, not cached: {'; '.join(problems)}. Hint: a recipe or "
+            "data change made it weaker, or the bars are stricter than this configuration can reach; lower "
+            "data.demo.min_vqa_accuracy / min_text_accuracy only on purpose (0 accepts any model)"
+        )
     return report
 
 
@@ -131,6 +178,16 @@ def ensure_demo_model(
             of the cache key, since the report differs.
     """
     path = cache_dir("demo_model", demo_model_key(cfg, eval_limit), cache_root)
+    cached = read_marker(path)
+    if cached is not None and (problems := demo_model_problems(cached, cfg.data.demo)):
+        aside = path.with_name(f"rejected-{path.name}-{int(time.time())}")
+        os.replace(path, aside)
+        log.warning(
+            "the cached demo model %s does not meet this configuration (%s): moved aside to %s; training again",
+            path,
+            "; ".join(problems),
+            aside,
+        )
     path, report, _ = ensure_dir(path, lambda tmp: train_demo_model(cfg, tmp, cache_root, progress, eval_limit))
     return str(path), report
 

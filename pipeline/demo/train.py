@@ -306,9 +306,10 @@ def train_demo(
     """Pre-train the tower with the aux head for `pretrain_s`, then train everything for the rest of
     `budget_s` (wall-clock seconds, so results depend on the machine's speed and load).
 
-    `max_pretrain_steps` / `max_steps` (0 = no cap) end a phase after that many steps if its time is not up
-    first; with `max_steps` the cosine schedule follows steps instead of time, so a run is reproducible
-    whatever the load (as long as the time budget is not reached).
+    `max_pretrain_steps` / `max_steps` (0 = train for the time) make a phase exactly that many steps, whatever
+    its time: the time budget then ends nothing (the caller warns when it was exceeded), and with `max_steps`
+    the cosine schedule follows steps instead of time, so the model is the same whatever the machine's load
+    (issue 19 item 20: a time cap that cut a run short had cached a weaker model under the same key).
     """
     if not 0 <= pretrain_s < budget_s:
         raise ValueError(
@@ -343,7 +344,11 @@ def train_demo(
         opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
         start = time.perf_counter()
         batches = _image_batches(data, generator)
-        while time.perf_counter() - start < pretrain_s and not 0 < max_pretrain_steps <= stats.pretrain_steps:
+        while (
+            stats.pretrain_steps < max_pretrain_steps
+            if max_pretrain_steps
+            else time.perf_counter() - start < pretrain_s
+        ):
             idx = next(batches)
             pixels = data.augment(data.pixels[idx], generator)
             for g in opt.param_groups:
@@ -365,7 +370,7 @@ def train_demo(
         joint_budget = budget_s - stats.pretrain_seconds
         start = time.perf_counter()
         batches = _batches(data)
-        while (elapsed := time.perf_counter() - start) < joint_budget and not 0 < max_steps <= stats.joint_steps:
+        while stats.joint_steps < max_steps if max_steps else (elapsed := time.perf_counter() - start) < joint_budget:
             inputs, targets, idx = data.collate(next(batches), augment=True, generator=generator)
             done = stats.joint_steps / max_steps if max_steps else elapsed / joint_budget
             for g in opt.param_groups:

@@ -3,6 +3,7 @@ question type, save/load round-trips, and the cache trains once (pipeline.demo.m
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from odedit.models.base import Sample
 from pipeline.demo import model as demo_model
 from pipeline.demo.model import REPORT_FILE, demo_model_key, ensure_demo_model, load_demo_adapter
 from pipeline.demo.questions import QUESTION_TYPES
-from pipeline.demo.train import DemoData, Recipe, new_demo_adapter, train_demo
+from pipeline.demo.train import DemoData, Recipe, TrainStats, new_demo_adapter, train_demo
 from pipeline.demo.world import load_split
 from pipeline.storage.cache import MARKER
 
@@ -32,6 +33,8 @@ SHORT = [
     "data.demo.pretrain_steps=200",
     "data.demo.train_steps=500",
     "data.demo.train_images=1500",
+    "data.demo.min_vqa_accuracy=0",  # a short run is not the demo model: no acceptance bar
+    "data.demo.min_text_accuracy=0",
 ]
 EVAL_LIMIT = 1500
 MARGIN = 0.15
@@ -190,8 +193,6 @@ def test_key_follows_the_fields_the_model_depends_on():
     key = demo_model_key(base)
     assert demo_model_key(load_config(None, SHORT)) == key
     for change in (
-        "data.demo.train_minutes=601",
-        "data.demo.pretrain_minutes=0.5",
         "data.demo.train_images=10",
         "data.demo.train_steps=501",
         "data.demo.pretrain_steps=3",
@@ -199,8 +200,13 @@ def test_key_follows_the_fields_the_model_depends_on():
     ):
         assert demo_model_key(load_config(None, SHORT + [change])) != key, change
     assert demo_model_key(base, eval_limit=10) != key
-    # sizes of the edit world do not change the model
-    assert demo_model_key(load_config(None, SHORT + ["data.demo.num_edits=7"])) == key
+    # neither do sizes of the edit world, the acceptance bars, nor the time budget when both phases count steps
+    for same in ("data.demo.num_edits=7", "data.demo.min_vqa_accuracy=0.5", "data.demo.train_minutes=601"):
+        assert demo_model_key(load_config(None, SHORT + [same])) == key, same
+    timed = SHORT + ["data.demo.train_steps=0"]  # a phase that trains for time depends on the budget
+    assert demo_model_key(load_config(None, timed + ["data.demo.train_minutes=601"])) != demo_model_key(
+        load_config(None, timed)
+    )
 
 
 def test_second_call_reuses_the_cache_without_training(short_model, cache_root, monkeypatch):
@@ -242,3 +248,62 @@ def test_incomplete_cache_entry_is_rebuilt(short_model, tmp_path, monkeypatch):
     assert len(calls) == 2
     assert (copy / REPORT_FILE).is_file() and (copy / MARKER).is_file()
     load_demo_adapter(copy)
+
+
+def test_step_counted_training_ignores_the_time_budget(small_data):
+    """A time budget far too small for the steps ends nothing: all steps train (issue 19 item 20: under load a
+    time cap had cut a run to 422 of 2,100 steps and cached the weaker model under the same key)."""
+    adapter, data = small_data
+    stats = train_demo(adapter, data, budget_s=1e-3, pretrain_s=0.0, progress=False, max_steps=3, max_pretrain_steps=2)
+    assert (stats.pretrain_steps, stats.joint_steps) == (2, 3)
+
+
+def test_a_model_below_its_bars_is_refused_and_a_weak_cached_one_is_replaced(
+    short_model, tmp_path, monkeypatch, record_outcome
+):
+    cfg, path, report = short_model
+    real_train = demo_model.train_demo_model
+    strict = load_config(None, [*SHORT, "data.demo.min_vqa_accuracy=0.999", "data.demo.min_text_accuracy=0.5"])
+    assert demo_model.demo_model_problems(report, strict.data.demo) == [
+        f"vqa_accuracy {report['vqa_accuracy']:.4f} < bar 0.999 (data.demo.min_vqa_accuracy)"
+    ]
+    cut_short = dict(report, joint_steps=422)
+    assert demo_model.demo_model_problems(cut_short, cfg.data.demo) == ["joint_steps 422 of 500 trained"]
+
+    # a cached entry that stopped early is moved aside, never used: the model is trained again
+    root = tmp_path / "cache"
+    key_dir = root / "demo_model" / demo_model_key(cfg, EVAL_LIMIT)
+    shutil.copytree(path, key_dir)
+    marker = json.loads((key_dir / MARKER).read_text())
+    marker["info"] = cut_short
+    (key_dir / MARKER).write_text(json.dumps(marker))
+    trained_files = [p for p in Path(path).iterdir() if p.name != MARKER]
+
+    def fake_train(cfg_, out_dir, *_args, **_kwargs):
+        """Stands in for the short training: publishes the already trained files and their full report."""
+        for f in trained_files:
+            shutil.copy(f, out_dir)
+        return dict(report)
+
+    monkeypatch.setattr(demo_model, "train_demo_model", fake_train)
+    again_path, again = ensure_demo_model(cfg, cache_root=root, progress=False, eval_limit=EVAL_LIMIT)
+    assert again_path == str(key_dir) and again["joint_steps"] == 500
+    assert [p.name.startswith("rejected-") for p in (root / "demo_model").iterdir()].count(True) == 1
+
+    # a fresh training below the bar publishes nothing (the real train_demo_model, its steps stood in for)
+    monkeypatch.setattr(demo_model, "train_demo_model", real_train)
+    monkeypatch.setattr(demo_model, "train_demo", lambda *a, **k: _stats_of(report))
+    monkeypatch.setattr(demo_model, "evaluate_demo_model", lambda *a, **k: dict(report))
+    with pytest.raises(demo_model.DemoModelRejected, match=r"vqa_accuracy .* < bar 0.999") as info:
+        ensure_demo_model(strict, cache_root=tmp_path / "strict", progress=False, eval_limit=EVAL_LIMIT)
+    assert not any((tmp_path / "strict" / "demo_model").iterdir())
+    record_outcome(
+        "bad checkpoint",
+        "demo model below its accuracy bar, or a cached one cut short by the time cap",
+        "refused, never cached; a weak cached entry is moved aside and the model trained again",
+        str(info.value),
+    )
+
+
+def _stats_of(report):
+    return TrainStats(pretrain_steps=report["pretrain_steps"], joint_steps=report["joint_steps"])
