@@ -190,6 +190,12 @@ class EditMethod(ABC):
                 p.copy_(t.to(p.dtype))
 
 
+def weight_shape(weight: torch.Tensor) -> torch.Size:
+    """The full shape of a module's weight, also when ZeRO-3 holds it partitioned (loaded under
+    `deepspeed.zero.Init`, its `.shape` is then `(0,)` outside a gather and `ds_shape` keeps the real one)."""
+    return getattr(weight, "ds_shape", weight.shape)
+
+
 def attach_side_module(
     module: nn.Module, name: str, attr: str, build: Callable[[], nn.Module], hook: str, capacity: int, knob: str
 ) -> nn.Module:

@@ -55,7 +55,7 @@ from torch import nn
 from odedit.config import MethodConfig
 from odedit.configlib import Problem, non_negative, option, positive
 from odedit.envs import EditCase
-from odedit.methods.base import EditHandle, EditMethod, attach_side_module
+from odedit.methods.base import EditHandle, EditMethod, attach_side_module, weight_shape
 from odedit.methods.registry import register_method
 from odedit.methods.taps import ForwardTap, layer_at_depth
 
@@ -197,8 +197,8 @@ class GRACE(EditMethod):
             name,
             ATTR,
             lambda: Codebook(
-                module.weight.shape[1],
-                module.weight.shape[0],
+                weight_shape(module.weight)[1],
+                weight_shape(module.weight)[0],
                 self.cfg.capacity,
                 module.weight,
                 self._tap,

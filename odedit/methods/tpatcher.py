@@ -56,7 +56,7 @@ from torch import nn
 from odedit.config import MethodConfig
 from odedit.configlib import Problem, non_negative, option, positive
 from odedit.envs import OUT_ENVS, EditCase
-from odedit.methods.base import EditHandle, EditMethod
+from odedit.methods.base import EditHandle, EditMethod, weight_shape
 from odedit.methods.registry import register_method
 from odedit.methods.taps import ForwardTap
 from odedit.risks import reliability_risk
@@ -176,7 +176,12 @@ class TPatcher(EditMethod):
             pool = getattr(f_out, ATTR, None)
             if pool is None:
                 pool = PatchLayer(
-                    f_in.weight.shape[1], f_out.weight.shape[0], self.cfg.max_patches, f_out.weight, self._tap, out_name
+                    weight_shape(f_in.weight)[1],
+                    weight_shape(f_out.weight)[0],
+                    self.cfg.max_patches,
+                    f_out.weight,
+                    self._tap,
+                    out_name,
                 )
                 f_out.add_module(ATTR, pool)
                 f_in.register_forward_pre_hook(pool.read_input)

@@ -187,7 +187,9 @@ def test_killed_rank0_resumes_at_its_checkpoint_and_reapplies_only_the_rest(prep
         "group restarted at the last checkpoint's step; only the lost step re-applied, once; ledger, metrics "
         "and weights equal an uninterrupted run",
         f"killed after {killed['at']} of 16 edits (checkpoint at 8); restart began at step 2; "
-        f"applications per edit: 8x1, 4x2 (the lost step), 4x1; 0 edits lost, 0 twice in the ledger",
+        f"applications per edit: 8x1, 4x2 (the lost step), 4x1",
+        edits_lost=len({e["edit_id"] for e in ref_ledger} - set(ids)),
+        applied_twice=len(ids) - len(set(ids)),
     )
 
 
