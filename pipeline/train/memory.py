@@ -37,6 +37,20 @@ def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def gpu_peak() -> dict[str, Any]:
+    """{"peak_gpu_mb", "gpu_name"} of this process's CUDA device (torch's peak allocated memory since the process
+    started, what `bench.gpu` reports), or {} where CUDA is not in use."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+        "peak_gpu_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
+        "gpu_name": torch.cuda.get_device_name(),
+    }
+
+
 def worker_file(run_dir: str, rank: int, what: str) -> str:
     return os.path.join(run_dir, "workers", f"rank-{rank}.{what}.json")
 
@@ -109,6 +123,7 @@ class MemoryProbe:
             self._thread.join()
         self.sample()
         return {
+            **gpu_peak(),
             "peak_pss_mb": self.peak.get("pss_kb", 0) / 1024,
             "peak_rss_mb": self.peak.get("rss_kb", 0) / 1024,
             "start_pss_mb": self.start_kb.get("pss_kb", 0) / 1024,
