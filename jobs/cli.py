@@ -14,6 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from jobs.common import data_errors, storage_errors
 from odedit.registry import Registry
 from pipeline.reporting.progress import install_quiet_logs
 
@@ -57,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def console_main() -> int:
     """The `odedit` console script: `main` in a job's process, with its quiet logs (see `jobs.common.run`)."""
     install_quiet_logs()
-    return main()
+    with storage_errors(), data_errors():  # as jobs.common.run: one error line and exit 2, not a traceback
+        return main()
 
 
 if __name__ == "__main__":

@@ -219,11 +219,14 @@ def data_errors() -> Iterator[None]:
     """Around a job's work: input data that cannot make a stream (`pipeline.prepare.DataError`: no records,
     none kept, an unreadable records file, a model path that is not there) is one `error:` line and exit 2,
     not a traceback (issue 19 item 16)."""
-    from pipeline.prepare import DataError  # deferred: pulls in Ray, torch and transformers; `--help` needs none
-
     try:
         yield
-    except DataError as err:
+    except Exception as err:
+        # deferred: pulls in Ray, torch and transformers; imported only once something failed (`--help` needs none)
+        from pipeline.prepare import DataError
+
+        if not isinstance(err, DataError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -232,7 +235,7 @@ def run(cli: Callable[[], int]) -> NoReturn:
     """A job's process entry (`if __name__ == "__main__": run(cli)`): each repeated warning once and, off a
     terminal, progress as occasional lines; then the job, whose status is the process's exit status."""
     install_quiet_logs()
-    with storage_errors():
+    with storage_errors(), data_errors():  # every job: bad storage or input data is one error line, exit 2
         code = cli()
     sys.exit(code)
 

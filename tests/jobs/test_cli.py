@@ -96,3 +96,17 @@ def test_help_config_of_an_unknown_section_names_the_sections(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "no config key or section 'stram'" in err and "stream" in err
+
+
+def test_every_job_entry_turns_bad_data_into_one_error_line_and_exit_2(capsys):
+    """jobs.common.run and the console script wrap every job in data_errors (issue 19 item 16: jobs.prepare,
+    tune, demo and results ended in a traceback on a DataError); anything else still propagates."""
+    from jobs.common import data_errors
+    from pipeline.prepare import DataError
+
+    with pytest.raises(SystemExit) as info, data_errors():
+        raise DataError("data.path: every record was refused; see the quarantine file")
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: data.path: every record was refused; see the quarantine file\n"
+    with pytest.raises(KeyError), data_errors():
+        raise KeyError("not a data problem")
