@@ -15,7 +15,10 @@ trained components (MEND) are meta-trained first with `jobs.train_editor` on the
 once per arm (the +ODEdit arm trains with the ODEdit terms), into `<output_dir>/editors/<editor>-<arm>-<key>/`
 (the key hashes the method, ODEdit and data settings, the model and the seed).
 
-Writes `<output_dir>/results.json` and `<output_dir>/results.md` (one table per setting, with run ids).
+Writes `<output_dir>/results.json` and `<output_dir>/results.md` (one table per setting, with run ids; with a
+matrix that lists `seeds`, each cell runs once per seed and the table gives mean ± spread over the seeds).
+
+    python -m jobs.results --config jobs/configs/results.yaml --matrix jobs/matrices/ablation.yaml   # issue 17
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def plan(argv: Sequence[str] | None = None) -> tuple[Any, list[Cell], Any]:
 
 
 def _cell_path(out: str, cell: Cell) -> str:
-    return os.path.join(out, "cells", cell.setting, cell.editor, f"{cell.arm}.json")
+    name = cell.arm if cell.seed is None else f"{cell.arm}-seed{cell.seed}"
+    return os.path.join(out, "cells", cell.setting, cell.editor, f"{name}.json")
 
 
 def _trained_editor(cell: Cell, model_cfg: Any, shards: str, out: str) -> str:
@@ -128,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from odedit.loading import with_overrides
     from pipeline.cluster.session import ray_session
     from pipeline.experiment import prepared, run_info
-    from pipeline.reporting.tables import results_markdown
+    from pipeline.reporting.tables import results_markdown, seeded_markdown
     from pipeline.reporting.tracking import open_tracker
     from pipeline.train.engine import run_stream, shards_dir
 
@@ -164,7 +168,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tracker.set_terminated("FINISHED")
             write_json(
                 path,
-                {"setting": cell.setting, "editor": cell.editor, "arm": cell.arm, **{k: summary.get(k) for k in KEEP}},
+                {
+                    "setting": cell.setting,
+                    "editor": cell.editor,
+                    "arm": cell.arm,
+                    **{k: summary.get(k) for k in KEEP},
+                    **({"seed": cell.seed} if cell.seed is not None else {}),
+                },
             )
         parent.set_terminated("FINISHED")
     results = collect(out)
@@ -172,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         os.path.join(out, "results.json"),
         {"parent_run_id": getattr(parent, "run_id", ""), "model": prep["model"], "cells": results},
     )
-    md = results_markdown(results)
+    md = seeded_markdown(results) if any(c.get("seed") is not None for c in results) else results_markdown(results)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as fh:
         fh.write(md + "\n")
     print(md)
@@ -188,7 +198,7 @@ def collect(out: str) -> list[dict[str, Any]]:
             if name.endswith(".json"):
                 with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
                     rows.append(json.load(fh))
-    return sorted(rows, key=lambda r: (r["setting"], r["editor"], r["arm"]))
+    return sorted(rows, key=lambda r: (r["setting"], r["editor"], r["arm"], r.get("seed") or 0))
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,9 @@ A matrix file has three sections:
                                           base's) and optional overrides of other sections for that editor
     settings:  {name: [key=value, ...]}       stream overrides, e.g. single edits or sequences of T edits
     arms:      {name: [key=value, ...]}       default {base: [odedit.enabled=false], odedit: [odedit.enabled=true]}
+    seeds:     [0, 1, 2]                       optional: every cell once per seed (`seed=<n>`), for mean and
+                                          spread (`pipeline.reporting.tables.seeded_markdown`); absent = one run
+                                          per cell at the base config's seed
 
 Every cell's config is built by the normal config loader from the base config dict, so a misspelt key or a
 refused value in any cell is reported, with the cell named, before any stream runs.
@@ -43,6 +46,7 @@ class MatrixSpec:
     editors: dict[str, dict[str, Any]]
     settings: dict[str, list[str]]
     arms: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_ARMS))
+    seeds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,14 +55,17 @@ class Cell:
     editor: str
     arm: str
     config: Config
+    seed: int | None = None  # set when the matrix lists seeds
 
     @property
     def key(self) -> str:
-        return f"{self.setting}/{self.editor}/{self.arm}"
+        base = f"{self.setting}/{self.editor}/{self.arm}"
+        return base if self.seed is None else f"{base}/seed{self.seed}"
 
     @property
     def run_name(self) -> str:
-        return f"results-{self.setting}-{self.editor}-{self.arm}"
+        base = f"results-{self.setting}-{self.editor}-{self.arm}"
+        return base if self.seed is None else f"{base}-seed{self.seed}"
 
 
 def _overrides(value: Any, where: str, problems: list[str]) -> list[str]:
@@ -78,8 +85,10 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
         raise MatrixError(
             [f"the file must hold a mapping with editors/settings/arms, got {type(data).__name__}"], source
         )
-    for key in sorted(set(data) - {"editors", "settings", "arms"}):
-        problems.append(f"{key}: unknown section (got {data[key]!r}). Hint: the sections are editors, settings, arms")
+    for key in sorted(set(data) - {"editors", "settings", "arms", "seeds"}):
+        problems.append(
+            f"{key}: unknown section (got {data[key]!r}). Hint: the sections are editors, settings, arms, seeds"
+        )
     editors: dict[str, dict[str, Any]] = {}
     raw_editors = data.get("editors")
     if not isinstance(raw_editors, dict) or not raw_editors:
@@ -112,9 +121,23 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
             problems.append(f"arms: expected a non-empty mapping name -> [key=value, ...], got {data['arms']!r}")
         else:
             arms = {str(k): _overrides(v, f"arms.{k}", problems) for k, v in data["arms"].items()}
+    seeds: tuple[int, ...] = ()
+    if "seeds" in data:
+        raw = data["seeds"]
+        if (
+            not isinstance(raw, list)
+            or not raw
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in raw)
+            or len(set(raw)) != len(raw)
+        ):
+            problems.append(
+                f"seeds: expected a non-empty list of distinct non-negative integers, got {raw!r}. Hint: e.g. [0, 1, 2]"
+            )
+        else:
+            seeds = tuple(raw)
     if problems:
         raise MatrixError(problems, source)
-    return MatrixSpec(editors, settings, arms)
+    return MatrixSpec(editors, settings, arms, seeds)
 
 
 def load_matrix(path: str | os.PathLike) -> MatrixSpec:
@@ -139,20 +162,23 @@ def cells(
     wanted = tuple(only)
     out: list[Cell] = []
     problems: list[str] = []
+    seeds: tuple[int | None, ...] = spec.seeds or (None,)
     for setting, s_over in spec.settings.items():
         for editor, body in spec.editors.items():
             for arm, a_over in spec.arms.items():
-                key = f"{setting}/{editor}/{arm}"
-                if wanted and not key.startswith(wanted):
-                    continue
-                data = copy.deepcopy(dict(base))
-                data["method"] = copy.deepcopy(body["method"])
-                try:
-                    cfg = parse_config(data, [*body["overrides"], *s_over, *a_over], source=key, extra_checks=checks)
-                except ConfigError as err:
-                    problems += [f"{key}: {issue}" for issue in err.issues]
-                    continue
-                out.append(Cell(setting, editor, arm, cfg))
+                for seed in seeds:
+                    key = Cell(setting, editor, arm, None, seed).key  # type: ignore[arg-type]
+                    if wanted and not key.startswith(wanted):
+                        continue
+                    data = copy.deepcopy(dict(base))
+                    data["method"] = copy.deepcopy(body["method"])
+                    over = [*body["overrides"], *s_over, *a_over, *([f"seed={seed}"] if seed is not None else [])]
+                    try:
+                        cfg = parse_config(data, over, source=key, extra_checks=checks)
+                    except ConfigError as err:
+                        problems += [f"{key}: {issue}" for issue in err.issues]
+                        continue
+                    out.append(Cell(setting, editor, arm, cfg, seed))
     if problems:
         raise MatrixError(problems, "the results matrix")
     return out

@@ -72,3 +72,44 @@ def results_markdown(cells: list[Mapping[str, Any]]) -> str:
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def seeded_markdown(cells: list[Mapping[str, Any]]) -> str:
+    """One Markdown table per setting of a matrix run with seeds: editor x arm rows, each metric's mean ± sample
+    standard deviation over the seeds (x100), the seeds that ran, failed edits summed, every run id.
+
+    A difference between two arms is beyond seed noise only where it exceeds their spreads; the table gives the
+    spread so a reader can judge, it does not test significance."""
+    head = ["editor", "arm", "seeds"] + [LABELS[m] for m in HEADLINE] + ["failed", "MLflow run ids"]
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["setting"], c["editor"], c["arm"]), []).append(c)
+    parts = []
+    for setting in dict.fromkeys(k[0] for k in groups):
+        lines = [f"### {setting}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (s, editor, arm), runs in groups.items():
+            if s != setting:
+                continue
+            cols = [editor, arm, ",".join(str(r.get("seed", "")) for r in runs)]
+            for m in HEADLINE:
+                vals = [float(r[m]) for r in runs if isinstance(r.get(m), (int, float)) and not math.isnan(r[m])]
+                if not vals:
+                    cols.append("n/a")
+                    continue
+                mean, sd = _mean_sd(vals)
+                cols.append(
+                    f"{100 * mean:.1f} ± {100 * sd:.1f}" + ("" if len(vals) == len(runs) else f" (n={len(vals)})")
+                )
+            cols.append(str(sum(int(r.get("edits_failed") or 0) for r in runs)))
+            cols.append(" ".join(f"`{r.get('mlflow_run_id') or ''}`" for r in runs))
+            lines.append("| " + " | ".join(cols) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

@@ -109,3 +109,55 @@ def test_markdown_table_per_setting_with_run_ids():
     md = results_markdown(rows)
     assert md.startswith("### single")
     assert "| ft | base | 50.0 | n/a | 100.0 | 90.0 | 80.0 | n/a | 4 | 0 | 12 | `abc123` |" in md
+
+
+def test_seeds_repeat_every_cell_and_set_its_seed():
+    got = cells(to_dict(load_config(None)), parse_matrix({**MATRIX, "seeds": [0, 3]}), only=["single/ft/"])
+    assert [c.key for c in got] == [
+        "single/ft/base/seed0",
+        "single/ft/base/seed3",
+        "single/ft/odedit/seed0",
+        "single/ft/odedit/seed3",
+    ]
+    assert [c.config.seed for c in got] == [0, 3, 0, 3]
+    assert got[1].run_name == "results-single-ft-base-seed3"
+    for bad in ([], [1, 1], [-1], ["0"], 2):
+        with pytest.raises(MatrixError, match="seeds: expected a non-empty list of distinct"):
+            parse_matrix({**MATRIX, "seeds": bad})
+
+
+def test_shipped_ablation_matrix_switches_one_term_per_arm():
+    """jobs/matrices/ablation.yaml (issue 17 item 3): cumulative arms host, +R_loc, +R_gen, +penalty (fixed
+    lambda at the learned one's start), full; the paper's hosts and FT; 3 seeds."""
+    import math
+    import os
+
+    from pipeline.data.sources.base import check_source
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    base = load_config(os.path.join(root, "jobs", "configs", "results.yaml"), extra_checks=[check_source])
+    spec = load_matrix(os.path.join(root, "jobs", "matrices", "ablation.yaml"))
+    got = cells(to_dict(base), spec, [check_source])
+    assert {c.editor for c in got} == {"ft", "wise", "mend", "tpatcher", "unike"} and spec.seeds == (0, 1, 2)
+    assert len(got) == 4 * 5 * 5 * 3
+    arm = {c.arm: c.config.odedit for c in got if c.setting == "seq5" and c.editor == "ft" and c.seed == 1}
+    assert list(arm) == ["host", "+R_loc", "+R_gen", "+penalty", "full"]
+    assert not arm["host"].enabled
+    assert (arm["+R_loc"].w_loc, arm["+R_loc"].w_gen, arm["+R_loc"].penalty) == (1.0, 0.0, "off")
+    assert (arm["+R_gen"].w_gen, arm["+R_gen"].penalty) == (1.0, "off")
+    assert arm["+penalty"].penalty == "fixed" and arm["full"].penalty == "learned"
+    start = math.log1p(math.exp(arm["full"].lambda_init_bias))  # softplus: the learned lambda's first value
+    assert abs(arm["+penalty"].fixed_lambda - start) < 1e-4
+
+
+def test_seeded_table_gives_mean_and_spread_over_seeds():
+    from pipeline.reporting.tables import seeded_markdown
+
+    def row(seed, rel, run):
+        return {"setting": "seq5", "editor": "ft", "arm": "full", "seed": seed, "rel": rel, "t_gen": None,
+                "edits_failed": 1, "mlflow_run_id": run}  # fmt: skip
+
+    md = seeded_markdown([row(0, 0.5, "a"), row(1, 0.7, "b"), row(2, 0.6, "c")])
+    assert md.startswith("### seq5")
+    assert "| ft | full | 0,1,2 | 60.0 ± 10.0 | n/a |" in md
+    assert md.rstrip().endswith("| 3 | `a` `b` `c` |")
