@@ -57,7 +57,7 @@ def parse_config(
         cfg = from_dict(Config, data, source, REGISTRY_HOOKS)
     except ConfigError as err:
         raise ConfigError(issues + err.issues, source) from None
-    issues = _stage_issues(cfg)
+    issues += _stage_issues(cfg)  # the extra checks' issues stay: a config that builds can still be refused
     if issues:
         raise ConfigError(issues, source)
     return cfg

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from odedit.config import ConfigError
+from odedit.configlib import ConfigIssue
 from odedit.loading import load_config
 
 
@@ -31,3 +32,14 @@ def test_wise_and_unike_under_zero3_are_refused_at_load_with_the_editor_the_stag
 )
 def test_other_editor_stage_combinations_load(overrides):
     assert load_config(None, overrides).resources.zero_stage in (2, 3)
+
+
+def test_an_extra_checks_issue_refuses_a_config_that_builds():
+    """fa82f56 replaced the extra checks' issues with the stage issues once the config built, so every check
+    owned by a higher layer (record sources, the search space) was silently dropped."""
+
+    def refuse(raw):
+        return [ConfigIssue("data.source", raw.get("data", {}).get("source"), "refused by a higher layer", "fix it")]
+
+    with pytest.raises(ConfigError, match="refused by a higher layer"):
+        load_config(None, extra_checks=[refuse])
