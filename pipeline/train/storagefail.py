@@ -92,7 +92,7 @@ def stop_on_write_failure(loop: Callable[[dict[str, Any]], None]) -> Callable[[d
         flag = config.get(FLAG_KEY)
         if flag is None:
             return loop(config)
-        if ray.get(flag.get.remote()):
+        if _flag_message(flag):
             return None  # a group restarted after a write failure: stop before loading anything
         try:
             return loop(config)
@@ -111,16 +111,29 @@ def stop_on_write_failure(loop: Callable[[dict[str, Any]], None]) -> Callable[[d
 
 
 def new_flag() -> Any:
-    """A `StopFlag` actor owned by the calling driver."""
+    """A `StopFlag` actor owned by the calling driver, on the driver's own node: placed on a worker node, it died
+    with that node and took a stream that Ray Train had resumed on the other nodes with it (the node-kill test of
+    tests/pipeline/cluster/test_local.py)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(StopFlag).options(scheduling_strategy=here).remote()
+
+
+def _flag_message(flag: Any) -> str | None:
+    """The failure recorded in `flag`; None when nothing was recorded or the flag is gone (a flag lost with its
+    process cannot stop a stream: the failure, if any, surfaces as the workers' own error)."""
     import ray
 
-    return ray.remote(num_cpus=0)(StopFlag).remote()
+    try:
+        return ray.get(flag.get.remote())
+    except ray.exceptions.RayActorError:
+        return None
 
 
 def raise_if_stopped(flag: Any, cause: BaseException | None = None) -> None:
     """Raise `StorageWriteError` when a worker recorded a write failure in `flag`."""
-    import ray
-
-    message = ray.get(flag.get.remote())
+    message = _flag_message(flag)
     if message:
         raise StorageWriteError(message) from cause
