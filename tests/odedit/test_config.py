@@ -232,4 +232,4 @@ def test_run_and_search_names_are_single_safe_path_components(name, record_outco
     for issue in info.value.issues:
         assert issue.value == name and "single safe path component" in issue.problem and "fix:" in issue.problem
     assert load_config(None, ["stream.run_name=lora+odedit-b4_s0.v2"]).stream.run_name == "lora+odedit-b4_s0.v2"
-    record_outcome("bad input", f"stream.run_name / search.name = {name!r}", "refused when the config loads")
+    record_outcome("bad config", f"stream.run_name / search.name = {name!r}", "refused when the config loads")

@@ -16,7 +16,9 @@ def test_wise_and_unike_under_zero3_are_refused_at_load_with_the_editor_the_stag
     text = str(err.value)
     assert "resources.zero_stage" in text and "method.name=wise cannot run under DeepSpeed ZeRO-3" in text
     assert "main weight" in text and "use resources.zero_stage=2" in text
-    record_outcome("bad input", "method.name=wise with resources.zero_stage=3", "refused at load", text.splitlines()[1])
+    record_outcome(
+        "bad config", "method.name=wise with resources.zero_stage=3", "refused at load", text.splitlines()[1]
+    )
     with pytest.raises(ConfigError, match="method.name=unike cannot run under DeepSpeed ZeRO-3"):
         load_config(None, ["method.name=unike", "stream.mode=sequential", "resources.zero_stage=3"])
 

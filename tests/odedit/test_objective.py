@@ -80,4 +80,4 @@ def test_knobs_are_checked_at_load(override, field, message, record_outcome):
     with pytest.raises(ConfigError) as err:
         _cfg("method.early_stop=true", override)
     assert field in str(err.value) and message in str(err.value)
-    record_outcome("bad input", f"config {override} (issue 17 knob)", "refused at load", field)
+    record_outcome("bad config", f"config {override} (issue 17 knob)", "refused at load", field)

@@ -124,7 +124,7 @@ def test_a_location_outside_the_root_is_refused_naming_field_value_and_fix(
     # the same location is accepted once the root is where the user wants outputs to go
     cfg = resolve_storage(load_config(None, [override, f"storage_root={os.path.dirname(value)}"]))
     assert cfg.storage_root == os.path.dirname(value)
-    record_outcome("bad input", f"config {override} (no storage root set)", "refused before any work: " + text[:80])
+    record_outcome("bad config", f"config {override} (no storage root set)", "refused before any work", text)
 
 
 def test_parent_components_in_an_output_location_are_refused_at_load():
@@ -147,7 +147,7 @@ def test_a_symlink_out_of_the_root_is_refused_after_resolution(tmp_path, monkeyp
         resolve_storage(load_config(None, ["output_dir=out/run"]))
     (root / "inside").symlink_to(root / "out-real", target_is_directory=True)  # a link within the root is fine
     assert resolve_storage(load_config(None, ["output_dir=inside/run"])).output_dir == str(root / "inside" / "run")
-    record_outcome("bad input", "output_dir through a symlink leaving the storage root", "refused (symlinks resolved)")
+    record_outcome("bad config", "output_dir through a symlink leaving the storage root", "refused (symlinks resolved)")
 
 
 @pytest.mark.parametrize("name", ["../victim", "a/b", "/abs", "..", ".hidden", "-rf", "x\x00y", "a b", ""])
@@ -169,7 +169,7 @@ def test_on_change_replace_never_renames_outside_the_storage_path(tmp_path, reco
     with pytest.raises(StorageError, match="outside the storage root"):
         run_directory(str(storage), "planted")
     assert sorted(os.listdir(tmp_path)) == ["storage", "victim"]
-    record_outcome("bad input", "stream.run_name='../victim' with on_change=replace", "refused; nothing renamed")
+    record_outcome("bad config", "stream.run_name='../victim' with on_change=replace", "refused; nothing renamed")
 
 
 # ---------------------------------------------------------------------------------------------- writability
@@ -198,7 +198,7 @@ def test_an_output_directory_that_cannot_be_written_stops_the_job_before_any_wor
     assert sorted(os.listdir(tmp_path)) == ["file"]  # the check created nothing
     cfg = _job_config(tmp_path, f"output_dir={tmp_path / 'out'}")
     assert cfg.output_dir == str(tmp_path / "out") and not os.path.exists(cfg.output_dir)
-    record_outcome("bad input", "output_dir / stream.storage_path not writable", "error: line, exit 2, before work")
+    record_outcome("bad config", "output_dir / stream.storage_path not writable", "error: line, exit 2, before work")
 
 
 def test_a_full_disk_is_refused_the_same_way(tmp_path, monkeypatch, record_outcome):

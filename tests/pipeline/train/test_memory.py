@@ -44,7 +44,7 @@ def test_the_probe_is_off_unless_asked_for_and_checks_its_interval(monkeypatch, 
         monkeypatch.setenv(SAMPLE_ENV, bad)
         with pytest.raises(ValueError, match=SAMPLE_ENV) as err:
             MemoryProbe.from_env()
-        record_outcome("bad_input", f"${SAMPLE_ENV}={bad}", "refused", str(err.value))
+        record_outcome("bad config", f"${SAMPLE_ENV}={bad}", "refused", str(err.value))
 
 
 def test_an_unpartitioned_model_is_held_whole(tmp_path):

@@ -51,7 +51,9 @@ def test_a_directory_without_safetensors_is_refused_with_the_way_out(tmp_path, r
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="partitioned ZeRO-3 loading reads a local save_pretrained") as err:
         safetensors_files(str(tmp_path))
-    record_outcome("bad_input", "ZeRO-3 partitioned load of a directory without safetensors", "refused", str(err.value))
+    record_outcome(
+        "bad checkpoint", "ZeRO-3 partitioned load of a directory without safetensors", "refused", str(err.value)
+    )
     index = {"weight_map": {"x": "model-00002.safetensors", "y": "model-00001.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     assert [os.path.basename(p) for p in safetensors_files(str(tmp_path))] == [
