@@ -143,34 +143,21 @@ def measure(cfg: Any, model_path: str, shards: str, n: int, scratch: str) -> dic
 def tiny_setup(n: int) -> tuple[Any, str, str]:
     """(config, model path, shards dir) of the tiny random LLaVA on a synthetic E-VQA split."""
     # deferred: torch, Ray and the demo world load only when the benchmark runs, not for --help
-    from bench.synthetic import write_evqa_split
-    from odedit.loading import load_config
+    from bench.synthetic import prepared_evqa_stream
     from odedit.models import build_tiny
-    from pipeline.experiment import prepared
     from pipeline.train.engine import shards_dir
 
     base = os.path.join(ROOT, ".cache", "bench", "engine")
     model = os.path.join(base, "tiny_llava")
     if not os.path.isfile(os.path.join(model, "config.json")):
         build_tiny("llava", model, seed=0)
-    paths = write_evqa_split(os.path.join(base, f"world{n}"), n=n, min_side=32, max_side=64, seed=1)
-    cfg = load_config(
-        None,
-        [
-            "data.source=mmedit",
-            f"data.path={paths['path']}",
-            f"data.image_root={paths['image_root']}",
-            "model.family=llava",
-            f"model.name_or_path={model}",
-            f"output_dir={os.path.join(base, f'out{n}')}",
-            "method.name=ft",
-            "method.lr=0.05",
-            "method.n_iter=10",
-            f"stream.num_edits={n}",
-            *STREAM,
-        ],
+    cfg, model_path = prepared_evqa_stream(
+        os.path.join(base, f"world{n}"),
+        model,
+        os.path.join(base, f"out{n}"),
+        n,
+        ["method.name=ft", "method.lr=0.05", "method.n_iter=10", *STREAM],
     )
-    cfg, model_path, _ = prepared(cfg)
     return cfg, model_path, shards_dir(cfg)
 
 

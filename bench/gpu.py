@@ -167,22 +167,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     layers = 4 if args.quick else TEXT["num_hidden_layers"]
 
     # deferred: Ray, the engine and the synthetic data only when a GPU is there
-    from bench.synthetic import write_evqa_split
-    from odedit.loading import load_config
+    from bench.synthetic import prepared_evqa_stream
     from pipeline.cluster.session import ray_session
-    from pipeline.experiment import prepared
 
     model = build_on_gpu(os.path.join(BASE, f"llava7b_l{layers}_{str(dtype).split('.')[-1]}"), layers, dtype)
-    paths = write_evqa_split(os.path.join(BASE, "world"), n=max(EDITS.values()), min_side=224, max_side=448, seed=1)
-    cfg = load_config(
-        None,
+    cfg, model_path = prepared_evqa_stream(
+        os.path.join(BASE, "world"),
+        model,
+        os.path.join(BASE, "out"),
+        max(EDITS.values()),
         [
-            "data.source=mmedit",
-            f"data.path={paths['path']}",
-            f"data.image_root={paths['image_root']}",
-            "model.family=llava",
-            f"model.name_or_path={model}",
-            f"output_dir={os.path.join(BASE, 'out')}",
             "method.name=ft",
             f"method.layers=[{layers - 1}]",
             "method.modules=[ffn_out]",
@@ -196,8 +190,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"resources.precision={'bf16' if dtype == torch.bfloat16 else 'fp16'}",
             "tracking.enabled=false",
         ],
+        min_side=224,
+        max_side=448,
     )
-    cfg, model_path, _ = prepared(cfg)
     runs = {}
     with ray_session(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=False):
         for name, overrides in STREAMS.items():

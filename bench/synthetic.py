@@ -92,3 +92,36 @@ def write_evqa_split(
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(records, fh, indent=1)
     return {"path": path, "image_root": root, "rephrase_image_root": root}
+
+
+def prepared_evqa_stream(
+    world_dir: str,
+    model: str,
+    output_dir: str,
+    n: int,
+    overrides: list[str],
+    min_side: int = 32,
+    max_side: int = 64,
+) -> tuple[Any, str]:
+    """(config, model path) of a benchmark stream of the LLaVA at `model` over an `n`-record synthetic E-VQA split
+    written under `world_dir`, with `overrides`; its data prepared (shards, quarantine, references)."""
+    # deferred: torch, Ray and the engine load only when a benchmark runs, not for its --help
+    from odedit.loading import load_config
+    from pipeline.experiment import prepared
+
+    paths = write_evqa_split(world_dir, n=n, min_side=min_side, max_side=max_side, seed=1)
+    cfg = load_config(
+        None,
+        [
+            "data.source=mmedit",
+            f"data.path={paths['path']}",
+            f"data.image_root={paths['image_root']}",
+            "model.family=llava",
+            f"model.name_or_path={model}",
+            f"output_dir={output_dir}",
+            f"stream.num_edits={n}",
+            *overrides,
+        ],
+    )
+    cfg, model_path, _ = prepared(cfg)
+    return cfg, model_path

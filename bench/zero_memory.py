@@ -147,29 +147,17 @@ def build_model(out_dir: str, layers: int, seed: int = 0) -> str:
 def _setup(layers: int, edits: int, n_iter: int) -> tuple[Any, str]:
     """(config, model path) of the stream, data prepared (shards, quarantine, references)."""
     # deferred: torch, Ray and the engine load only when the benchmark runs, not for --help
-    from bench.synthetic import write_evqa_split
-    from odedit.loading import load_config
-    from pipeline.experiment import prepared
+    from bench.synthetic import prepared_evqa_stream
 
     model = build_model(os.path.join(BASE, f"llava_l{layers}"), layers)
-    paths = write_evqa_split(os.path.join(BASE, f"world{edits}"), n=edits, min_side=32, max_side=64, seed=1)
     steps = -(-edits // 2)
-    cfg = load_config(
-        None,
-        [
-            "data.source=mmedit",
-            f"data.path={paths['path']}",
-            f"data.image_root={paths['image_root']}",
-            "model.family=llava",
-            f"model.name_or_path={model}",
-            f"output_dir={os.path.join(BASE, f'out_l{layers}_e{edits}')}",
-            f"method.n_iter={n_iter}",
-            f"stream.num_edits={edits}",
-            f"stream.checkpoint_every={steps}",
-            *STREAM,
-        ],
+    cfg, model_path = prepared_evqa_stream(
+        os.path.join(BASE, f"world{edits}"),
+        model,
+        os.path.join(BASE, f"out_l{layers}_e{edits}"),
+        edits,
+        [f"method.n_iter={n_iter}", f"stream.checkpoint_every={steps}", *STREAM],
     )
-    cfg, model_path, _ = prepared(cfg)
     return cfg, model_path
 
 
