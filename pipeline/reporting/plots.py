@@ -33,10 +33,7 @@ def plot_retention(curve: Sequence[Mapping[str, Any]], path: str, title: str = "
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_dual(rows: Sequence[Mapping[str, Any]], path: str, title: str = "lambda and the penalty") -> str:
@@ -63,10 +60,7 @@ def plot_dual(rows: Sequence[Mapping[str, Any]], path: str, title: str = "lambda
     twin.set_ylabel("penalty", color="tab:red")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_metrics(summary: Mapping[str, Any], path: str, title: str = "Headline metrics") -> str:
@@ -96,6 +90,11 @@ def plot_comparison(groups: Mapping[str, Mapping[str, Any]], path: str, title: s
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str) -> str:
+    """Lay out, write `path` (PNG, 120 dpi) and free the figure; returns `path`."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
