@@ -576,12 +576,36 @@ class SearchConfig:
         check=lambda v: safe_name(v) if v else "must be non-empty: letters, digits, - _ .",
     )
     num_samples: int = option(8, help="trials", check=positive)
-    metric: str = option(
+    metric: str | tuple[str, ...] = option(
         "objective",
         help="metric to optimise: objective (mean of Rel, Gen, Loc), gen, loc or a "
-        "metric name such as rel or m_loc_hard",
+        "metric name such as rel or m_loc_hard; a list of them (e.g. [rel, loc]) searches their trade-off "
+        "(multi-objective: Optuna's multi-objective sampler, the Pareto front, one best config per search.tradeoffs)",
     )
-    mode: Literal["max", "min"] = option("max", help="maximise or minimise the metric")
+    mode: str | tuple[str, ...] = option(
+        "max",
+        help="max or min for the metric; with a list of metrics, a list of the same length (one mode "
+        "each) or one mode for all",
+        check=lambda v: _modes_problem(v),
+    )
+    scheduler: Literal["auto", "asha", "fifo"] = option(
+        "auto",
+        help="auto: ASHA with one metric, FIFO (every trial edits its whole slice) with several; asha with "
+        "several metrics stops trials on search.asha_metric",
+    )
+    asha_metric: str = option(
+        "",
+        help="with several metrics and scheduler=asha: the one metric ASHA compares trials on (e.g. objective), "
+        "in the direction of search.asha_mode; trials it stops stay off the Pareto front",
+    )
+    asha_mode: Literal["max", "min"] = option("max", help="max or min for search.asha_metric")
+    tradeoffs: dict[str, dict[str, float]] = option(
+        factory=dict,
+        help="with several metrics: named weightings {name: {metric: weight}}, e.g. {reliability: {rel: 0.8, "
+        "loc: 0.2}}; each picks the Pareto point with the largest weighted sum (a min metric counts negated) "
+        "and writes best-<name>.yaml, the first also best.yaml; none given: one weighting 'equal'. Not part "
+        "of a search's identity: re-running a finished search with other trade-offs picks again, no new trials",
+    )
     searcher: Literal["optuna", "random"] = option("optuna", help="optuna (random if not installed) or random")
     include_default: bool = option(
         True,
@@ -613,6 +637,19 @@ class SearchConfig:
         help="GPUs of each trial's own process (its workers take theirs through resources.use_gpu)",
         check=non_negative,
     )
+
+
+def _modes_problem(value: Any) -> str | None:
+    """`search.mode`: max or min, or a list of them."""
+    modes = [value] if isinstance(value, str) else list(value)
+    if not modes:
+        return "an empty list: give max or min, or one of them per metric"
+    bad = [m for m in modes if m not in ("max", "min")]
+    if not bad:
+        return None
+    if isinstance(value, str):
+        return "must be max or min (or a list of them, one per metric)"
+    return f"{', '.join(repr(m) for m in bad)}: each mode must be max or min"
 
 
 @dataclass(frozen=True)

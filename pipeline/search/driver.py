@@ -16,8 +16,8 @@ from odedit.config import Config
 from pipeline.cluster.session import ray_session
 from pipeline.experiment import prepared, run_info
 from pipeline.reporting.tracking import attach_tracker, open_tracker
-from pipeline.search.outputs import plot_search, write_best
-from pipeline.search.space import validate_search
+from pipeline.search.outputs import pareto_record, pareto_table, plot_pareto, plot_search, write_best
+from pipeline.search.space import curve_metric, is_multi, modes, objectives, validate_search
 from pipeline.search.tuner import Search, SearchOutcome
 from pipeline.storage.jsonio import write_json
 
@@ -43,14 +43,29 @@ def run_search(cfg: Config) -> tuple[dict[str, Any], SearchOutcome]:
 
         outcome = search.fit(open_parent)
 
-    # ---- best config, plot, summary; all on the parent run
+    # ---- best config(s), plots, tables, summary; all on the parent run
     best_path = write_best(cfg, outcome, os.path.join(cfg.output_dir, "best.yaml"))
     trials_path = write_json(
         os.path.join(outcome.search_dir, "trials.json"), [dataclasses.asdict(t) for t in outcome.trials]
     )
+    along = curve_metric(cfg.search)
     plot_path = plot_search(
-        outcome, cfg.search.metric, cfg.search.mode, os.path.join(outcome.search_dir, "objective.png")
+        outcome,
+        along,
+        dict(zip(objectives(cfg.search), modes(cfg.search))).get(along, cfg.search.asha_mode),
+        os.path.join(outcome.search_dir, "objective.png"),
     )
+    tradeoff_paths = {
+        name: write_best(cfg, outcome, os.path.join(cfg.output_dir, f"best-{name}.yaml"), trial, name)
+        for name, trial in outcome.picks.items()
+    }
+    pareto_paths: list[str] = []
+    if is_multi(cfg.search):
+        pareto_paths = [
+            write_json(os.path.join(outcome.search_dir, "pareto.json"), pareto_record(cfg, outcome, tradeoff_paths)),
+            _write_text(os.path.join(outcome.search_dir, "pareto.md"), pareto_table(cfg, outcome)),
+            plot_pareto(cfg, outcome, os.path.join(outcome.search_dir, "pareto.png")),
+        ]
     parent = attach_tracker(search.run_cfg, outcome.parent_run_id, outcome.search_dir)
     counts = {s: sum(t.status == s for t in outcome.trials) for s in ("completed", "stopped", "error")}
     parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, 0)
@@ -71,7 +86,17 @@ def run_search(cfg: Config) -> tuple[dict[str, Any], SearchOutcome]:
             },
             0,
         )
-    for path in (best_path, trials_path, plot_path):
+    if is_multi(cfg.search):
+        parent.log_metrics({"pareto/front_size": float(len(outcome.front))}, 0)
+        parent.log_metrics(
+            {
+                f"pick/{name}/{m}": float(t.metrics[m])
+                for name, t in outcome.picks.items()
+                for m in objectives(cfg.search)
+            },
+            0,
+        )
+    for path in (best_path, trials_path, plot_path, *tradeoff_paths.values(), *pareto_paths):
         if path:
             parent.log_artifact(path, "search")
     parent.set_terminated("FINISHED")
@@ -81,16 +106,27 @@ def run_search(cfg: Config) -> tuple[dict[str, Any], SearchOutcome]:
         "search_dir": outcome.search_dir,
         "restored": outcome.restored,
         "searcher": outcome.searcher,
-        "metric": cfg.search.metric,
-        "mode": cfg.search.mode,
+        "metric": cfg.search.metric if isinstance(cfg.search.metric, str) else list(cfg.search.metric),
+        "mode": cfg.search.mode if isinstance(cfg.search.mode, str) else list(cfg.search.mode),
+        "scheduler": outcome.scheduler,
         "edits_per_trial": outcome.edits_total,
         "split": cfg.search.split,
         "parent_run_id": outcome.parent_run_id,
         "trials": counts,
         "best": dataclasses.asdict(best) if best else None,
         "best_yaml": best_path,
+        "tradeoffs": {
+            name: {"trial_id": t.trial_id, "best_yaml": tradeoff_paths[name]} for name, t in outcome.picks.items()
+        },
+        "pareto_front": [t.trial_id for t in outcome.front],
         "plot": plot_path,
         "prepare": prep,
     }
     write_json(os.path.join(outcome.search_dir, "summary.json"), summary)
     return summary, outcome
+
+
+def _write_text(path: str, text: str) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path

@@ -103,7 +103,8 @@ def _load_searcher() -> type:
 
 
 def make_recorder(state: SearchState, dims: Sequence[Dimension], metric: str, index_offset: int) -> Any:
-    """A Tune `Callback` (driver process) that records each trial of this attempt in `state` as it goes."""
+    """A Tune `Callback` (driver process) that records each trial of this attempt in `state` as it goes; each
+    trial's curve follows `metric` (`pipeline.search.space.curve_metric`), its metrics record every metric."""
     by_key = {d.key: d for d in dims}
 
     class TrialRecorder(_load_tune_callback()):
@@ -155,29 +156,65 @@ def make_recorder(state: SearchState, dims: Sequence[Dimension], metric: str, in
     return TrialRecorder()
 
 
-def _tell(inner: Any, record: Mapping[str, Any], metric: str) -> None:
-    """Tell a searcher that can take evaluated points (Optuna) the result of a finished trial."""
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _tell(inner: Any, record: Mapping[str, Any], metric: str | Sequence[str]) -> None:
+    """Tell a searcher that can take evaluated points (Optuna) the result of a finished trial.
+
+    `metric`: the search's metric, or its list of metrics (multi-objective). A trial missing a finite value of
+    any of them is told as failed; one ASHA stopped as pruned (multi-objective: without values, which are from
+    fewer edits than the front's).
+    """
     if not hasattr(inner, "add_evaluated_point"):
         return
-    value = (record.get("metrics") or {}).get(metric)
-    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    names = [metric] if isinstance(metric, str) else list(metric)
+    values = [(record.get("metrics") or {}).get(m) for m in names]
+    finite = all(_finite(v) for v in values)
     error = record.get("status") == "error" or not finite
-    inner.add_evaluated_point(
-        dict(record["config"]),
-        float(value) if finite else 0.0,
-        error=error,
-        pruned=record.get("status") == "stopped" and not error,
+    pruned = record.get("status") == "stopped" and not error
+    if len(names) == 1:
+        inner.add_evaluated_point(
+            dict(record["config"]), float(values[0]) if finite else 0.0, error=error, pruned=pruned
+        )
+        return
+    _tell_values(inner, dict(record["config"]), [float(v) for v in values] if finite else None, error, pruned)
+
+
+def _tell_values(inner: Any, params: dict[str, Any], values: list[float] | None, error: bool, pruned: bool) -> None:
+    """A multi-objective trial into an `OptunaSearch`'s study.
+
+    [INFERENCE] Ray 2.60's `OptunaSearch.add_evaluated_point` hands its one `value` to Optuna's
+    `create_trial(value=...)`, which takes a single number, so a list of values cannot go through it. This builds
+    the Optuna trial with `values=` and adds it to the searcher's study, through the searcher's `_ot_study`
+    and `_space` (Ray 2.60's names; `tests/pipeline/search/test_resume.py` pins them).
+    """
+    import optuna
+
+    state = optuna.trial.TrialState
+    kind = state.FAIL if error else state.PRUNED if pruned else state.COMPLETE
+    trial = optuna.trial.create_trial(
+        state=kind,
+        values=values if kind == state.COMPLETE else None,
+        params=params,
+        distributions=inner._space,
     )
+    inner._ot_study.add_trial(trial)
 
 
 def make_resume_searcher(
     inner: Any,
     reruns: Sequence[Mapping[str, Any]],
     finished: Sequence[Mapping[str, Any]],
-    metric: str,
+    metric: str | Sequence[str],
 ) -> Any:
     """A Tune `Searcher` that first re-runs the unfinished trials (each as its recorded config plus its identity
-    under `RESUME_KEY`), then asks `inner` for new samples; `inner` is told the finished trials' results."""
+    under `RESUME_KEY`), then asks `inner` for new samples; `inner` is told the finished trials' results on
+    `metric` (the search's metric, or its list of metrics: a multi-objective search, whose Tune config names no
+    metric, its `OptunaSearch` holding them)."""
+
+    told = metric if isinstance(metric, str) else list(metric)
 
     class ResumeSearcher(_load_searcher()):
         def __init__(self) -> None:
@@ -188,9 +225,9 @@ def make_resume_searcher(
         def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
             if not inner.set_search_properties(metric, mode, config, **spec):
                 return False
-            self._metric, self._mode = metric, mode
+            self._metric, self._mode = metric or inner.metric, mode or inner.mode
             for record in finished:
-                _tell(inner, record, metric)
+                _tell(inner, record, told)
             return True
 
         def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -207,7 +244,7 @@ def make_resume_searcher(
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if trial_id in self.mine:
                 status = "error" if error else "completed" if (result or {}).get("stream_done") else "stopped"
-                _tell(inner, {"config": self.mine[trial_id], "metrics": result or {}, "status": status}, metric)
+                _tell(inner, {"config": self.mine[trial_id], "metrics": result or {}, "status": status}, told)
             else:
                 inner.on_trial_complete(trial_id, result=result, error=error)
 

@@ -13,13 +13,14 @@ field refuses is reported with the key named; each trial builds its config throu
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from odedit.config import Config, ConfigError
+from odedit.config import Config, ConfigError, safe_name
 from odedit.configlib import ConfigIssue, to_dict
 from odedit.loading import parse_config
 from odedit.metrics import PROTOCOLS
@@ -204,6 +205,54 @@ def sample_config(base: Mapping[str, Any], sample: Mapping[str, Any]) -> Config:
     return parse_config(data, source="search sample " + json.dumps(dict(sample), default=str))
 
 
+# ---------------------------------------------------------------------------------------------- objectives
+
+
+def objectives(s: Any) -> tuple[str, ...]:
+    """The metrics a search optimises (`search.metric`: one name or a list)."""
+    return (s.metric,) if isinstance(s.metric, str) else tuple(s.metric)
+
+
+def modes(s: Any) -> tuple[str, ...]:
+    """One mode per objective (a single `search.mode` applies to every metric)."""
+    return (s.mode,) * len(objectives(s)) if isinstance(s.mode, str) else tuple(s.mode)
+
+
+def is_multi(s: Any) -> bool:
+    """Several objectives: a multi-objective search with a Pareto front."""
+    return len(objectives(s)) > 1
+
+
+def asha_target(s: Any) -> tuple[str, str] | None:
+    """(metric, mode) ASHA compares trials on, or None for FIFO (every trial edits its whole slice).
+
+    auto: ASHA on the one metric; with several, ASHA on `search.asha_metric` when set, else FIFO.
+    """
+    if s.scheduler == "fifo":
+        return None
+    if not is_multi(s):
+        return objectives(s)[0], modes(s)[0]
+    if s.asha_metric:
+        return s.asha_metric, s.asha_mode
+    return None  # auto with several metrics (scheduler=asha without asha_metric is refused by check_search)
+
+
+def curve_metric(s: Any) -> str:
+    """The metric recorded along each trial's stream (plot, trials-state.json): ASHA's, else the first objective."""
+    target = asha_target(s)
+    return target[0] if target is not None else objectives(s)[0]
+
+
+def tradeoffs(s: Any) -> dict[str, dict[str, float]]:
+    """The named weightings that pick configs from the Pareto front: `search.tradeoffs`, or with several
+    metrics and none given, one `equal` weighting; empty with one metric."""
+    if not is_multi(s):
+        return {}
+    if s.tradeoffs:
+        return {name: dict(weights) for name, weights in s.tradeoffs.items()}
+    return {"equal": {m: 1.0 for m in objectives(s)}}
+
+
 # ---------------------------------------------------------------------------------------------- checks
 
 
@@ -247,15 +296,7 @@ def check_search(raw: Mapping[str, Any]) -> list[ConfigIssue]:
                     for i in err.issues
                 ]
                 break
-    if s.metric not in METRICS:
-        issues.append(
-            ConfigIssue(
-                "search.metric",
-                s.metric,
-                f"unknown metric; one of {', '.join(METRICS)}",
-                "objective is the mean of Rel, Gen and Loc",
-            )
-        )
+    issues += _objective_issues(s)
     if cfg.stream.mode != "sequential":
         issues.append(
             ConfigIssue(
@@ -265,7 +306,7 @@ def check_search(raw: Mapping[str, Any]) -> list[ConfigIssue]:
                 "set stream.mode=sequential",
             )
         )
-    if cfg.stream.eval_every == 0:
+    if cfg.stream.eval_every == 0 and asha_target(s) is not None:
         issues.append(
             ConfigIssue(
                 "stream.eval_every",
@@ -286,6 +327,119 @@ def check_search(raw: Mapping[str, Any]) -> list[ConfigIssue]:
                 "set stream.num_edits > 0 and search.offset >= stream.num_edits, or search on the validation split",
             )
         )
+    return issues
+
+
+def _objective_issues(s: Any) -> list[ConfigIssue]:
+    """`search.metric` / `mode` / `scheduler` / `asha_metric` / `tradeoffs`: names, lengths and combinations."""
+    issues: list[ConfigIssue] = []
+    metrics = objectives(s)
+    hint = "objective is the mean of Rel, Gen and Loc; a list such as [rel, loc] searches their trade-off"
+    if not metrics:
+        return [ConfigIssue("search.metric", [], "an empty list: nothing to optimise", "e.g. objective or [rel, loc]")]
+    for i, m in enumerate(metrics):
+        path = "search.metric" if isinstance(s.metric, str) else f"search.metric[{i}]"
+        if m not in METRICS:
+            close = difflib.get_close_matches(str(m), METRICS, n=1)
+            issues.append(
+                ConfigIssue(
+                    path,
+                    m,
+                    f"unknown metric; one of {', '.join(METRICS)}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                    hint,
+                )
+            )
+        elif m in metrics[:i]:
+            issues.append(ConfigIssue(path, m, f"{m} is listed twice", "list each metric once"))
+    given = [s.mode] if isinstance(s.mode, str) else list(s.mode)
+    if not isinstance(s.mode, str) and len(given) != len(metrics):
+        issues.append(
+            ConfigIssue(
+                "search.mode",
+                given,
+                f"{len(given)} mode(s) for {len(metrics)} metric(s) {list(metrics)}",
+                "give one mode per metric in the same order, e.g. "
+                f"[{', '.join('max' for _ in metrics)}], or one mode (max) for all",
+            )
+        )
+    multi = len(metrics) > 1
+    if s.asha_metric:
+        if s.asha_metric not in METRICS:
+            issues.append(
+                ConfigIssue("search.asha_metric", s.asha_metric, f"unknown metric; one of {', '.join(METRICS)}", hint)
+            )
+        elif not multi:
+            issues.append(
+                ConfigIssue(
+                    "search.asha_metric",
+                    s.asha_metric,
+                    f"with one metric ASHA compares trials on search.metric ({metrics[0]})",
+                    "remove search.asha_metric, or list several metrics in search.metric",
+                )
+            )
+        elif s.scheduler == "fifo":
+            issues.append(
+                ConfigIssue(
+                    "search.asha_metric",
+                    s.asha_metric,
+                    "search.scheduler=fifo stops no trial, so no metric is compared along the streams",
+                    "remove search.asha_metric, or set search.scheduler=asha",
+                )
+            )
+    elif multi and s.scheduler == "asha":
+        issues.append(
+            ConfigIssue(
+                "search.scheduler",
+                "asha",
+                f"ASHA stops trials by comparing one number, and search.metric lists {len(metrics)} "
+                f"({', '.join(metrics)})",
+                "set search.asha_metric to the scalar ASHA should compare (e.g. objective; trials it stops stay off "
+                "the Pareto front), or search.scheduler=fifo (what auto does) to run every trial to its end",
+            )
+        )
+    if s.tradeoffs and not multi:
+        issues.append(
+            ConfigIssue(
+                "search.tradeoffs",
+                s.tradeoffs,
+                f"a trade-off weighs several metrics, and search.metric is one ({metrics[0]})",
+                "list the metrics to trade, e.g. search.metric=[rel, loc] search.mode=[max, max]",
+            )
+        )
+        return issues
+    for name, weights in s.tradeoffs.items():
+        path = f"search.tradeoffs.{name}"
+        problem = safe_name(name) if isinstance(name, str) and name else "must be non-empty"
+        if problem:
+            issues.append(ConfigIssue(path, name, f"a trade-off's name {problem}", "it names best-<name>.yaml"))
+        unknown = [k for k in weights if k not in metrics]
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), metrics, n=1)
+            issues.append(
+                ConfigIssue(
+                    f"{path}.{k}",
+                    weights[k],
+                    f"{k} is not one of search.metric ({', '.join(metrics)})"
+                    + (f"; did you mean {close[0]!r}?" if close else ""),
+                    "weigh only the metrics the search optimises",
+                )
+            )
+        negative = [k for k, w in weights.items() if w < 0]
+        for k in negative:
+            issues.append(
+                ConfigIssue(
+                    f"{path}.{k}",
+                    weights[k],
+                    "a weight must be >= 0 (a min metric is negated by its mode already)",
+                    "e.g. {rel: 0.8, loc: 0.2}",
+                )
+            )
+        if not unknown and not negative and not any(w > 0 for w in weights.values()):
+            issues.append(
+                ConfigIssue(
+                    path, weights, "no weight is > 0: this trade-off prefers nothing", "e.g. {rel: 0.8, loc: 0.2}"
+                )
+            )
     return issues
 
 

@@ -32,6 +32,7 @@ from odedit.config import Config
 from odedit.configlib import flatten, to_dict
 from pipeline.data.casesource import ShardCaseSource
 from pipeline.reporting.tracking import tracking_uri
+from pipeline.search.pareto import front_and_picks
 from pipeline.search.resume import (
     RESUME_KEY,
     SearchState,
@@ -40,7 +41,18 @@ from pipeline.search.resume import (
     make_resume_searcher,
     trial_dir_identity,
 )
-from pipeline.search.space import METRICS, Dimension, parse_space, validate_search
+from pipeline.search.space import (
+    METRICS,
+    Dimension,
+    asha_target,
+    curve_metric,
+    is_multi,
+    modes,
+    objectives,
+    parse_space,
+    tradeoffs,
+    validate_search,
+)
 from pipeline.search.trials import TRIAL_FILE, run_trial
 from pipeline.storage.jsonio import read_json, write_json
 from pipeline.train.engine import shards_dir
@@ -73,6 +85,9 @@ class SearchOutcome:
     search_dir: str
     edits_total: int
     space: list[Dimension] = field(default_factory=list)
+    scheduler: str = "asha"  # asha | fifo, as the search ran
+    front: list[TrialOutcome] = field(default_factory=list)  # multi-objective: the Pareto front, in trial order
+    picks: dict[str, TrialOutcome] = field(default_factory=dict)  # multi-objective: trade-off name -> its pick
 
 
 def _fingerprint(cfg: Config, model_path: str) -> dict[str, Any]:
@@ -81,6 +96,12 @@ def _fingerprint(cfg: Config, model_path: str) -> dict[str, Any]:
     flat = flatten(to_dict(cfg))
     for key in ("search.max_concurrent", "search.cpus_per_trial", "search.gpus_per_trial"):
         flat.pop(key, None)
+    # Trade-offs only pick from the finished trials: re-running a search with other ones picks again.
+    flat = {k: v for k, v in flat.items() if k != "search.tradeoffs" and not k.startswith("search.tradeoffs.")}
+    # Keys added with multi-objective search, left out at their defaults: searches started before keep resuming.
+    for key, default in (("search.scheduler", "auto"), ("search.asha_metric", ""), ("search.asha_mode", "max")):
+        if flat.get(key) == default:
+            flat.pop(key)
     return {**{k: v for k, v in flat.items() if not k.startswith("tracking.")}, "prepared.model_path": model_path}
 
 
@@ -133,7 +154,7 @@ class Search:
                 f"{s.offset}; for the demo world set data.demo.num_validation_edits > 0, for other sources mark "
                 "records split=validation or use search.split=test with search.offset >= stream.num_edits"
             )
-        if s.grace_edits > n:
+        if s.grace_edits > n and asha_target(s) is not None:
             raise ValueError(
                 f"search.grace_edits={s.grace_edits} exceeds the {n} edits of each trial's slice, so "
                 f"ASHA could never stop a trial; set search.grace_edits <= {n}"
@@ -219,8 +240,34 @@ class Search:
         if self.searcher_name == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
+            if is_multi(self.cfg.search):  # Optuna's TPE with one direction per metric; Tune's config names none
+                return OptunaSearch(
+                    metric=list(objectives(self.cfg.search)),
+                    mode=list(modes(self.cfg.search)),
+                    points_to_evaluate=points or None,
+                    seed=self.cfg.seed,
+                )
             return OptunaSearch(points_to_evaluate=points or None, seed=self.cfg.seed)
         return BasicVariantGenerator(points_to_evaluate=points or None, random_state=self.cfg.seed)
+
+    def _scheduler(self, edits_total: int) -> Any:
+        """ASHA on the one metric (or on `search.asha_metric`), else FIFO: every trial edits its whole slice.
+
+        With several metrics ASHA is given its own metric and mode, since Tune's config names none then.
+        """
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+        s, target = self.cfg.search, asha_target(self.cfg.search)
+        if target is None:
+            return FIFOScheduler()
+        own = {"metric": target[0], "mode": target[1]} if is_multi(s) else {}
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=edits_total,
+            grace_period=s.grace_edits,
+            reduction_factor=s.reduction_factor,
+            **own,
+        )
 
     def _trainable(self, parent_run_id: str, edits_total: int) -> Any:
         from ray import tune
@@ -245,7 +292,6 @@ class Search:
             open_parent: called once, for a new search, to create the MLflow parent run (returns a tracker).
         """
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
 
         edits_total = self.slice_length()
         self.check_resources()
@@ -267,7 +313,8 @@ class Search:
                 if self.searcher_name == "optuna"
                 else make_random_searcher(self.cfg.seed + progress.attempts)
             )
-            search_alg = make_resume_searcher(inner, reruns, earlier, s.metric)
+            told = s.metric if not is_multi(s) else list(objectives(s))
+            search_alg = make_resume_searcher(inner, reruns, earlier, told)
         else:
             search_alg = self._searcher()
         grid: list[Any] = []
@@ -277,24 +324,20 @@ class Search:
                 trainable,
                 param_space={d.key: d.domain() for d in self.dims},
                 tune_config=tune.TuneConfig(
-                    metric=s.metric,
-                    mode=s.mode,
+                    # several metrics: the searcher and ASHA hold their own (Tune's metric is one name)
+                    metric=None if is_multi(s) else s.metric,
+                    mode=None if is_multi(s) else s.mode,
                     search_alg=search_alg,
                     num_samples=remaining,
                     max_concurrent_trials=s.max_concurrent,
                     reuse_actors=False,
-                    scheduler=ASHAScheduler(
-                        time_attr="training_iteration",
-                        max_t=edits_total,
-                        grace_period=s.grace_edits,
-                        reduction_factor=s.reduction_factor,
-                    ),
+                    scheduler=self._scheduler(edits_total),
                 ),
                 run_config=tune.RunConfig(
                     name=name,
                     storage_path=self.dir,
                     failure_config=tune.FailureConfig(max_failures=0),
-                    callbacks=[make_recorder(progress, self.dims, s.metric, progress.next_index())],
+                    callbacks=[make_recorder(progress, self.dims, curve_metric(s), progress.next_index())],
                 ),
             )
             grid = list(tuner.fit())
@@ -303,6 +346,7 @@ class Search:
             key=lambda t: t.index,
         )
         self._close_trial_runs(trials)
+        front, picks = self.pareto(trials)
         return SearchOutcome(
             trials,
             self.best(trials),
@@ -312,6 +356,9 @@ class Search:
             self.dir,
             edits_total,
             list(self.dims),
+            "fifo" if asha_target(s) is None else "asha",
+            front,
+            picks,
         )
 
     def _recorded_outcome(self, record: dict[str, Any]) -> TrialOutcome:
@@ -341,8 +388,9 @@ class Search:
         sample = {k: dims[k].decode(v) for k, v in (result.config or {}).items() if k in dims}
         curve = []
         df = result.metrics_dataframe
-        if df is not None and self.cfg.search.metric in df:
-            curve = [(int(e), float(v)) for e, v in zip(df["training_iteration"], df[self.cfg.search.metric])]
+        along = curve_metric(self.cfg.search)
+        if df is not None and along in df:
+            curve = [(int(e), float(v)) for e, v in zip(df["training_iteration"], df[along])]
         run_dir = os.path.join(self.streams_dir, f"{self.cfg.search.name}-{trial_id}")
         record = read_json(os.path.join(run_dir, TRIAL_FILE), default={})
         if result.error is not None:
@@ -375,8 +423,20 @@ class Search:
                 client.set_tag(t.mlflow_run_id, "odedit.search.status", t.status)
                 client.set_terminated(t.mlflow_run_id, status[t.status])
 
+    def pareto(self, trials: Sequence[TrialOutcome]) -> tuple[list[TrialOutcome], dict[str, TrialOutcome]]:
+        """Several metrics: the Pareto front of the trials that edited their whole slice, and each trade-off's
+        pick from it (`pipeline.search.pareto`); one metric: nothing."""
+        s = self.cfg.search
+        if not is_multi(s):
+            return [], {}
+        return front_and_picks(trials, objectives(s), modes(s), tradeoffs(s))
+
     def best(self, trials: Sequence[TrialOutcome]) -> TrialOutcome | None:
-        """The best trial that edited its whole slice (a stopped trial's score is from fewer edits)."""
+        """The best trial that edited its whole slice (a stopped trial's score is from fewer edits); with several
+        metrics, the first trade-off's pick from the Pareto front."""
+        if is_multi(self.cfg.search):
+            picks = self.pareto(trials)[1]
+            return next(iter(picks.values()), None)
         metric, sign = self.cfg.search.metric, (1.0 if self.cfg.search.mode == "max" else -1.0)
         done = [
             t

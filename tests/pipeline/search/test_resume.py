@@ -108,3 +108,38 @@ def test_the_random_searcher_of_a_resume_samples_inside_the_space():
     for i in range(5):
         sample = searcher.suggest(f"t{i}")
         assert all(dims[k].contains(dims[k].decode(v)) for k, v in sample.items()), sample
+
+
+def test_a_resumed_multi_objective_search_tells_optuna_each_finished_trials_values():
+    pytest.importorskip("optuna")
+    from ray.tune.search.optuna import OptunaSearch
+
+    finished = [
+        {"trial_id": "aa01", "config": _sample(0.01), "status": "completed", "metrics": {"rel": 0.7, "loc": 0.4}},
+        {"trial_id": "bb02", "config": _sample(0.1), "status": "completed", "metrics": {"rel": 0.3, "loc": 0.9}},
+        {"trial_id": "cc03", "config": _sample(0.2), "status": "stopped", "metrics": {"rel": 0.9, "loc": 0.1}},
+        {"trial_id": "dd04", "config": _sample(0.3), "status": "completed", "metrics": {"rel": 0.5, "loc": None}},
+        {"trial_id": "ee05", "config": _sample(0.05), "status": "error", "metrics": {}},
+    ]
+    # As the driver builds it: Optuna holds the metrics and modes, Tune's config names none.
+    inner = OptunaSearch(metric=["rel", "loc"], mode=["max", "min"], seed=0)
+    searcher = make_resume_searcher(inner, [{"trial_id": "ff06", "config": _sample(0.06)}], finished, ["rel", "loc"])
+    assert searcher.set_search_properties(None, None, {d.key: d.domain() for d in DIMS})
+    study = inner._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    told = [(t.state.name, t.values, t.params["method.lr"]) for t in study.trials]
+    assert told == [
+        ("COMPLETE", [0.7, 0.4], 0.01),
+        ("COMPLETE", [0.3, 0.9], 0.1),
+        ("PRUNED", None, 0.2),  # stopped early: no values from fewer edits
+        ("FAIL", None, 0.3),  # a value missing
+        ("FAIL", None, 0.05),
+    ]
+    assert [t.values for t in study.best_trials] == [[0.7, 0.4]]  # loc is minimised: (0.7, 0.4) beats (0.3, 0.9)
+
+    assert searcher.suggest("t-new-1") == {**_sample(0.06), RESUME_KEY: "ff06"}  # the unfinished one first
+    fresh = searcher.suggest("t-new-2")  # then Optuna's multi-objective sampler
+    assert RESUME_KEY not in fresh and set(fresh) == {d.key for d in DIMS}
+    searcher.on_trial_complete("t-new-1", {"rel": 0.6, "loc": 0.2, "stream_done": True})  # the re-run, told by us
+    searcher.on_trial_complete("t-new-2", {"rel": 0.4, "loc": 0.3, "stream_done": True})  # a new one, by Optuna
+    assert sorted(t.values for t in study.trials[5:]) == [[0.4, 0.3], [0.6, 0.2]]  # both told, both COMPLETE

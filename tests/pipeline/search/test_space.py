@@ -11,7 +11,20 @@ from searchdata import SPACE, issue_paths, raw_config
 from odedit.config import ConfigError
 from odedit.configlib import to_dict
 from odedit.loading import load_config
-from pipeline.search.space import Dimension, check_search, parse_dimension, parse_space, sample_config, validate_search
+from pipeline.search.space import (
+    Dimension,
+    asha_target,
+    check_search,
+    curve_metric,
+    is_multi,
+    modes,
+    objectives,
+    parse_dimension,
+    parse_space,
+    sample_config,
+    tradeoffs,
+    validate_search,
+)
 
 # ---------------------------------------------------------------------------------------------- grammar
 
@@ -152,3 +165,84 @@ def test_sample_config_applies_values_through_the_loader():
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+
+
+# ---------------------------------------------------------------------------------------------- objectives
+
+
+def _load(*overrides):
+    return load_config(None, ["stream.eval_every=8", f"search.space={json.dumps(SPACE)}", *overrides])
+
+
+def test_one_metric_keeps_asha_and_several_get_fifo_a_pareto_front_and_an_equal_tradeoff():
+    one = _load().search
+    assert (objectives(one), modes(one), is_multi(one)) == (("objective",), ("max",), False)
+    assert asha_target(one) == ("objective", "max") and curve_metric(one) == "objective" and tradeoffs(one) == {}
+    assert asha_target(_load("search.scheduler=fifo").search) is None
+
+    two = _load("search.metric=[rel, loc]", "search.mode=max").search  # one mode for all
+    assert (objectives(two), modes(two), is_multi(two)) == (("rel", "loc"), ("max", "max"), True)
+    assert asha_target(two) is None and curve_metric(two) == "rel"
+    assert tradeoffs(two) == {"equal": {"rel": 1.0, "loc": 1.0}}
+    scalar = _load("search.metric=[rel, loc]", "search.asha_metric=objective").search
+    assert asha_target(scalar) == ("objective", "max") and curve_metric(scalar) == "objective"
+    named = _load(
+        "search.metric=[rel, loc]", "search.tradeoffs={reliability: {rel: 0.8, loc: 0.2}, locality: {loc: 1}}"
+    )
+    assert list(tradeoffs(named.search)) == ["reliability", "locality"]
+    assert check_search(to_dict(named)) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, path, words",
+    [
+        (["search.metric=[rel, loc]", "search.mode=[max]"], "search.mode", "1 mode(s) for 2 metric(s)"),
+        (["search.metric=rel", "search.mode=[max, max]"], "search.mode", "2 mode(s) for 1 metric(s)"),
+        (["search.metric=[rel, locc]"], "search.metric[1]", "did you mean 'loc'"),
+        (["search.metric=accuracy"], "search.metric", "unknown metric"),
+        (["search.metric=[rel, rel]"], "search.metric[1]", "listed twice"),
+        (["search.metric=[]"], "search.metric", "empty list"),
+        (
+            ["search.metric=[rel, loc]", "search.scheduler=asha"],
+            "search.scheduler",
+            "ASHA stops trials by comparing one",
+        ),
+        (["search.asha_metric=objective"], "search.asha_metric", "with one metric ASHA compares"),
+        (
+            ["search.metric=[rel, loc]", "search.scheduler=fifo", "search.asha_metric=objective"],
+            "search.asha_metric",
+            "stops no trial",
+        ),
+        (["search.metric=[rel, loc]", "search.asha_metric=acc"], "search.asha_metric", "unknown metric"),
+        (["search.tradeoffs={a: {rel: 1}}"], "search.tradeoffs", "a trade-off weighs several metrics"),
+        (["search.metric=[rel, loc]", "search.tradeoffs={a: {gen: 1}}"], "search.tradeoffs.a.gen", "not one of"),
+        (["search.metric=[rel, loc]", "search.tradeoffs={a: {rel: -1}}"], "search.tradeoffs.a.rel", "must be >= 0"),
+        (["search.metric=[rel, loc]", "search.tradeoffs={a: {rel: 0}}"], "search.tradeoffs.a", "no weight is > 0"),
+        (["search.metric=[rel, loc]", "search.tradeoffs={../x: {rel: 1}}"], "search.tradeoffs.../x", "safe path"),
+    ],
+)
+def test_objective_settings_are_refused_at_load_naming_field_value_and_fix(overrides, path, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None, ["stream.eval_every=8", f"search.space={json.dumps(SPACE)}", *overrides], extra_checks=[check_search]
+        )
+    issues = {i.path: i for i in info.value.issues}
+    assert list(issues) == [path], info.value
+    assert words in issues[path].problem + issues[path].hint
+    assert issues[path].hint  # every refusal says what to do
+
+
+def test_a_bad_mode_is_refused_by_the_loader_itself():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["search.metric=[rel, loc]", "search.mode=[max, most]"])
+    assert [(i.path, i.value) for i in info.value.issues] == [("search.mode", ["max", "most"])]
+    assert "'most': each mode must be max or min" in info.value.issues[0].problem
+
+
+def test_fifo_needs_no_retention_evaluations():
+    raw = raw_config(metric=["rel", "loc"])
+    raw["stream"]["eval_every"] = 0
+    assert check_search(raw) == []  # FIFO compares nothing along the stream
+    assert issue_paths(
+        check_search(raw_config(metric=["rel", "loc"], asha_metric="objective") | {"stream": raw["stream"]})
+    ) == ["stream.eval_every"]
