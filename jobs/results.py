@@ -140,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with ray_session():  # joins the cluster under `ray job submit`, or starts a local one
         base, model_path, prep = prepared(base)
         shards = shards_dir(base)
+        check_slices(todo, shards)  # every seed's slice of edits exists, before any cell runs
         parent = open_tracker(base, "results", tags={"odedit.kind": "results"})
         parent.log_params({"cells": len(todo), "matrix": os.path.relpath(args.matrix, ROOT), **run_info(base)})
         for i, cell in enumerate(todo, 1):
@@ -164,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 outbox_dir=os.path.join(out, "runs", cell.run_name),
             )
             tracker.log_params({**run_info(cfg), "cell": cell.key})
-            summary = run_stream(cfg, model_path, tracker, cell.run_name)
+            summary = run_stream(cfg, model_path, tracker, cell.run_name, offset=cell.offset)
             tracker.set_terminated("FINISHED")
             write_json(
                 path,
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "editor": cell.editor,
                     "arm": cell.arm,
                     **{k: summary.get(k) for k in KEEP},
-                    **({"seed": cell.seed} if cell.seed is not None else {}),
+                    **({"seed": cell.seed, "offset": cell.offset} if cell.seed is not None else {}),
                 },
             )
         parent.set_terminated("FINISHED")
@@ -187,6 +188,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         fh.write(md + "\n")
     print(md)
     return {"cells": results, "parent_run_id": getattr(parent, "run_id", "")}
+
+
+def check_slices(todo: Sequence[Cell], shards: str) -> None:
+    """Exit 2 naming the first cell whose seed's slice of edits (`Cell.offset`, `stream.num_edits`) runs past
+    the end of its split: a slice that silently came up short would compare different numbers of edits."""
+    # deferred: pyarrow; `plan` (config checks) and `--help` need none of it
+    from pipeline.data.casesource import ShardCaseSource
+
+    sizes: dict[str, int] = {}
+    for cell in todo:
+        split, want = cell.config.stream.split, cell.config.stream.num_edits
+        if split not in sizes:
+            sizes[split] = len(ShardCaseSource(shards, split))
+        if want and cell.offset + want > sizes[split]:
+            print(
+                f"error: {cell.key}: its seed's slice (edits {cell.offset}..{cell.offset + want - 1} of split "
+                f"{split!r}) runs past the split's {sizes[split]} edits. Hint: more edits in the data "
+                "(data.demo.num_edits), fewer seeds, or a smaller stream.num_edits",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
 
 
 def collect(out: str) -> list[dict[str, Any]]:

@@ -11,7 +11,9 @@ A matrix file has three sections:
     arms:      {name: [key=value, ...]}       default {base: [odedit.enabled=false], odedit: [odedit.enabled=true]}
     seeds:     [0, 1, 2]                       optional: every cell once per seed (`seed=<n>`), for mean and
                                           spread (`pipeline.reporting.tables.seeded_markdown`); absent = one run
-                                          per cell at the base config's seed
+                                          per cell at the base config's seed. The i-th seed edits its own slice
+                                          of the split (`Cell.offset` = i x stream.num_edits), so the spread is
+                                          that of the edit sample; the job checks the split holds every slice
 
 Every cell's config is built by the normal config loader from the base config dict, so a misspelt key or a
 refused value in any cell is reported, with the cell named, before any stream runs.
@@ -56,6 +58,7 @@ class Cell:
     arm: str
     config: Config
     seed: int | None = None  # set when the matrix lists seeds
+    offset: int = 0  # edits of the split skipped first: the seed's own slice (`cells`)
 
     @property
     def key(self) -> str:
@@ -166,7 +169,7 @@ def cells(
     for setting, s_over in spec.settings.items():
         for editor, body in spec.editors.items():
             for arm, a_over in spec.arms.items():
-                for seed in seeds:
+                for position, seed in enumerate(seeds):
                     key = Cell(setting, editor, arm, None, seed).key  # type: ignore[arg-type]
                     if wanted and not key.startswith(wanted):
                         continue
@@ -178,7 +181,13 @@ def cells(
                     except ConfigError as err:
                         problems += [f"{key}: {issue}" for issue in err.issues]
                         continue
-                    out.append(Cell(setting, editor, arm, cfg, seed))
+                    # [INFERENCE] A seed is a draw of edits, not only an initialisation: with the same edits in
+                    # the same order, FT (and every deterministic host) scores identically under every seed, so
+                    # a spread over seeds would show no noise at all. Each seed edits its own disjoint slice of
+                    # the split (the i-th seed skips i x stream.num_edits edits) and seeds torch and the
+                    # retention sample; the spread over seeds is then that of the edit sample.
+                    offset = position * cfg.stream.num_edits if seed is not None else 0
+                    out.append(Cell(setting, editor, arm, cfg, seed, offset))
     if problems:
         raise MatrixError(problems, "the results matrix")
     return out

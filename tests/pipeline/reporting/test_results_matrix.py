@@ -121,6 +121,15 @@ def test_seeds_repeat_every_cell_and_set_its_seed():
     ]
     assert [c.config.seed for c in got] == [0, 3, 0, 3]
     assert got[1].run_name == "results-single-ft-base-seed3"
+    # each seed edits its own slice of the split: the second seed skips the first seed's edits
+    # (the default stream edits the whole split: nothing to slice)
+    assert {c.offset for c in got} == {0}
+    sliced = cells(
+        to_dict(load_config(None, ["stream.num_edits=10"])), parse_matrix({**MATRIX, "seeds": [0, 3]}), only=["single/"]
+    )
+    assert [c.offset for c in sliced if c.editor == "ft"] == [0, 10, 0, 10]
+    unseeded = cells(to_dict(load_config(None, ["stream.num_edits=10"])), parse_matrix(MATRIX), only=["single/ft/"])
+    assert {c.offset for c in unseeded} == {0}
     for bad in ([], [1, 1], [-1], ["0"], 2):
         with pytest.raises(MatrixError, match="seeds: expected a non-empty list of distinct"):
             parse_matrix({**MATRIX, "seeds": bad})
@@ -145,6 +154,8 @@ def test_shipped_ablation_matrix_switches_one_term_per_arm():
     assert not arm["host"].enabled
     assert (arm["+R_loc"].w_loc, arm["+R_loc"].w_gen, arm["+R_loc"].penalty) == (1.0, 0.0, "off")
     assert (arm["+R_gen"].w_gen, arm["+R_gen"].penalty) == (1.0, "off")
+    # the seeds' slices of every setting fit the base config's world (checked again against the shards at run time)
+    assert max(c.offset + c.config.stream.num_edits for c in got) <= base.data.demo.num_edits
     assert arm["+penalty"].penalty == "fixed" and arm["full"].penalty == "learned"
     start = math.log1p(math.exp(arm["full"].lambda_init_bias))  # softplus: the learned lambda's first value
     assert abs(arm["+penalty"].fixed_lambda - start) < 1e-4
