@@ -85,6 +85,9 @@ class Objective(ABC):
     # Whether the loss reads positions other than the answer tokens and each row's last prompt token (e.g.
     # mean pooling over the prompt); such objectives get full replays, not `odedit.models.tail`'s.
     reads_all_positions: bool = False
+    # Whether a step's edits may be split between data-parallel workers as far as the objective goes: true when
+    # it is the host's loss, whose gradient over a step is the average of its edits' (if the host is sliceable).
+    sliceable: bool = True
 
     @abstractmethod
     def loss(
@@ -126,6 +129,11 @@ class HostObjective(Objective):
 class ODEditObjective(Objective):
     """ODEdit's Lagrangian G(delta, phi_e) with the primal-dual bookkeeping (method.md §2-3).
 
+    Not sliceable: R_gen's MMD compares all the step's edit prompts with all their rephrases, the TV-l1 penalty
+    and lambda read the step's environments together, so G of a step is not the average of G over halves of it.
+    Split between 2 workers (each G of one edit, gradients averaged), FT + ODEdit's step on the tiny LLaVA moved
+    phi_e by up to 2.8e-3 away from the whole step's (2 SGD iterations, lr 0.01; 0.040 with Adam).
+
     Args:
         cfg: the `odedit` config section (its `lambda_max` is the divergence guard, `rollback_reason`).
         method: the host editor (for its loss and its parameter count).
@@ -135,6 +143,8 @@ class ODEditObjective(Objective):
 
     `owners` is filled by the step runner: env -> [(case index, sample index)] in forward order.
     """
+
+    sliceable = False
 
     def __init__(
         self, cfg: ODEditConfig, method: LossEditor, *, with_hard: bool = False, pooling: str = "last", seed: int = 0

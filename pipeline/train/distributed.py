@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from odedit.dual import parameter_summary
+from odedit.dual import SUMMARY_STATS, parameter_summary
 from odedit.editstep import ParamAccess, TorchStepper, torch_stepper_factory
 from pipeline.train.collectives import CollectiveDeviceError, TorchComm
 
@@ -126,6 +126,19 @@ def uses_deepspeed(cfg: Any) -> bool:
     return cfg.stream.mode != "single" and cfg.resources.zero_stage in (2, 3)
 
 
+def runs_lockstep(cfg: Any, editor: Any) -> bool:
+    """Whether every worker runs every step of a sequential stream in full (`odedit.stream.StreamRunner`'s
+    `lockstep`) rather than a slice of its edits with the gradients averaged: under ZeRO-3 (every forward pass is
+    collective), for editors whose update is not a pure average of per-edit gradients (patches, codebooks,
+    memories, MEND's writes: `EditMethod.sliceable`) and for objectives that read the step's edits together
+    (ODEdit: `Objective.sliceable`). Otherwise a sliced step under zero_stage 0/2 would not be the step a single
+    worker or ZeRO-3 takes (FT + ODEdit: 0.040 apart on the tiny LLaVA after 2 Adam iterations, issue 16 item 5)."""
+    if cfg.stream.mode != "sequential":
+        return False
+    sliceable = editor.method.sliceable and getattr(editor.objective, "sliceable", True)
+    return cfg.resources.zero_stage == 3 or not sliceable
+
+
 def loads_partitioned(cfg: Any) -> bool:
     """Whether a worker loads its model already partitioned (issue 16 item 2): exactly when `wire_editor` will run
     ZeRO-3, the only case in which something (DeepSpeed's hooks) gathers the parameters for a forward pass."""
@@ -163,15 +176,74 @@ class ZeroAccess(ParamAccess):
             refresh()
 
 
-class DeepSpeedStepper:
-    """One update through the DeepSpeed engine: backward (gradients averaged over workers) and step."""
+class GatheredSummary:
+    """s(phi_e) for ODEdit's lambda under ZeRO-3, with its gradient in phi_e (`wire_editor`).
 
-    def __init__(self, engine: Any, extra: Sequence[torch.nn.Parameter] = ()) -> None:
+    Outside a module's forward pass a ZeRO-3 parameter is partitioned, so `odedit.dual.parameter_summary` cannot
+    be taken on it with autograd. `__call__` gathers phi_e, takes s(phi_e) without a graph and returns it as a leaf
+    that requires grad, keeping each tensor's statistics; the backward of the edit step then leaves dG/ds in that
+    leaf, and `add_gradient` (after `engine.backward`, before `engine.step`) adds dG/ds . ds/dphi_e to each
+    worker's partition of the averaged gradient, from the closed form of ds/dx for x = phi_e.float().flatten():
+    d mean = 1/n, d std = (x - mean)/(n std), d rms = x/(n rms), d max|x| = sign(x)/c at the c elements where
+    |x| is the maximum (torch's full max spreads its gradient evenly over ties). Every worker of a lockstep step
+    has the same dG/ds, so adding it once to the average is the term's share in it.
+
+    Dropping this term (the gradient-free summary used before) moved FT + ODEdit's ZeRO-3 step 6.3e-6 from the
+    1-worker step on the tiny LLaVA after 2 Adam iterations (issue 16 item 5).
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.leaf: torch.Tensor | None = None
+        self.stats: list[tuple[float, float, float, float, float, int]] = []
+
+    def __call__(self, ps: Sequence[torch.Tensor]) -> torch.Tensor:
+        import deepspeed
+
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(self.params, enabled=True):
+            summary = parameter_summary(self.params).clone()
+            stats = []
+            for p, (mean, std, rms, top) in zip(self.params, summary.view(-1, SUMMARY_STATS).tolist()):
+                ties = int((p.float().abs() == top).sum())
+                stats.append((mean, std, rms, top, ties, p.numel()))
+        self.stats = stats
+        self.leaf = summary.requires_grad_(True)
+        return self.leaf
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        """Add dG/ds . ds/dphi_e to this worker's gradient partitions; nothing when the leaf got no gradient."""
+        leaf, self.leaf = self.leaf, None
+        if leaf is None or leaf.grad is None:
+            return
+        import torch.distributed as dist
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        for p, g, (mean, std, rms, top, ties, n) in zip(
+            self.params, leaf.grad.view(-1, SUMMARY_STATS).tolist(), self.stats
+        ):
+            x = p.ds_tensor.float().reshape(-1)  # this worker's slice of phi_e, padded past n
+            start = dist.get_rank(group=p.ds_process_group) * x.numel()
+            valid = torch.arange(start, start + x.numel(), device=x.device) < n
+            term = g[0] / n + (x - mean) * (g[1] / (n * std)) + x * (g[2] / (n * rms))
+            term += torch.where(x.abs() == top, x.sign() * (g[3] / ties), 0.0)
+            grad = safe_get_local_grad(p)
+            safe_set_local_grad(p, grad + torch.where(valid, term, 0.0).to(grad.dtype))
+
+
+class DeepSpeedStepper:
+    """One update through the DeepSpeed engine: backward (gradients averaged over workers) and step;
+    `after_backward` (ZeRO-3 + ODEdit: `GatheredSummary.add_gradient`) runs between the two."""
+
+    def __init__(self, engine: Any, extra: Sequence[torch.nn.Parameter] = (), after_backward: Any = None) -> None:
         self.engine = engine
         self.extra = list(extra)
+        self.after_backward = after_backward
 
     def step(self, loss: torch.Tensor, k: int) -> None:
         self.engine.backward(loss)
+        if self.after_backward is not None:
+            self.after_backward()
         self.engine.step()
         for p in self.extra:  # the lambda-network moves by its own ascent step, not by this backward
             p.grad = None
@@ -246,18 +318,15 @@ def wire_editor(editor: Any, cfg: Any, comm: TorchComm) -> Any:
     editor.access = access
     extra = objective.extra_parameters()
 
+    summary = None
+    if cfg.resources.zero_stage == 3 and hasattr(objective, "dual"):
+        # phi_e is partitioned outside forward: lambda reads a gathered summary whose gradient is added by hand
+        summary = GatheredSummary(params)
+        objective.dual.summary_fn = summary
+
     def factory(ps: Sequence[torch.nn.Parameter]) -> DeepSpeedStepper:
         _reset_optimizer_state(engine)
-        return DeepSpeedStepper(engine, extra)
+        return DeepSpeedStepper(engine, extra, summary.add_gradient if summary is not None else None)
 
     editor.stepper_factory = factory
-    if cfg.resources.zero_stage == 3 and hasattr(objective, "dual"):
-
-        def gathered_summary(ps: Sequence[torch.Tensor]) -> torch.Tensor:
-            # [INFERENCE] under ZeRO-3 phi_e is partitioned outside forward: lambda sees a gathered summary
-            # without gradient (the grad_phi(lambda) * penalty term of the primal step is dropped).
-            with torch.no_grad(), deepspeed.zero.GatheredParameters(params, enabled=True):
-                return parameter_summary(params).clone()
-
-        objective.dual.summary_fn = gathered_summary
     return engine

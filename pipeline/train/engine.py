@@ -47,7 +47,13 @@ from pipeline.storage.jsonio import write_json
 from pipeline.storage.root import run_directory
 from pipeline.train.checkpoints import Resumed, RunStore
 from pipeline.train.collectives import TorchComm
-from pipeline.train.distributed import ZeroAccess, loads_partitioned, stream_deepspeed_config, wire_editor
+from pipeline.train.distributed import (
+    ZeroAccess,
+    loads_partitioned,
+    runs_lockstep,
+    stream_deepspeed_config,
+    wire_editor,
+)
 from pipeline.train.lease import RunLease, check_lease
 from pipeline.train.memory import MemoryProbe, report_load
 from pipeline.train.runidentity import claim_run, stream_identity
@@ -165,9 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     report_load(store.run_dir, comm.rank, adapter.model, partitioned=partitioned)
     editor = Editor(adapter, cfg, access=ZeroAccess(None, 3) if partitioned else None)
     wire_editor(editor, cfg, comm)
-    # Every worker runs every step in full under ZeRO-3 (collective forward passes) and for editors whose
-    # update is not a pure average of per-edit gradients (patches, codebooks, memories, MEND's writes).
-    lockstep = cfg.stream.mode == "sequential" and (cfg.resources.zero_stage == 3 or not editor.method.sliceable)
+    lockstep = runs_lockstep(cfg, editor)
 
     shard = ray.train.get_dataset_shard(DATASET)
     rows = (lambda: shard.iter_rows()) if shard is not None else None

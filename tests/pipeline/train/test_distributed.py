@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from odedit.loading import load_config
+from odedit.objective import HostObjective, ODEditObjective
 from pipeline.train.collectives import CollectiveDeviceError, TorchComm
 from pipeline.train.distributed import (
     FP16_LOSS_SCALING,
@@ -20,6 +22,7 @@ from pipeline.train.distributed import (
     deepspeed_config,
     hidden_size_of,
     loads_partitioned,
+    runs_lockstep,
 )
 
 
@@ -59,6 +62,31 @@ def test_the_hidden_size_is_the_language_models_and_only_zero3_loads_partitioned
     assert hidden_size_of(llava) == 4096 and hidden_size_of({}) == 0
     assert loads_partitioned(load_config(None, ["resources.zero_stage=3", "stream.mode=sequential"]))
     assert not loads_partitioned(load_config(None, ["resources.zero_stage=2", "stream.mode=sequential"]))
+
+
+@pytest.mark.parametrize(
+    ("sliceable", "objective_sliceable", "overrides", "lockstep"),
+    [
+        (True, True, ["resources.zero_stage=0"], False),  # FT alone: slices, gradients averaged
+        (True, True, ["resources.zero_stage=2"], False),
+        (True, True, ["resources.zero_stage=3"], True),  # collective forward passes
+        (False, True, ["resources.zero_stage=0"], True),  # patches, codebooks, memories
+        (True, False, ["resources.zero_stage=0"], True),  # ODEdit's objective reads the step's edits together
+        (True, False, ["resources.zero_stage=0", "stream.mode=single"], False),  # independent replicas
+    ],
+)
+def test_a_step_runs_in_full_on_every_worker_unless_editor_and_objective_slice(
+    sliceable, objective_sliceable, overrides, lockstep
+):
+    cfg = load_config(None, ["stream.mode=sequential", *overrides])
+    editor = SimpleNamespace(
+        method=SimpleNamespace(sliceable=sliceable), objective=SimpleNamespace(sliceable=objective_sliceable)
+    )
+    assert runs_lockstep(cfg, editor) == lockstep
+
+
+def test_odedit_objectives_do_not_slice():
+    assert HostObjective.sliceable and not ODEditObjective.sliceable
 
 
 @pytest.mark.parametrize(
