@@ -1,20 +1,26 @@
 """Hyperparameter search over ODEdit's knobs with Ray Tune (ASHA + Optuna), tracked in MLflow.
 
     python -m jobs.tune --config jobs/configs/demo_tune.yaml [key=value ...]
+    python -m jobs.tune --config jobs/configs/demo_tune_pareto.yaml     # reliability vs locality: a Pareto front
     python -m jobs.submit --storage-root /mnt/shared/odedit -- python -m jobs.tune --config jobs/configs/demo_tune.yaml
 
 Checks the search space against the config loader (every key, each end of its range, each choice) before
 anything runs, prepares the data and model once (cached), then runs `search.num_samples` trials, each a
 lifelong stream on the validation slice, stopped early by ASHA when it falls behind (`pipeline.search`).
-Re-running the same command after the driver died restores the search instead of starting over.
+With several metrics (`search.metric: [rel, loc]`) Optuna searches their trade-off and every trial edits its
+whole slice (FIFO; or ASHA on `search.asha_metric`). Re-running the same command after the driver died
+restores the search instead of starting over.
 
 Writes `<output_dir>/best.yaml` (the best trial's config on the test stream, headed by the command that runs
 it with `jobs.lifelong`), and under `<output_dir>/search/<name>/`: `summary.json`, `trials.json` and
-`objective.png`, all also logged to the search's MLflow parent run with the space and the best trial.
+`objective.png`, all also logged to the search's MLflow parent run with the space and the best trial. With
+several metrics also `<output_dir>/best-<trade-off>.yaml` per `search.tradeoffs` entry (best.yaml is the
+first's) and `pareto.json`, `pareto.md`, `pareto.png` (the front of the trials, each trade-off's pick).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from jobs.common import job_parser, load_job_config, run
@@ -38,6 +44,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
     summary, outcome = run_search(cfg)
     print(trials_table(outcome, cfg.search.metric))
+    for name, pick in summary["tradeoffs"].items():
+        print(f"trade-off {name}: trial {pick['trial_id']} -> {pick['best_yaml']}")
+    if summary["tradeoffs"]:
+        print(f"Pareto front: {os.path.join(outcome.search_dir, 'pareto.md')}")
     best = summary["best_yaml"]
     if best:
         print(f"\nbest config: {best}\nrun it:      python -m jobs.lifelong --config {best}")

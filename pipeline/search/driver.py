@@ -1,5 +1,7 @@
 """A whole search as one call (`jobs.tune`): check the space, prepare once, run or restore the trials, then
-write and log the best config, the trial table and the plot (see `pipeline.search` for how trials run).
+write and log the best config, the trial table and the plot (see `pipeline.search` for how trials run); with
+several metrics also the Pareto front (`pareto.json`, `pareto.md`, `pareto.png`) and one
+`best-<trade-off>.yaml` per `search.tradeoffs` entry, all artifacts of the search's MLflow parent run.
 
     summary, outcome = run_search(cfg)
 """

@@ -1,4 +1,5 @@
-"""What a finished search leaves for its user: the best config as a runnable YAML, a plot, a trial table."""
+"""What a finished search leaves for its user: the best config as a runnable YAML, a plot, a trial table; with
+several metrics also one YAML per trade-off, and the Pareto front as JSON, a markdown table and a plot."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from odedit.config import Config, SearchConfig, dump_config
 from odedit.configlib import to_dict
 from odedit.loading import load_config
+from pipeline.search.pareto import eligible, score
 from pipeline.search.space import modes, objectives, sample_config, tradeoffs
 
 
@@ -157,8 +159,6 @@ def _front_rows(cfg: Config, outcome: Any) -> tuple[list[str], list[Any], dict[s
 def pareto_record(cfg: Config, outcome: Any, best_paths: dict[str, str]) -> dict[str, Any]:
     """`pareto.json`: the objectives, the trade-offs, the front (trial ids, MLflow run ids, values, samples),
     the dominated trials and each trade-off's pick with its score and YAML."""
-    from pipeline.search.pareto import eligible, score
-
     names, front, picked_by = _front_rows(cfg, outcome)
     on_front = {t.trial_id for t in front}
     weights = tradeoffs(cfg.search)
@@ -236,8 +236,6 @@ def plot_pareto(cfg: Config, outcome: Any, path: str) -> str:
 
     matplotlib.use("Agg")  # no display on clusters and CI
     import matplotlib.pyplot as plt
-
-    from pipeline.search.pareto import eligible
 
     names, front, picked_by = _front_rows(cfg, outcome)
     kinds = list(modes(cfg.search))

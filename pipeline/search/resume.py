@@ -11,7 +11,8 @@ records every trial as Tune starts, reports and ends it (`TrialRecorder`, writin
 the atomic JSON writer), and a re-run of the same search reads only that file:
 
 - finished trials (completed, stopped by ASHA, failed) are taken as recorded and never run again; an Optuna
-  searcher is told their results (`add_evaluated_point`), so it continues from what it had seen;
+  searcher is told their results (`add_evaluated_point`; with several metrics each trial's list of values,
+  added to its study directly: see `_tell_values`), so it continues from what it had seen;
 - trials that started but did not finish run again first (`ResumeSearcher`), under their first trial id
   (`RESUME_KEY` in the trial's config): same run name, so their streams resume from their own stream
   checkpoints and log into the same MLflow run;

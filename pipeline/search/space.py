@@ -8,6 +8,14 @@
 `{type: choice, values: [...]}`. Before any trial runs, every key is checked by the normal config loader on
 the base config with each end of its range and each of its choices in turn, so a misspelt key or a value its
 field refuses is reported with the key named; each trial builds its config through the same loader again.
+
+**Objectives.** `search.metric` is one metric, or a list (multi-objective) with `search.mode` one mode per
+metric or one for all; `objectives`, `modes`, `asha_target` (ASHA on the one metric or on `search.asha_metric`,
+else FIFO), `curve_metric` and `tradeoffs` (the named weightings; `equal` when several metrics name none) read
+them. `check_search` refuses, before anything runs and naming field, value and fix: unknown or repeated
+metrics, mode lists of another length, ASHA asked for with several metrics and no `asha_metric`, an
+`asha_metric` that would do nothing, trade-offs with one metric, trade-off weights on metrics not searched,
+negative or all zero, and trade-off names that are not safe file-name parts (they name `best-<name>.yaml`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@
 resumes it from the project's own JSON state, never from Tune's pickles (`pipeline.search.resume`, issue 19
 item 1; see `pipeline.search.trials` for the trials themselves).
 
+**Several metrics.** With `search.metric: [rel, loc]` the searcher is `OptunaSearch` given the metric and mode
+lists (Optuna's TPE with one direction per metric) and Tune's own config names no metric (it takes one
+name); ASHA compares one number, so the scheduler is FIFO, or ASHA given `search.asha_metric` as its own
+metric. `SearchOutcome.front` / `.picks` hold the Pareto front of the trials that edited their whole slice
+and each trade-off's pick (`pipeline.search.pareto`); `best` is the first trade-off's pick.
+
 **MLflow.** The driver creates the search's parent run; each trial creates its run nested under it
 (`mlflow.parentRunId`), into which its Ray Train rank 0 logs the stream. The trial process is killed when
 ASHA stops it, so the driver marks those runs KILLED afterwards.

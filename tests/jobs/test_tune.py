@@ -192,11 +192,18 @@ def _plant_payloads(tune_dir: str, marker: str) -> list[str]:
     return planted
 
 
+TRADEOFFS = "search.tradeoffs={reliability: {rel: 0.8, loc: 0.2}, locality: {rel: 0.2, loc: 0.8}}"
+
+
 @pytest.mark.slow
 def test_killed_search_is_restored_without_repeating_finished_trials(world, tmp_path, record_outcome):
+    """Also the multi-objective search end to end (one search run serves both: CI time): rel and loc under FIFO,
+    a resume that tells Optuna the finished trial's two values, the Pareto front and one config per trade-off."""
+    from jobs.common import parse_job_args
+
     out = str(tmp_path / "out")
     search_dir = os.path.join(out, "search", "search")
-    command = _tune_command(world, out, "search.num_samples=2")
+    command = _tune_command(world, out, "search.num_samples=2", "search.metric=[rel, loc]", TRADEOFFS)
     # The driver is killed with its process group once Tune has persisted a finished trial.
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(
@@ -239,9 +246,35 @@ def test_killed_search_is_restored_without_repeating_finished_trials(world, tmp_
     for trial_id in finished:
         assert starts[trial_id] == 1, "a trial finished before the kill ran again"
     # Every trial has exactly one MLflow run under the one parent (a restarted trial logs into its old run).
-    _, runs = _runs("sqlite:///" + os.path.join(out, "mlflow.db"), "tune-test")
+    client, runs = _runs("sqlite:///" + os.path.join(out, "mlflow.db"), "tune-test")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
     assert sorted(r.data.tags["odedit.trial_id"] for r in children) == sorted(starts)
+
+    # ---- several metrics: FIFO (every trial edits its whole slice), the Pareto front, one config per trade-off
+    assert summary["scheduler"] == "fifo" and summary["trials"]["completed"] == 2
+    assert summary["metric"] == ["rel", "loc"] and list(summary["tradeoffs"]) == ["reliability", "locality"]
+    with open(os.path.join(search_dir, "pareto.json")) as fh:
+        pareto = json.load(fh)
+    by_id = {t["trial_id"]: t for t in trials}
+    assert pareto["eligible"] == 2 and 1 <= len(pareto["front"]) <= 2
+    for point in pareto["front"]:
+        assert point["values"] == {m: by_id[point["trial_id"]]["metrics"][m] for m in ("rel", "loc")}
+        assert point["mlflow_run_id"] == by_id[point["trial_id"]]["mlflow_run_id"] != ""
+    for name, pick in summary["tradeoffs"].items():
+        assert pick["best_yaml"] == os.path.join(out, f"best-{name}.yaml")
+        sample = parse_job_args("jobs.lifelong", ["--config", pick["best_yaml"]])
+        assert sample.method.lr == by_id[pick["trial_id"]]["sample"]["method.lr"]
+        assert pick["trial_id"] in [p["trial_id"] for p in pareto["front"]]
+    assert summary["best"]["trial_id"] == summary["tradeoffs"]["reliability"]["trial_id"]  # best.yaml: the first
+    parent = client.get_run(summary["parent_run_id"])
+    assert {"pareto/front_size", "pick/reliability/rel", "pick/locality/loc"} <= set(parent.data.metrics)
+    assert {a.path for a in client.list_artifacts(summary["parent_run_id"], "search")} >= {
+        "search/pareto.json",
+        "search/pareto.md",
+        "search/pareto.png",
+        "search/best-reliability.yaml",
+        "search/best-locality.yaml",
+    }
 
 
 def test_bad_space_is_refused_before_anything_runs(world, tmp_path, capsys):

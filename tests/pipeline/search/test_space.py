@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -246,3 +247,9 @@ def test_fifo_needs_no_retention_evaluations():
     assert issue_paths(
         check_search(raw_config(metric=["rel", "loc"], asha_metric="objective") | {"stream": raw["stream"]})
     ) == ["stream.eval_every"]
+
+
+@pytest.mark.parametrize("name", ["demo_tune.yaml", "demo_tune_pareto.yaml"])
+def test_the_shipped_search_configs_pass_the_search_check(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "jobs", "configs", name)
+    validate_search(load_config(path, extra_checks=[check_search]))
