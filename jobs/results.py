@@ -129,12 +129,12 @@ def _trained_editor(cell: Cell, model_cfg: Any, shards: str, out: str) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base, todo, args = plan(argv)
     # deferred: torch, transformers and Ray; `plan` (config checks) and `--help` need none of them
-    from odedit.loading import with_overrides
     from pipeline.cluster.session import ray_session
     from pipeline.experiment import prepared, run_info
     from pipeline.reporting.tables import results_markdown, seeded_markdown
-    from pipeline.reporting.tracking import open_tracker
-    from pipeline.train.engine import run_stream, shards_dir
+    from pipeline.reporting.tracking import open_tracker, tracked
+    from pipeline.storage.root import StorageError
+    from pipeline.train.engine import shards_dir
 
     out = prepare_output_dir(base)
     with ray_session():  # joins the cluster under `ray job submit`, or starts a local one
@@ -142,52 +142,87 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         shards = shards_dir(base)
         check_slices(todo, shards)  # every seed's slice of edits exists, before any cell runs
         parent = open_tracker(base, "results", tags={"odedit.kind": "results"})
-        parent.log_params({"cells": len(todo), "matrix": os.path.relpath(args.matrix, ROOT), **run_info(base)})
-        for i, cell in enumerate(todo, 1):
-            path = _cell_path(out, cell)
-            if os.path.isfile(path):
-                print(f"[{i}/{len(todo)}] {cell.key}: done earlier, kept")
-                continue
-            cfg = dataclasses.replace(
-                cell.config,
-                model=base.model,
-                output_dir=out,
-                data=dataclasses.replace(cell.config.data, shards_dir=shards),
-            )
-            if hasattr(cfg.method, "hypernet_path") and not cfg.method.hypernet_path:
-                cfg = with_overrides(cfg, [f"method.hypernet_path={_trained_editor(cell, base.model, shards, out)}"])
-            print(f"[{i}/{len(todo)}] {cell.key}")
-            tracker = open_tracker(
-                cfg,
-                cell.run_name,
-                parent_run_id=getattr(parent, "run_id", None) or None,
-                tags={"odedit.setting": cell.setting, "odedit.editor": cell.editor, "odedit.arm": cell.arm},
-                outbox_dir=os.path.join(out, "runs", cell.run_name),
-            )
-            tracker.log_params({**run_info(cfg), "cell": cell.key})
-            summary = run_stream(cfg, model_path, tracker, cell.run_name, offset=cell.offset)
-            tracker.set_terminated("FINISHED")
-            write_json(
-                path,
-                {
-                    "setting": cell.setting,
-                    "editor": cell.editor,
-                    "arm": cell.arm,
-                    **{k: summary.get(k) for k in KEEP},
-                    **({"seed": cell.seed, "offset": cell.offset} if cell.seed is not None else {}),
-                },
-            )
-        parent.set_terminated("FINISHED")
+        failed: list[str] = []
+        with tracked(parent):
+            parent.log_params({"cells": len(todo), "matrix": os.path.relpath(args.matrix, ROOT), **run_info(base)})
+            for i, cell in enumerate(todo, 1):
+                path = _cell_path(out, cell)
+                if os.path.isfile(path):
+                    print(f"[{i}/{len(todo)}] {cell.key}: done earlier, kept")
+                    continue
+                try:
+                    _run_cell(cell, base, model_path, shards, out, parent, f"[{i}/{len(todo)}]")
+                except StorageError:
+                    raise  # storage refuses writes, or another job holds this output: stop with one error line
+                except Exception as err:  # one cell's failure must not lose the hours of the others
+                    failed.append(cell.key)
+                    write_json(_failed_path(path), {"cell": cell.key, "error": f"{type(err).__name__}: {err}"})
+                    print(
+                        f"[{i}/{len(todo)}] {cell.key}: FAILED ({type(err).__name__}: {err}); next cell",
+                        file=sys.stderr,
+                    )
+            parent.log_metrics({"cells_failed": float(len(failed))}, 0)
     results = collect(out)
     write_json(
         os.path.join(out, "results.json"),
-        {"parent_run_id": getattr(parent, "run_id", ""), "model": prep["model"], "cells": results},
+        {"parent_run_id": getattr(parent, "run_id", ""), "model": prep["model"], "cells": results, "failed": failed},
     )
     md = seeded_markdown(results) if any(c.get("seed") is not None for c in results) else results_markdown(results)
+    if failed:
+        md += (
+            "\n\nFailed cells (their errors in `cells/.../<arm>.failed.json`; a re-run tries them again): "
+            + ", ".join(f"`{k}`" for k in failed)
+        )
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as fh:
         fh.write(md + "\n")
     print(md)
-    return {"cells": results, "parent_run_id": getattr(parent, "run_id", "")}
+    return {"cells": results, "parent_run_id": getattr(parent, "run_id", ""), "failed": failed}
+
+
+def _failed_path(cell_path: str) -> str:
+    return cell_path[: -len(".json")] + ".failed.json"
+
+
+def _run_cell(cell: Cell, base: Any, model_path: str, shards: str, out: str, parent: Any, tag: str) -> None:
+    """One cell's stream, its MLflow run ended as what happened (FINISHED / FAILED / KILLED), then its summary."""
+    # deferred: torch, transformers and Ray; `plan` (config checks) and `--help` need none of them
+    from odedit.loading import with_overrides
+    from pipeline.experiment import run_info
+    from pipeline.reporting.tracking import open_tracker, tracked
+    from pipeline.train.engine import run_stream
+
+    path = _cell_path(out, cell)
+    cfg = dataclasses.replace(
+        cell.config,
+        model=base.model,
+        output_dir=out,
+        data=dataclasses.replace(cell.config.data, shards_dir=shards),
+    )
+    if hasattr(cfg.method, "hypernet_path") and not cfg.method.hypernet_path:
+        cfg = with_overrides(cfg, [f"method.hypernet_path={_trained_editor(cell, base.model, shards, out)}"])
+    print(f"{tag} {cell.key}")
+    tracker = open_tracker(
+        cfg,
+        cell.run_name,
+        parent_run_id=getattr(parent, "run_id", None) or None,
+        tags={"odedit.setting": cell.setting, "odedit.editor": cell.editor, "odedit.arm": cell.arm},
+        outbox_dir=os.path.join(out, "runs", cell.run_name),
+    )
+    with tracked(tracker):
+        tracker.log_params({**run_info(cfg), "cell": cell.key})
+        summary = run_stream(cfg, model_path, tracker, cell.run_name, offset=cell.offset)
+    write_json(
+        path,
+        {
+            "setting": cell.setting,
+            "editor": cell.editor,
+            "arm": cell.arm,
+            **{k: summary.get(k) for k in KEEP},
+            **({"seed": cell.seed, "offset": cell.offset} if cell.seed is not None else {}),
+        },
+    )
+    if os.path.isfile(_failed_path(path)):
+        os.remove(_failed_path(path))  # an earlier failure of this cell, now run
 
 
 def check_slices(todo: Sequence[Cell], shards: str) -> None:
@@ -217,15 +252,15 @@ def collect(out: str) -> list[dict[str, Any]]:
     root = os.path.join(out, "cells")
     for dirpath, _, files in os.walk(root):
         for name in files:
-            if name.endswith(".json"):
+            if name.endswith(".json") and not name.endswith(".failed.json"):
                 with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
                     rows.append(json.load(fh))
     return sorted(rows, key=lambda r: (r["setting"], r["editor"], r["arm"], r.get("seed") or 0))
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    main(argv)
-    return 0
+    """Exit 0 when every cell finished, 1 when some failed (listed in results.md; a re-run tries them again)."""
+    return 1 if main(argv)["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bench.synthetic import write_evqa_split
-from jobs.results import main, plan
+from jobs.results import cli, main, plan
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +67,37 @@ def test_bad_cells_and_filters_exit_2_before_anything_runs(job, tmp_path, capsys
     with pytest.raises(SystemExit):
         plan(["--config", str(job / "base.yaml"), "--matrix", str(job / "matrix.yaml"), "--only", "nothing/"])
     assert "matches no cell" in capsys.readouterr().err
+
+
+def test_a_failing_cell_is_recorded_and_the_job_goes_on(job, ray_local, monkeypatch):
+    """A cell whose stream raises (here: its editor fails mid-stream) ends its MLflow run FAILED, leaves
+    `<arm>.failed.json` with the error, and the other cells still run; the job's exit status is 1, and a re-run
+    retries only that cell."""
+    from mlflow.tracking import MlflowClient
+
+    import pipeline.train.engine as engine  # deferred: the engine loads Ray Train and torch; only this test patches it
+
+    real = engine.run_stream
+
+    def flaky(cfg, *args, **kwargs):
+        if cfg.odedit.enabled:
+            raise RuntimeError("editor diverged (test)")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_stream", flaky)
+    matrix = yaml.safe_load((job / "matrix.yaml").read_text())
+    matrix["settings"] = {"seq4": ["stream.sequence_length=4", "stream.batch_size=2"]}
+    (job / "flaky.yaml").write_text(yaml.safe_dump(matrix))
+    argv = ["--config", str(job / "base.yaml"), "--matrix", str(job / "flaky.yaml")]
+    out = main(argv)
+    assert out["failed"] == ["seq4/ft/odedit"]
+    assert [(c["setting"], c["arm"]) for c in out["cells"] if c["setting"] == "seq4"] == [("seq4", "base")]
+    failed = json.loads((job / "out" / "cells" / "seq4" / "ft" / "odedit.failed.json").read_text())
+    assert failed == {"cell": "seq4/ft/odedit", "error": "RuntimeError: editor diverged (test)"}
+    assert "Failed cells" in (job / "out" / "results.md").read_text()
+    client = MlflowClient(f"sqlite:///{job / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("results-test").experiment_id])
+    status = {r.data.tags.get("mlflow.runName"): r.info.status for r in runs}
+    assert status["results-seq4-ft-odedit"] == "FAILED" and status["results-seq4-ft-base"] == "FINISHED"
+
+    assert cli(argv) == 1  # the base cell is kept; the odedit cell fails again
