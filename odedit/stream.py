@@ -10,7 +10,8 @@
   sample of all edits applied so far is re-scored (the retention curve); at the end every edit is re-scored
   (final retention, the end-of-stream protocol of EasyEdit before PR #687). With several workers each takes a
   slice of every step and DeepSpeed averages their gradients; in `lockstep` mode (ZeRO-3, where every forward
-  pass is collective) all workers process the whole step together.
+  pass is collective, and steps that do not split: editors with per-edit state, ODEdit's objective) all workers
+  process the whole step together.
 * `sequential` with `sequence_length` T > 0 (the paper's "sequential editing, T = 5/10" protocol): the stream
   is cut into sequences of T edits; at the end of each, its T edits are scored on the model holding exactly
   them (their final metrics) and the editor goes back to the pre-edit state (`Editor.reset`). No retention
@@ -168,7 +169,7 @@ class StreamRunner:
         editor: the editor bound to the model.
         cfg: the whole config (`stream` section above all).
         comm: the worker group; `LocalComm()` in process.
-        lockstep: every worker processes every step and evaluation in full (ZeRO-3).
+        lockstep: every worker processes every step and evaluation in full (ZeRO-3, unsliceable steps).
         hooks: checkpoint, metrics and progress callbacks.
     """
 
