@@ -10,7 +10,10 @@ The weights are random: only memory and agreement are measured, not edit quality
 The same stream (FT on the last layer's `down_proj` + ODEdit, sequential steps of 2 edits on a synthetic
 E-VQA split, fp32) runs twice through the real engine path (`pipeline.train.engine.run_stream`: Ray Train, 2
 gloo workers): `resources.zero_stage=0` (a replicated model, phi_e's gradients all-reduced) and
-`resources.zero_stage=3` (weights loaded already partitioned, `pipeline.train.zero_loading`). Each worker
+`resources.zero_stage=3` (weights loaded already partitioned, `pipeline.train.zero_loading`). Both run every
+step in full on every worker (`pipeline.train.distributed.runs_lockstep`: ODEdit's objective reads the step's
+edits together), so both take the step one worker would. The preparation (shards, references) and both streams
+share one local Ray instance; the seconds of each part are in the details (`seconds`). Each worker
 samples its own memory every 50 ms from its start to the end of its stream (`pipeline.train.memory`,
 `$ODEDIT_MEMORY_SAMPLE_S`), as PSS from `/proc/<pid>/smaps_rollup`: a page shared by k processes counts 1/k
 in each, so the pages of the memory-mapped weights file both workers read while loading are not counted twice.
@@ -30,7 +33,10 @@ one host share one copy of the frozen weights through the page cache, and each i
 which is already what a ZeRO-3 partition costs. `param_memory_ratio_z3_z0_rss` is the same figure by RSS
 (each worker charged for every page it maps: what it would need alone on its own node, or on its own GPU,
 whose memory no process shares), and `held_share_ratio_z3_z0` the share of the model's parameter elements a
-worker holds after loading (`workers/rank-<r>.load.json`).
+worker holds after loading (`workers/rank-<r>.load.json`). docs/benchmarks.md itemises both stages' memory by
+phase and says why `param_memory_ratio_z3_z0 <= 0.6` is out of reach by PSS on one host (ZeRO-0's shared half of
+the file already costs what a partition does; a ZeRO-3 worker adds DeepSpeed's partitions of phi_e and the
+largest gathered matrix, twice over with gloo's staging buffer).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import gc
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 from bench.common import write_result
@@ -233,11 +240,18 @@ def main(argv: list[str] | None = None) -> dict:
     # deferred: Ray is heavy, and --help needs none of it
     from pipeline.cluster.session import ray_session
 
-    cfg, model_path = _setup(layers, edits, n_iter)
-    runs = {}
+    t0 = time.perf_counter()
+    runs, seconds = {}, {}
+    # One Ray instance for the preparation (Ray Data: shards, references) and both streams: the preparation
+    # joins it instead of starting and stopping one of its own.
     with ray_session(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False):
+        cfg, model_path = _setup(layers, edits, n_iter)
+        seconds["setup"] = time.perf_counter() - t0
         for stage in (0, 3):
+            t = time.perf_counter()
             runs[stage] = _stream(cfg, model_path, stage)
+            seconds[f"stream_z{stage}"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
     z0, z3 = runs[0], runs[3]
     figures = {
         "param_memory_ratio_z3_z0": param_memory(z3["workers"]) / param_memory(z0["workers"]),
@@ -263,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rel_z0": z0["rel"],
         "rel_z3": z3["rel"],
         "weights": "random (no edit quality is measured)",
+        "seconds": seconds,
     }
     return write_result("zero_memory", args.quick, figures, TARGETS, details)
 
