@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         file=sys.stderr,
                     )
             parent.log_metrics({"cells_failed": float(len(failed))}, 0)
-    results = collect(out)
+    results = collect(out, [c.key.rsplit("/seed", 1)[0] if c.seed is not None else c.key for c in todo])
     write_json(
         os.path.join(out, "results.json"),
         {"parent_run_id": getattr(parent, "run_id", ""), "model": prep["model"], "cells": results, "failed": failed},
@@ -246,8 +246,10 @@ def check_slices(todo: Sequence[Cell], shards: str) -> None:
             raise SystemExit(2)
 
 
-def collect(out: str) -> list[dict[str, Any]]:
-    """Every finished cell's summary under `<out>/cells`, sorted by setting, editor, arm."""
+def collect(out: str, order: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every finished cell's summary under `<out>/cells`, sorted by setting, editor, arm (then seed): in the
+    order of `order` (`setting/editor/arm` keys: the matrix's, so cumulative arms read top-down), other cells
+    after them by name."""
     rows = []
     root = os.path.join(out, "cells")
     for dirpath, _, files in os.walk(root):
@@ -255,7 +257,13 @@ def collect(out: str) -> list[dict[str, Any]]:
             if name.endswith(".json") and not name.endswith(".failed.json"):
                 with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
                     rows.append(json.load(fh))
-    return sorted(rows, key=lambda r: (r["setting"], r["editor"], r["arm"], r.get("seed") or 0))
+    rank = {key: i for i, key in enumerate(dict.fromkeys(order))}
+
+    def place(r: dict[str, Any]) -> tuple:
+        key = f"{r['setting']}/{r['editor']}/{r['arm']}"
+        return (rank.get(key, len(rank)), r["setting"], r["editor"], r["arm"], r.get("seed") or 0)
+
+    return sorted(rows, key=place)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bench.synthetic import write_evqa_split
-from jobs.results import cli, main, plan
+from jobs.results import cli, collect, main, plan
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +101,20 @@ def test_a_failing_cell_is_recorded_and_the_job_goes_on(job, ray_local, monkeypa
     assert status["results-seq4-ft-odedit"] == "FAILED" and status["results-seq4-ft-base"] == "FINISHED"
 
     assert cli(argv) == 1  # the base cell is kept; the odedit cell fails again
+
+
+def test_collected_cells_keep_the_matrix_order_of_arms(tmp_path):
+    """Cumulative arms (host, +R_loc, ..., full) read top-down in the matrix's order, not alphabetically."""
+    for arm, seed in (("host", 1), ("full", 0), ("+R_loc", 0), ("host", 0), ("zz-extra", 0)):
+        path = tmp_path / "cells" / "single" / "ft" / f"{arm}-seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"setting": "single", "editor": "ft", "arm": arm, "seed": seed}))
+    (tmp_path / "cells" / "single" / "ft" / "full-seed1.failed.json").write_text(json.dumps({"cell": "x"}))
+    got = collect(str(tmp_path), ["single/ft/host", "single/ft/+R_loc", "single/ft/full"])
+    assert [(r["arm"], r["seed"]) for r in got] == [
+        ("host", 0),
+        ("host", 1),
+        ("+R_loc", 0),
+        ("full", 0),
+        ("zz-extra", 0),
+    ]
