@@ -10,7 +10,9 @@ block and each setting's stream overrides. Every cell's config is validated befo
 
 Each cell is one edit stream through the engine (Ray Train + DeepSpeed), an MLflow run nested under the
 job's parent run. A finished cell's summary is kept in `<output_dir>/cells/<setting>/<editor>/<arm>.json`;
-running the job again skips finished cells and resumes an interrupted one from its checkpoint. Editors with
+running the job again skips finished cells and resumes an interrupted one from its checkpoint. A cell that fails ends
+its MLflow run FAILED and leaves `<arm>.failed.json` with the error; the job goes on with the other cells and
+exits 1 naming the failed ones (a re-run retries them). A storage error stops the whole job. Editors with
 trained components (MEND) are meta-trained first with `jobs.train_editor` on the world's `train` edits,
 once per arm (the +ODEdit arm trains with the ODEdit terms), into `<output_dir>/editors/<editor>-<arm>-<key>/`
 (the key hashes the method, ODEdit and data settings, the model and the seed).
@@ -162,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         file=sys.stderr,
                     )
             parent.log_metrics({"cells_failed": float(len(failed))}, 0)
-    results = collect(out, [c.key.rsplit("/seed", 1)[0] if c.seed is not None else c.key for c in todo])
+    results = collect(out, [f"{c.setting}/{c.editor}/{c.arm}" for c in todo])
     write_json(
         os.path.join(out, "results.json"),
         {"parent_run_id": getattr(parent, "run_id", ""), "model": prep["model"], "cells": results, "failed": failed},
