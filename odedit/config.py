@@ -177,6 +177,14 @@ class DemoWorldConfig:
         ),
         check=non_negative,
     )
+    backbone: Literal["small", "deep"] = option(
+        "small",
+        help=(
+            "the demo model's size (pipeline.demo.train.BACKBONES): 'small' has 2 LM layers (design.md §7), so "
+            "editing its last FFN edits half the language model; 'deep' has 6, edited at an upper-middle layer "
+            "(method.layers: [4], jobs/configs/demo_deep.yaml) as editors do on 7B models (issue 17 item 5)"
+        ),
+    )
     train_images: int = option(0, help="easy-vqa training images used; 0 = all 4,000", check=non_negative)
     min_vqa_accuracy: float = option(
         0.95,

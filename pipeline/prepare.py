@@ -44,6 +44,7 @@ from pipeline.data.sources import SOURCES
 from pipeline.data.sources.mmedit import RecordFileError
 from pipeline.data.vocabulary import target_check
 from pipeline.demo.model import ensure_demo_model
+from pipeline.demo.train import backbone_sizes
 from pipeline.storage.jsonio import write_json
 from pipeline.storage.outputs import prepare_output_dir
 
@@ -103,6 +104,23 @@ def model_path_problem(cfg: Config) -> str | None:
     return None
 
 
+def demo_layers_problem(cfg: Config) -> str | None:
+    """Why `method.layers` cannot be edited on the demo backbone the config trains (None when it can, or when a
+    model is named): found before the demo model is trained, not at the first edit."""
+    if cfg.model.name_or_path or cfg.data.source != "demo":
+        return None
+    backbone = cfg.data.demo.backbone
+    n = backbone_sizes(backbone)["text_layers"]
+    for layer in cfg.method.layers:
+        if not -n <= layer < n:
+            return (
+                f"method.layers={list(cfg.method.layers)}: layer {layer} is out of range for the {n}-layer language "
+                f"model of data.demo.backbone={backbone!r}; use 0..{n - 1} (jobs/configs/demo.yaml edits layer 1 of "
+                "the small backbone, jobs/configs/demo_deep.yaml layer 4 of the deep one)"
+            )
+    return None
+
+
 def preflight(cfg: Config) -> dict[str, Any]:
     """The checks before any work, without Ray (issue 19 item 16); returns what it counted.
 
@@ -112,7 +130,7 @@ def preflight(cfg: Config) -> dict[str, Any]:
             the tokenizer are checked later, during preparation). Only readers marked `reads_before_ray` (the
             EasyEdit-file readers: cheap, no Ray) are read here; the others are checked after their build.
     """
-    problem = model_path_problem(cfg)
+    problem = model_path_problem(cfg) or demo_layers_problem(cfg)
     if problem:
         raise DataError(problem)
     reader = SOURCES.get(cfg.data.source)

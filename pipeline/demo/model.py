@@ -6,13 +6,13 @@
     adapter = load_demo_adapter(path)                       # or model.name_or_path=<path> with
                                                             # model.prompt_template=DEMO_PROMPT_TEMPLATE
 
-A real `LlavaForConditionalGeneration` in a tiny configuration (`pipeline.demo.train.MODEL_SIZES`), trained on
-the easy-vqa training images with `pipeline.demo.train`'s recipe, saved with `save_pretrained` (model,
-tokenizer, image processor) and measured with `pipeline.demo.evaluate`. It lives in
-`.cache/demo_model/<key>/`, where the key hashes everything the weights depend on: model sizes, recipe,
-training budget and image count, the seed, the prompt template and the code versions. The directory is
-published only when complete (`pipeline.storage.cache`): `report.json` plus a marker written last, so a run killed
-mid-training leaves nothing that a later call would trust; that call trains again.
+A real `LlavaForConditionalGeneration` in a tiny configuration (`pipeline.demo.train.BACKBONES`, picked by
+`data.demo.backbone`: 2 LM layers, or 6 for 'deep'), trained on the easy-vqa training images with
+`pipeline.demo.train`'s recipe, saved with `save_pretrained` (model, tokenizer, image processor) and measured with
+`pipeline.demo.evaluate`. It lives in `.cache/demo_model/<key>/`, where the key hashes everything the weights depend
+on: model sizes, recipe, training budget and image count, the seed, the prompt template and the code versions. The
+directory is published only when complete (`pipeline.storage.cache`): `report.json` plus a marker written last, so a
+run killed mid-training leaves nothing that a later call would trust; that call trains again.
 
 Only a model that trained all its steps and met its accuracy bars (`data.demo.min_vqa_accuracy`,
 `min_text_accuracy`) is ever cached: a trained model below a bar is refused with `DemoModelRejected` (nothing
@@ -33,7 +33,7 @@ from typing import Any
 
 from odedit.models.llava import LlavaAdapter
 from pipeline.demo.evaluate import evaluate_demo_model
-from pipeline.demo.train import MODEL_SIZES, DemoData, Recipe, new_demo_adapter, train_demo
+from pipeline.demo.train import DemoData, Recipe, backbone_sizes, new_demo_adapter, train_demo
 from pipeline.demo.world import DEMO_PROMPT_TEMPLATE, WORLD_VERSION
 from pipeline.storage.cache import cache_dir, content_key, ensure_dir, read_marker
 from pipeline.storage.jsonio import write_json
@@ -73,7 +73,7 @@ def demo_model_key(cfg: Any, eval_limit: int = 0) -> str:
     return content_key(
         {
             "eval_limit": eval_limit,
-            "sizes": MODEL_SIZES,
+            "sizes": backbone_sizes(demo.backbone),  # the small backbone keeps its pre-issue-17 key
             "recipe": asdict(Recipe()),
             # the time budget shapes the model only where a phase trains for time (a step count of 0)
             "train_minutes": demo.train_minutes if not (demo.train_steps and demo.pretrain_steps) else None,
@@ -107,7 +107,7 @@ def train_demo_model(
     out = Path(out_dir)
     init_dir = out / "init"
     t0 = time.perf_counter()
-    adapter = new_demo_adapter(init_dir, cfg.seed)
+    adapter = new_demo_adapter(init_dir, cfg.seed, demo.backbone)
     data = DemoData.build(adapter, demo.train_images, cfg.seed)
     prepare_seconds = time.perf_counter() - t0
     stats = train_demo(
@@ -138,6 +138,7 @@ def train_demo_model(
             "aux_label_coverage": stats.aux_label_coverage,
             "train_questions": len(data.items),
             "train_images": int(data.pixels.shape[0]),
+            "backbone": demo.backbone,
             "parameters": sum(p.numel() for p in loaded.model.parameters()),
             "vocab_size": len(loaded.tokenizer),
             "prompt_template": DEMO_PROMPT_TEMPLATE,

@@ -45,7 +45,7 @@ from pipeline.reporting.progress import progress as progress_bar
 # design.md §7: CLIP tower 32 px, patch 8, hidden 64, 2 layers (16 image tokens); Llama hidden 128, 2 layers.
 # The head count is not given there: with 4 the yes/no questions started using the image within 400 joint
 # steps, as early as with 2 (single runs), and were at 96% (shape) / 94% (colour) after 800.
-MODEL_SIZES = {
+_SMALL = {
     "vision_hidden": 64,
     "vision_layers": 2,
     "text_hidden": 128,
@@ -54,6 +54,23 @@ MODEL_SIZES = {
     "image_size": 32,
     "patch_size": 8,
 }
+
+# `data.demo.backbone` -> the sizes of its LLaVA. 'deep' (issue 17 item 5): the same tower and widths with 6 LM
+# layers, so an edit at an upper-middle layer (4 of 0-5) leaves layers above it to carry the change, as on
+# the paper's 7B models (32 layers, edited around layers 20-30), instead of editing half the language model.
+BACKBONES: dict[str, dict[str, int]] = {
+    "small": _SMALL,
+    "deep": {**_SMALL, "text_layers": 6},
+}
+
+
+def backbone_sizes(name: str) -> dict[str, int]:
+    """The model sizes of demo backbone `name` (`data.demo.backbone`)."""
+    if name not in BACKBONES:
+        raise ValueError(
+            f"data.demo.backbone={name!r} is not a demo backbone; choose one of {', '.join(sorted(BACKBONES))}"
+        )
+    return BACKBONES[name]
 
 
 @dataclass(frozen=True)
@@ -90,10 +107,11 @@ class TrainStats:
         return self.pretrain_seconds + self.joint_seconds
 
 
-def new_demo_adapter(work_dir: str | Path, seed: int) -> LlavaAdapter:
-    """A freshly initialised demo-size LLaVA (word vocabulary of the whole world), saved to `work_dir` and
-    loaded back through the adapter, with the demo prompt template."""
-    path = LlavaAdapter.build_tiny(work_dir, corpus=vocabulary_corpus(), seed=seed, **MODEL_SIZES)
+def new_demo_adapter(work_dir: str | Path, seed: int, backbone: str = "small") -> LlavaAdapter:
+    """A freshly initialised demo-size LLaVA of `backbone`'s sizes (word vocabulary of the whole world), saved
+    to `work_dir` and loaded back through the adapter, with the demo prompt template."""
+    sizes = backbone_sizes(backbone)
+    path = LlavaAdapter.build_tiny(work_dir, corpus=vocabulary_corpus(), seed=seed, **sizes)
     adapter = LlavaAdapter.from_pretrained(path, template=DEMO_PROMPT_TEMPLATE)
     unknown = adapter.tokenizer.unk_token_id
     for text in vocabulary_corpus():

@@ -16,7 +16,7 @@ from odedit.models.base import Sample
 from pipeline.demo import model as demo_model
 from pipeline.demo.model import REPORT_FILE, demo_model_key, ensure_demo_model, load_demo_adapter
 from pipeline.demo.questions import QUESTION_TYPES
-from pipeline.demo.train import DemoData, Recipe, TrainStats, new_demo_adapter, train_demo
+from pipeline.demo.train import BACKBONES, DemoData, Recipe, TrainStats, backbone_sizes, new_demo_adapter, train_demo
 from pipeline.demo.world import load_split
 from pipeline.storage.cache import MARKER
 
@@ -185,6 +185,25 @@ def _tied(model) -> set[str]:
     return tied
 
 
+# ------------------------------------------------------------------------------------------ backbones
+
+
+def test_every_backbone_the_config_accepts_builds_its_llava(tmp_path):
+    from typing import get_args, get_type_hints
+
+    from odedit.config import DemoWorldConfig
+
+    assert set(get_args(get_type_hints(DemoWorldConfig)["backbone"])) == set(BACKBONES)
+    deep = new_demo_adapter(tmp_path / "deep", seed=0, backbone="deep")
+    small = new_demo_adapter(tmp_path / "small", seed=0)
+    assert (deep.num_layers, small.num_layers) == (6, 2)
+    # only the language model deepens: same tower, same widths
+    assert deep.model.config.vision_config.to_dict() == small.model.config.vision_config.to_dict()
+    assert deep.model.config.text_config.hidden_size == small.model.config.text_config.hidden_size
+    with pytest.raises(ValueError, match="data.demo.backbone='huge'.*choose one of deep, small"):
+        backbone_sizes("huge")
+
+
 # ------------------------------------------------------------------------------------------ cache
 
 
@@ -197,6 +216,7 @@ def test_key_follows_the_fields_the_model_depends_on():
         "data.demo.train_steps=501",
         "data.demo.pretrain_steps=3",
         "seed=1",
+        "data.demo.backbone=deep",
     ):
         assert demo_model_key(load_config(None, SHORT + [change])) != key, change
     assert demo_model_key(base, eval_limit=10) != key

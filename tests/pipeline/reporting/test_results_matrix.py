@@ -161,6 +161,28 @@ def test_shipped_ablation_matrix_switches_one_term_per_arm():
     assert abs(arm["+penalty"].fixed_lambda - start) < 1e-4
 
 
+def test_deep_ablation_matrix_is_the_ablation_at_the_deep_backbones_layer():
+    """jobs/matrices/ablation_deep.yaml (issue 17 item 5): ablation.yaml's settings, arms and seeds; FT and WISE at
+    layer 4 of the deep backbone's 6, every other method field as in ablation.yaml; its cells run on that backbone."""
+    import os
+
+    from pipeline.data.sources.base import check_source
+    from pipeline.prepare import demo_layers_problem
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    small = load_matrix(os.path.join(root, "jobs", "matrices", "ablation.yaml"))
+    deep = load_matrix(os.path.join(root, "jobs", "matrices", "ablation_deep.yaml"))
+    assert (deep.settings, deep.arms, deep.seeds) == (small.settings, small.arms, small.seeds)
+    assert set(deep.editors) == {"ft", "wise"}
+    for name, body in deep.editors.items():
+        assert body["method"] == {**small.editors[name]["method"], "layers": [4]}
+    results = os.path.join(root, "jobs", "configs", "results.yaml")
+    for backbone, fits in (("deep", True), ("small", False)):  # layer 4 exists only in the deep backbone
+        base = load_config(results, [f"data.demo.backbone={backbone}"], extra_checks=[check_source])
+        for cell in cells(to_dict(base), deep, [check_source]):
+            assert (demo_layers_problem(cell.config) is None) is fits, (backbone, cell.key)
+
+
 def test_seeded_table_gives_mean_and_spread_over_seeds():
     from pipeline.reporting.tables import seeded_markdown
 
