@@ -23,6 +23,7 @@ exceeding it only warns (issue 19 item 20).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -33,7 +34,8 @@ from typing import Any
 
 from odedit.models.llava import LlavaAdapter
 from pipeline.demo.evaluate import evaluate_demo_model
-from pipeline.demo.train import DemoData, Recipe, backbone_sizes, new_demo_adapter, train_demo
+from pipeline.demo.grow import expand_blocks
+from pipeline.demo.train import DemoData, Recipe, backbone, new_demo_adapter, train_demo
 from pipeline.demo.world import DEMO_PROMPT_TEMPLATE, WORLD_VERSION
 from pipeline.storage.cache import cache_dir, content_key, ensure_dir, read_marker
 from pipeline.storage.jsonio import write_json
@@ -52,7 +54,13 @@ def demo_model_problems(report: dict, demo: Any) -> list[str]:
     """What keeps `report` (a demo model's `report.json`) from meeting `demo` (`cfg.data.demo`): steps not all
     trained, or an accuracy below its bar. Empty when the model is acceptable."""
     problems = []
-    for key, want in (("pretrain_steps", demo.pretrain_steps), ("joint_steps", demo.train_steps)):
+    spec = backbone(demo.backbone)
+    steps = (
+        (("grow_steps", spec.grow_steps),)
+        if spec.grow_from
+        else (("pretrain_steps", demo.pretrain_steps), ("joint_steps", demo.train_steps))
+    )
+    for key, want in steps:
         got = report.get(key)
         if want and got != want:
             problems.append(f"{key} {got} of {want} trained")
@@ -70,10 +78,15 @@ REPORT_FILE = "report.json"
 def demo_model_key(cfg: Any, eval_limit: int = 0) -> str:
     """Cache key of the demo model for config `cfg` (only the fields the model and its report depend on)."""
     demo = cfg.data.demo
+    spec = backbone(demo.backbone)
+    grown = {}
+    if spec.grow_from:  # a grown backbone depends on the model it grows and on its own steps
+        grown = {"grown_from": demo_model_key(_base_config(cfg), eval_limit), "grow": asdict(spec)}
     return content_key(
         {
+            **grown,
             "eval_limit": eval_limit,
-            "sizes": backbone_sizes(demo.backbone),  # the small backbone keeps its pre-issue-17 key
+            "sizes": spec.sizes,  # a backbone trained from scratch (small) keeps its pre-issue-17 key
             "recipe": asdict(Recipe()),
             # the time budget shapes the model only where a phase trains for time (a step count of 0)
             "train_minutes": demo.train_minutes if not (demo.train_steps and demo.pretrain_steps) else None,
@@ -87,6 +100,12 @@ def demo_model_key(cfg: Any, eval_limit: int = 0) -> str:
             "model_version": DEMO_MODEL_VERSION,
         }
     )
+
+
+def _base_config(cfg: Any) -> Any:
+    """`cfg` asking for the demo model that `cfg`'s backbone is grown from."""
+    demo = dataclasses.replace(cfg.data.demo, backbone=backbone(cfg.data.demo.backbone).grow_from)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, demo=demo))
 
 
 def load_demo_adapter(path: str | os.PathLike, **kwargs: Any) -> LlavaAdapter:
@@ -104,22 +123,36 @@ def train_demo_model(
 ) -> dict:
     """Train, save to `out_dir` and measure the demo model; returns the report (also in `report.json`)."""
     demo = cfg.data.demo
+    spec = backbone(demo.backbone)
     out = Path(out_dir)
     init_dir = out / "init"
     t0 = time.perf_counter()
-    adapter = new_demo_adapter(init_dir, cfg.seed, demo.backbone)
-    data = DemoData.build(adapter, demo.train_images, cfg.seed)
+    grown: dict[str, Any] = {}
+    if spec.grow_from:  # block expansion of the trained base model (cached, or trained now), then joint steps
+        base_dir, base_report = ensure_demo_model(_base_config(cfg), cache_root, progress, eval_limit)
+        t0 = time.perf_counter()  # the base model's own training time is in its report
+        adapter = load_demo_adapter(base_dir)
+        expand_blocks(adapter, spec.sizes["text_layers"])
+        adapter.save_pretrained(init_dir)
+        adapter = load_demo_adapter(init_dir)
+        recipe = dataclasses.replace(Recipe(), lr=spec.grow_lr, warmup_steps=spec.grow_warmup_steps)
+        # step-counted (the time budget only scales the progress bar); no tower pre-training: the tower is trained
+        phases = {"budget_s": demo.train_minutes * 60, "pretrain_s": 0.0, "max_steps": spec.grow_steps}
+        keep = ("train_seconds", "vqa_accuracy", "text_accuracy")
+        base = {"backbone": spec.grow_from, "key": Path(base_dir).name, **{k: base_report.get(k) for k in keep}}
+        grown = {"grown_from": base}
+    else:
+        adapter = new_demo_adapter(init_dir, cfg.seed, demo.backbone)
+        recipe = Recipe()
+        phases = {
+            "budget_s": demo.train_minutes * 60,
+            "pretrain_s": demo.pretrain_minutes * 60,
+            "max_steps": demo.train_steps,
+            "max_pretrain_steps": demo.pretrain_steps,
+        }
+    data = DemoData.build(adapter, demo.train_images, cfg.seed, recipe)
     prepare_seconds = time.perf_counter() - t0
-    stats = train_demo(
-        adapter,
-        data,
-        budget_s=demo.train_minutes * 60,
-        pretrain_s=demo.pretrain_minutes * 60,
-        seed=cfg.seed,
-        progress=progress,
-        max_steps=demo.train_steps,
-        max_pretrain_steps=demo.pretrain_steps,
-    )
+    stats = train_demo(adapter, data, seed=cfg.seed, progress=progress, **phases)
     adapter.save_pretrained(out)
     shutil.rmtree(init_dir)
     loaded = load_demo_adapter(out)  # measure what was saved, as every user will load it
@@ -139,6 +172,8 @@ def train_demo_model(
             "train_questions": len(data.items),
             "train_images": int(data.pixels.shape[0]),
             "backbone": demo.backbone,
+            **grown,
+            **({"grow_steps": stats.joint_steps} if spec.grow_from else {}),
             "parameters": sum(p.numel() for p in loaded.model.parameters()),
             "vocab_size": len(loaded.tokenizer),
             "prompt_template": DEMO_PROMPT_TEMPLATE,
@@ -149,7 +184,7 @@ def train_demo_model(
     )
     write_json(out / REPORT_FILE, report, indent=1)
     spent = stats.train_seconds / 60
-    if demo.train_steps and demo.pretrain_steps and spent > demo.train_minutes:
+    if not spec.grow_from and demo.train_steps and demo.pretrain_steps and spent > demo.train_minutes:
         log.warning(
             "the demo model took %.1f min, over data.demo.train_minutes=%s; it trained all its steps, so it is the "
             "same model a quiet machine makes (a loaded machine only makes it later)",

@@ -55,22 +55,48 @@ _SMALL = {
     "patch_size": 8,
 }
 
-# `data.demo.backbone` -> the sizes of its LLaVA. 'deep' (issue 17 item 5): the same tower and widths with 6 LM
-# layers, so an edit at an upper-middle layer (4 of 0-5) leaves layers above it to carry the change, as on
-# the paper's 7B models (32 layers, edited around layers 20-30), instead of editing half the language model.
-BACKBONES: dict[str, dict[str, int]] = {
-    "small": _SMALL,
-    "deep": {**_SMALL, "text_layers": 6},
+
+@dataclass(frozen=True)
+class Backbone:
+    """A demo backbone (`data.demo.backbone`): its LLaVA's sizes, and how it is trained.
+
+    Attributes:
+        sizes: `LlavaAdapter.build_tiny`'s size arguments.
+        grow_from: '' = trained from scratch with the recipe and `data.demo`'s step counts; else the backbone whose
+            trained model (same config otherwise) is grown into this one by block expansion
+            (`pipeline.demo.grow`) and trained jointly for `grow_steps` more steps at `grow_lr`.
+    """
+
+    sizes: dict[str, int]
+    grow_from: str = ""
+    grow_steps: int = 0
+    grow_lr: float = 0.0
+    grow_warmup_steps: int = 0
+
+
+# 'deep' (issue 17 item 5): the same tower and widths with 6 LM layers, so an edit at an upper-middle layer (4 of
+# 0-5) leaves layers above it to carry the change, as on the paper's 7B models (32 layers, edited around layers
+# 20-30), instead of editing half the language model. Grown from 'small' (see pipeline.demo.grow for why).
+BACKBONES: dict[str, Backbone] = {
+    "small": Backbone(_SMALL),
+    "deep": Backbone(
+        {**_SMALL, "text_layers": 6}, grow_from="small", grow_steps=600, grow_lr=1e-3, grow_warmup_steps=50
+    ),
 }
 
 
-def backbone_sizes(name: str) -> dict[str, int]:
-    """The model sizes of demo backbone `name` (`data.demo.backbone`)."""
+def backbone(name: str) -> Backbone:
+    """Demo backbone `name` (`data.demo.backbone`)."""
     if name not in BACKBONES:
         raise ValueError(
             f"data.demo.backbone={name!r} is not a demo backbone; choose one of {', '.join(sorted(BACKBONES))}"
         )
     return BACKBONES[name]
+
+
+def backbone_sizes(name: str) -> dict[str, int]:
+    """The model sizes of demo backbone `name` (`data.demo.backbone`)."""
+    return backbone(name).sizes
 
 
 @dataclass(frozen=True)
@@ -107,10 +133,10 @@ class TrainStats:
         return self.pretrain_seconds + self.joint_seconds
 
 
-def new_demo_adapter(work_dir: str | Path, seed: int, backbone: str = "small") -> LlavaAdapter:
-    """A freshly initialised demo-size LLaVA of `backbone`'s sizes (word vocabulary of the whole world), saved
+def new_demo_adapter(work_dir: str | Path, seed: int, backbone_name: str = "small") -> LlavaAdapter:
+    """A freshly initialised demo-size LLaVA of `backbone_name`'s sizes (word vocabulary of the whole world), saved
     to `work_dir` and loaded back through the adapter, with the demo prompt template."""
-    sizes = backbone_sizes(backbone)
+    sizes = backbone_sizes(backbone_name)
     path = LlavaAdapter.build_tiny(work_dir, corpus=vocabulary_corpus(), seed=seed, **sizes)
     adapter = LlavaAdapter.from_pretrained(path, template=DEMO_PROMPT_TEMPLATE)
     unknown = adapter.tokenizer.unk_token_id

@@ -3,6 +3,7 @@ question type, save/load round-trips, and the cache trains once (pipeline.demo.m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -194,7 +195,7 @@ def test_every_backbone_the_config_accepts_builds_its_llava(tmp_path):
     from odedit.config import DemoWorldConfig
 
     assert set(get_args(get_type_hints(DemoWorldConfig)["backbone"])) == set(BACKBONES)
-    deep = new_demo_adapter(tmp_path / "deep", seed=0, backbone="deep")
+    deep = new_demo_adapter(tmp_path / "deep", seed=0, backbone_name="deep")
     small = new_demo_adapter(tmp_path / "small", seed=0)
     assert (deep.num_layers, small.num_layers) == (6, 2)
     # only the language model deepens: same tower, same widths
@@ -202,6 +203,38 @@ def test_every_backbone_the_config_accepts_builds_its_llava(tmp_path):
     assert deep.model.config.text_config.hidden_size == small.model.config.text_config.hidden_size
     with pytest.raises(ValueError, match="data.demo.backbone='huge'.*choose one of deep, small"):
         backbone_sizes("huge")
+
+
+def test_deep_backbone_is_grown_from_the_cached_small_model(short_model, cache_root, monkeypatch):
+    """data.demo.backbone=deep: the cached small model of the same config, block-expanded to 6 LM layers and
+    trained `grow_steps` more; keyed by the small model's key, cached, checked on its own step count."""
+    from pipeline.demo import train as demo_train
+
+    cfg, small_path, small_report = short_model
+    monkeypatch.setitem(demo_train.BACKBONES, "deep", dataclasses.replace(BACKBONES["deep"], grow_steps=3))
+    deep_cfg = load_config(None, [*SHORT, "data.demo.backbone=deep"])
+    trains = []
+    real_train = demo_train.train_demo
+    monkeypatch.setattr(demo_model, "train_demo", lambda *a, **k: trains.append(k) or real_train(*a, **k))
+    path, report = ensure_demo_model(deep_cfg, cache_root=cache_root, progress=False, eval_limit=EVAL_LIMIT)
+    assert len(trains) == 1  # the small model came from the cache
+    assert (trains[0]["max_steps"], trains[0]["pretrain_s"]) == (3, 0.0)
+    assert report["backbone"] == "deep" and report["grow_steps"] == 3
+    assert report["grown_from"]["key"] == Path(small_path).name == demo_model_key(cfg, EVAL_LIMIT)
+    assert report["grown_from"]["vqa_accuracy"] == small_report["vqa_accuracy"]
+    assert load_demo_adapter(path).num_layers == 6
+    assert demo_model.demo_model_problems(report, deep_cfg.data.demo) == []
+    assert demo_model.demo_model_problems(dict(report, grow_steps=2), deep_cfg.data.demo) == [
+        "grow_steps 2 of 3 trained"
+    ]
+    # the key follows the small model's and the growth's own steps
+    key = demo_model_key(deep_cfg, EVAL_LIMIT)
+    assert key != demo_model_key(load_config(None, [*SHORT, "data.demo.backbone=deep", "seed=1"]), EVAL_LIMIT)
+    monkeypatch.setitem(demo_train.BACKBONES, "deep", dataclasses.replace(BACKBONES["deep"], grow_steps=4))
+    assert demo_model_key(deep_cfg, EVAL_LIMIT) != key
+    monkeypatch.setitem(demo_train.BACKBONES, "deep", dataclasses.replace(BACKBONES["deep"], grow_steps=3))
+    assert ensure_demo_model(deep_cfg, cache_root=cache_root, progress=False, eval_limit=EVAL_LIMIT)[0] == path
+    assert len(trains) == 1  # reused
 
 
 # ------------------------------------------------------------------------------------------ cache
