@@ -183,7 +183,7 @@ def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_d
     from pipeline.reporting.tracking import NullTracker
     from pipeline.train.engine import run_stream, storage_dir
 
-    paths = write_evqa_split(str(tmp_path / "world"), n=16, min_side=24, max_side=48, seed=4)
+    paths = write_evqa_split(str(tmp_path / "world"), n=8, min_side=24, max_side=48, seed=4)
     config = {
         "model": {"family": "llava", "name_or_path": tiny_dir("llava")},
         "data": {"source": "mmedit", "path": paths["path"], "image_root": paths["image_root"]},
@@ -250,7 +250,7 @@ def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_d
 
     got = ledger("resubmitted")
     assert [e["edit_id"] for e in got] == [e["edit_id"] for e in ledger("reference")]
-    assert len({e["edit_id"] for e in got}) == len(got) == 16, "every edit exactly once"
+    assert len({e["edit_id"] for e in got}) == len(got) == 8, "every edit exactly once"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]["resubmitted"]
     for m in ("rel", "t_gen", "m_gen", "t_loc", "m_loc"):
         assert abs(summary[m] - ref[m]) <= 1e-6, (m, summary[m], ref[m])
@@ -261,7 +261,7 @@ def test_driver_killed_and_job_resubmitted_resumes_exactly_once(tmp_path, tiny_d
         "fault",
         "job driver killed mid-stream, job resubmitted with the same run name",
         "resumed from the last checkpoint; ledger and metrics equal an uninterrupted run",
-        f"killed after {killed_at} of 16 edits; last write by its workers {late:.2f} s after the kill; its lease "
+        f"killed after {killed_at} of 8 edits; last write by its workers {late:.2f} s after the kill; its lease "
         "taken over by the resubmitted job",
         edits_lost=len({e["edit_id"] for e in ledger("reference")} - {e["edit_id"] for e in got}),
         applied_twice=len(got) - len({e["edit_id"] for e in got}),
