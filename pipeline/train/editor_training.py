@@ -4,12 +4,11 @@
 
 A `TorchTrainer` with `resources.num_workers` workers (gloo on CPU, NCCL on GPU) runs
 `odedit.methods.mend.train.MetaTrainer` data-parallel: each worker loads the model, takes its slice of the
-training edits, and the meta-gradients, running statistics and ODEdit's lambda-network are reduced over the
-process group every step (through `pipeline.train.collectives.TorchComm`, on the backend's device), so the
-replicas stay identical (the hypernetwork is small; no ZeRO sharding, so
-`resources.zero_stage` does not apply here). With `odedit.enabled` the ODEdit terms are part of the
-editor-training loss ([INFERENCE] method.md §2.5). The last `method.val_edits` training edits are held out and
-scored before and after meta-training.
+training edits, and the meta-gradients and running statistics are reduced over the process group every step
+(through `pipeline.train.collectives.TorchComm`, on the backend's device), so the replicas stay identical (the
+hypernetwork is small; no ZeRO sharding, so `resources.zero_stage` does not apply here). With `odedit.enabled` the
+ODEdit terms are part of the editor-training loss ([INFERENCE] method.md §2.5). The last `method.val_edits`
+training edits are held out and scored before and after meta-training.
 
 Rank 0 reports the metrics with a checkpoint (so `Result.metrics` is filled, platform.md §2); the driver copies
 the hypernetwork to `<output_dir>/hypernet.safetensors` (load it with `method.hypernet_path=`) and writes

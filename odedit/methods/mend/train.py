@@ -6,7 +6,8 @@
 One step samples `train_batch` edits, computes the editor-training loss `method.meta_loss` (the objective's G,
 so ODEdit's terms join it when ODEdit is on) and moves theta with the method's optimiser groups. With several
 workers, `reduce_sum` (an in-place sum over workers, e.g. a gloo all-reduce) keeps the replicas identical:
-meta-gradients and the lambda-network are averaged, running statistics summed.
+meta-gradients are averaged, running statistics summed. ODEdit's lambda-network is not trained
+(`EPISODE_K`).
 
 `synthetic_cases` builds stand-in edits from a model's own vocabulary and random images, for the in-process
 bootstrap of tiny models ([INFERENCE] MEND needs *some* training distribution; this one is only meant to make
@@ -32,6 +33,15 @@ from odedit.objective import HostObjective
 from odedit.risks import reliability_risk
 
 ReduceSum = Callable[[list[torch.Tensor]], None]
+
+# [INFERENCE] issue 17 item 6c: a meta-training step is one edit episode, scored by the objective as the first
+# iteration of an edit step (k = 1): lambda at the lambda-network's initial state (no dual step), R_gen's kernel
+# bandwidths estimated on this episode's states, `before_step` references from this episode's pass. Scored with
+# the meta-step count as k (as before), the dual ascent of 1,500 unrelated episodes accumulated (the TV-l1
+# penalty is never 0, so lambda rose to `odedit.lambda_cap` and lambda * penalty dominated the meta-loss), and
+# the bandwidths of the first batch served every later one. Eq. 13's ascent is an edit's primal-dual problem:
+# lambda follows the edits at edit time (`MEND.apply`), not the hypernetwork's training.
+EPISODE_K = 1
 
 
 @runtime_checkable
@@ -60,7 +70,7 @@ class MetaTrainer:
 
     Args:
         method: a `TrainableEditor` (its config gives lr, lr_lr, optimizer, train_batch, grad_clip).
-        objective: the edit objective (host-only or ODEdit); its lambda-network trains along.
+        objective: the edit objective (host-only or ODEdit); its lambda-network stays as it is (`EPISODE_K`).
         train_cases, val_cases: edits (OUT references are attached when missing).
         reduce_sum: in-place sum over workers; None in a single process.
         world_size: number of workers `reduce_sum` sums over.
@@ -109,7 +119,7 @@ class MetaTrainer:
         was_training = model.training
         model.eval()
         try:
-            loss, parts = self.method.meta_loss(batch, self.objective, self.k, self.reduce_sum)
+            loss, parts = self.method.meta_loss(batch, self.objective, EPISODE_K, self.reduce_sum)
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         finally:
             model.train(was_training)
@@ -122,8 +132,6 @@ class MetaTrainer:
             p.grad = g * scale
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self._mean_over_workers([p.data for p in self.objective.extra_parameters()])
         return {**parts, "meta_grad_norm": norm}
 
     def train(

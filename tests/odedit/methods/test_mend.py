@@ -102,6 +102,21 @@ def test_meta_training_reduces_the_edit_loss_on_held_out_edits(tiny_adapter):
     assert after["pre_edit_loss"] == pytest.approx(before["pre_edit_loss"])  # training never wrote the model
 
 
+def test_meta_training_with_odedit_scores_every_episode_from_the_initial_lambda(tiny_adapter):
+    """Issue 17 item 6c: each meta-step is one edit episode at k = 1: no dual step, the lambda-network never
+    moves, and lambda(phi_e) stays where it starts (carried over 1,500 steps, the dual ascent ran it to its cap)."""
+    adapter = tiny_adapter("llava")
+    method, cfg = _mend(adapter, "odedit.enabled=true", "method.train_batch=2")
+    objective = build_objective(cfg.odedit, method)
+    start = [p.detach().clone() for p in objective.extra_parameters()]
+    trainer = MetaTrainer(method, objective, synthetic_cases(adapter, 6, seed=0))
+    history = trainer.train(6)
+    lams = [h["lambda"] for h in history]
+    assert all(lam == pytest.approx(lams[0], rel=1e-2) for lam in lams), lams  # moves only with phi_e's summary
+    assert all(h["penalty"] > 0 and "dual_step" not in h for h in history)
+    assert all(torch.equal(a, b) for a, b in zip(start, objective.extra_parameters()))
+
+
 def test_apply_changes_only_phi_e_and_restore_is_bit_exact(tiny_adapter):
     adapter = tiny_adapter("llava")
     method, cfg = _mend(adapter, "odedit.enabled=false")
