@@ -29,17 +29,23 @@ Reconstruction choices (no official code exists; every item is [INFERENCE]):
      (`demo_template`); the latent of layer l is the increment, over the previous edited layer, of the
      residual-stream difference (demonstration minus plain prompt) at the last prompt token, so that with all
      gates open the plain prompt's residual stream reproduces the in-context one at that token, layer by layer
-     (the in-context-vector view of ICL as a shift of latent states).
+     (the in-context-vector view of ICL as a shift of latent states). Both passes run on the base model, every
+     memory switched off: taken with earlier edits' memories on, the shift contained their (gated differently on
+     the demonstration) contributions, each new latent vector grew from the previous ones, and over a stream of
+     steps of 16 edits the latents and values grew ~100x per step to inf by the 8th step (issue 17 item 6c; the
+     NaN-loss rollbacks of docs/results.md's 1,000-edit cells).
   4. Gate (semantic space): for position t the query is the running mean of the FFN inputs up to t (causal, so
      decoding and teacher forcing agree; left padding enters the mean); the slot key is that mean at the edit's
      last prompt token; alpha = sigmoid((cos(sem q, sem key) - gate_threshold) / gate_temperature). Slots are
      gated independently (a slot per fact, no softmax competition). Defaults 0.95 / 0.01 make the gate sharp:
      running means of hidden states are anisotropic (cosines above 0.9 between unrelated image prompts on the
      tiny test models), and the disentangling objective (6) spreads facts apart from there.
-  5. Truthfulness guidance: the new neurons' values start at value_scale * truth^T truth (latent vector), the
-     projection of the in-context knowledge on the truthfulness space, split over the edit's neurons (the
+  5. Truthfulness guidance: the new neurons' values start at value_scale * P (latent vector), P the orthogonal
+     projection on the truthfulness space (the row space of `truth`), split over the edit's neurons (the
      paper's beta * zeta' added to the new key-value pairs); the latent vector itself is kept as the external
-     memory's value.
+     memory's value. P, not truth^T truth: the contrastive objective (6) reads `truth` through normalised
+     outputs only, so its weights grow without bound (Frobenius norm 13 -> 44 over 30 steps here) and
+     truth^T truth would scale the values with them.
   6. Knowledge-disentangling objective (weight w_disentangle), on every stored slot: a semantic NT-Xent
      (InfoNCE over prompts and demonstrations) that makes a prompt with and without its demonstration
      positives and every state of another fact a negative; a truthfulness
@@ -174,6 +180,7 @@ class UniKEMemory(nn.Module):
         ):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=False)
         self.gate_threshold, self.gate_temperature = gate_threshold, gate_temperature
+        self.active = True  # False: the hooks leave the layer as the base model computes it (`UniKE._base_states`)
         self._x: torch.Tensor | None = None
         self._shape: tuple[int, int] | None = None
 
@@ -204,9 +211,9 @@ class UniKEMemory(nn.Module):
         self._x = args[0]
 
     def ffn_out_hook(self, module, inputs, output):
-        if int(self.n_neurons) == 0 and int(self.n_slots) == 0:
+        if not self.active or (int(self.n_neurons) == 0 and int(self.n_slots) == 0):
             self._x = None
-            return None  # an empty memory leaves the model exactly as it was
+            return None  # an empty (or switched-off) memory leaves the model exactly as it was
         x, self._x = self._x, None
         if x.dim() == 2:  # OPT runs its FFN on (B*L, d)
             x = x.view(*self._shape, x.shape[-1])
@@ -311,12 +318,17 @@ class UniKE(EditMethod):
     def _states(
         self, samples: Sequence[Sample]
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
-        """FFN inputs (B, L, d) and layer outputs per edited layer, and the last prompt positions."""
+        """FFN inputs (B, L, d) and layer outputs per edited layer, and the last prompt positions, of the base
+        model: every memory switched off (reconstruction choice 3)."""
         capture = _StateCapture(self)
+        for mem in self.memories.values():
+            mem.active = False
         try:
             out = self.adapter.run(list(samples))
         finally:
             capture.remove()
+            for mem in self.memories.values():
+                mem.active = True
         return capture.x, capture.h, out.batch.last_prompt
 
     def begin_step(self, cases: Sequence[EditCase], handle: EditHandle) -> None:
@@ -351,7 +363,8 @@ class UniKE(EditMethod):
                 shift = (hd[li][rows, ld] - hp[li][rows, lp]).float()
                 latent = shift if prev is None else shift - prev
                 prev = shift
-                proj = mem.truth.weight.float().T @ (mem.truth.weight.float() @ latent.T)  # truth^T truth latent
+                basis = torch.linalg.qr(mem.truth.weight.float().T).Q  # (d, d_t): the truth space's row space
+                proj = basis @ (basis.T @ latent.T)  # the latent vector projected on it
                 value = cfg.value_scale * proj.T / (cfg.neurons_per_edit * (1.0 - cfg.key_threshold))
                 key = x_last / x_last.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
                 for b in range(len(cases)):

@@ -185,6 +185,28 @@ def test_sequential_edits_keep_earlier_ones_and_the_state_round_trips(tiny_adapt
         other.load_state_dict({k: v for k, v in state.items() if "n_slots" not in k})
 
 
+def test_a_new_edit_is_initialised_from_the_base_model_whatever_the_memory_holds(tiny_adapter):
+    """Issue 17 item 6c: the latent vector and values of an edit are the same after earlier edits as on a fresh
+    memory (taken with earlier memories on, each latent grew from the previous ones, to inf over a stream), and
+    the values do not scale with the truthfulness encoder's weights (an orthogonal projection)."""
+    cfg = _cfg()
+    later = _case(1, *GREEN, rgb=(30, 200, 30))
+    fresh = _method(tiny_adapter("llava"))
+    fresh.begin_step([later], EditHandle())
+
+    editor = Editor(tiny_adapter("llava"), cfg)
+    StreamRunner(editor, cfg).run([_case(0, *BLUE)])  # an earlier edit that stays (sequential mode)
+    method = editor.method
+    with torch.no_grad():
+        for mem in method.memories.values():
+            mem.truth.weight.mul_(10.0)  # what the contrastive objective does to it over a long stream
+    method.begin_step([later], EditHandle())
+    for li, mem in method.memories.items():
+        ref = fresh.memories[li]
+        assert torch.allclose(mem.latents[1], ref.latents[0], atol=1e-5), li
+        assert torch.allclose(mem.values[1], ref.values[0], atol=1e-4), li
+
+
 def test_a_full_memory_is_refused_before_anything_changes(tiny_adapter):
     adapter = tiny_adapter("llava")
     cfg = _cfg("method.pool_size=1", "method.latent_slots=1", "method.n_iter=1")
