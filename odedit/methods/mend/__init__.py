@@ -38,6 +38,9 @@ G = L + w_loc R_loc + w_gen R_gen + lambda * penalty, the risks taken over the h
   * at edit time the objective is evaluated before the update and after it; the second evaluation takes
     Eq. 13's dual step at the new phi_e, so the lambda-network follows the edits (lambda shapes MEND's edits
     through the editor-training loss only);
+  * in meta-training each step is one edit episode, scored as an edit's first iteration (k = 1): lambda at the
+    lambda-network's starting state, no dual step (`mend.train.EPISODE_K`; carried over 1,500 unrelated
+    episodes, the dual ascent ran lambda to `odedit.lambda_cap`);
   * the update is written into the weights in place (MEND has no inner optimisation, so `apply` ignores the
     stepper factory); weights partitioned by DeepSpeed ZeRO-3 would have to be gathered first;
   * without a trained hypernetwork (`hypernet_path`), `bootstrap_steps` > 0 meta-trains in process at the
