@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import mmap
 import sys
 
 import pytest
-import torch
 from torch import nn
 
 from pipeline.train.memory import SAMPLE_ENV, MemoryProbe, partition_numels, report_load, smaps_rollup, worker_file
@@ -24,10 +25,16 @@ def test_smaps_rollup_gives_pss_and_rss_of_this_process():
 
 @linux
 def test_the_probe_keeps_the_peak_and_writes_it(tmp_path):
+    # 64 MiB of fresh private pages, touched while the probe runs. An anonymous mmap, not a tensor: in a long
+    # test session the allocator may hand back pages the process already holds (resident, counted in the
+    # baseline), and a garbage collection in between may free as much; both made this test flaky in CI.
+    gc.collect()
     probe = MemoryProbe(0.01).start()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched while the probe runs
+    block = mmap.mmap(-1, 64 * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
     probe.sample()
-    del block
+    block.close()
     report = probe.write(str(tmp_path), 1, stage=3)
     assert report["peak_pss_mb"] >= report["start_pss_mb"] + 48 and report["stage"] == 3
     assert report["peak_rss_mb"] >= report["peak_pss_mb"]
