@@ -180,7 +180,7 @@ class UniKEMemory(nn.Module):
         ):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=False)
         self.gate_threshold, self.gate_temperature = gate_threshold, gate_temperature
-        self.active = True  # False: the hooks leave the layer as the base model computes it (`UniKE._base_states`)
+        self.active = True  # False: the hooks leave the layer as the base model computes it (`UniKE._states`)
         self._x: torch.Tensor | None = None
         self._shape: tuple[int, int] | None = None
 

@@ -96,7 +96,6 @@ class MetaTrainer:
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
         self.reduce_sum, self.world_size = reduce_sum, world_size
         self.rng = random.Random(seed)
-        self.k = 0
         for cases in (self.train_cases, self.val_cases):
             missing = [c for c in cases if any(c.env(e) and e not in c.references for e in OUT_ENVS)]
             if missing:
@@ -113,7 +112,6 @@ class MetaTrainer:
 
     def step(self) -> dict[str, float]:
         """One meta-training step; returns the loss parts (plus the meta-gradient norm)."""
-        self.k += 1
         batch = self.rng.sample(self.train_cases, min(self.method.cfg.train_batch, len(self.train_cases)))
         model = self.method.adapter.model
         was_training = model.training
