@@ -10,7 +10,17 @@ import sys
 import pytest
 from torch import nn
 
-from pipeline.train.memory import SAMPLE_ENV, MemoryProbe, partition_numels, report_load, smaps_rollup, worker_file
+from pipeline.train.memory import (
+    MAX_DUTY,
+    SAMPLE_ENV,
+    MemoryProbe,
+    high_water_rss_kb,
+    next_wait,
+    partition_numels,
+    report_load,
+    smaps_rollup,
+    worker_file,
+)
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/smaps_rollup")
 
@@ -39,8 +49,25 @@ def test_the_probe_keeps_the_peak_and_writes_it(tmp_path):
     report = probe.write(str(tmp_path), 1, stage=3)
     assert report["peak_pss_mb"] >= report["start_pss_mb"] + 48 and report["stage"] == 3
     assert report["peak_rss_mb"] >= report["peak_pss_mb"]
+    assert report["peak_rss_mb"] >= report["peak_rss_sampled_mb"]  # the kernel's high-water mark, not a sample
+    assert report["samples"] >= 3 and 0 <= report["probe_cpu_share"] <= 1 and report["mean_gap_s"] > 0
     with open(worker_file(str(tmp_path), 1, "memory")) as fh:
         assert json.load(fh) == report
+
+
+def test_the_probe_backs_off_so_it_never_takes_more_than_its_share_of_a_core():
+    # a cheap read keeps the interval asked for; a slow one (PSS of a multi-GB worker: ~30 ms) stretches the gap
+    assert next_wait(0.05, 0.001) == 0.05
+    wait = next_wait(0.05, 0.03)
+    assert wait > 0.05 and 0.03 / (0.03 + wait) == pytest.approx(MAX_DUTY)
+    assert next_wait(0.05, 0.03, max_duty=0.5) == 0.05
+
+
+@linux
+def test_the_high_water_mark_is_read_from_the_kernel():
+    # the kernel's counters may lag the page walk of smaps_rollup by a few pages per thread: 5% of slack
+    assert high_water_rss_kb() >= 0.95 * smaps_rollup()["rss_kb"] > 0
+    assert high_water_rss_kb(2**31 - 1) == 0
 
 
 def test_the_probe_is_off_unless_asked_for_and_checks_its_interval(monkeypatch, record_outcome):
