@@ -514,6 +514,11 @@ class StreamConfig:
         ),
     )
     generation_eval: bool = option(True, help="also score greedy-decoding exact match")
+    pre_eval: bool = option(
+        True,
+        help="score every edit on the unedited model before the stream (the pre_* columns, pre/ metrics); false "
+        "skips that pass over all edits (locality is scored against the OUT references either way)",
+    )
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def evaluate_cases(
         for b, p in enumerate(kinds):
             if p.scorer == TF:
                 scores[start + b] = tf[b]
-    for env, name in METRIC_OF_ENV.items():
+    for name in METRIC_OF_ENV.values():
         if wanted is not None and name not in wanted:
             continue
         picked = [n for n, (metric, *_) in enumerate(flat) if metric == name]

@@ -64,9 +64,9 @@ def parse_config(
 
 
 def _stage_issues(cfg: Config) -> list[ConfigIssue]:
-    """An editor that cannot run under DeepSpeed ZeRO-3 says why in its class's `zero3_blocker` (issue 16 item 3);
+    """An editor that cannot run under DeepSpeed ZeRO-3 says why in its class's `zero3_problem` (issue 16 item 3);
     with resources.zero_stage=3 in sequential mode (single mode refuses ZeRO-3 by itself) the config is refused."""
-    why = getattr(METHODS.get(cfg.method.name).method_cls, "zero3_blocker", "")
+    why = METHODS.get(cfg.method.name).method_cls.zero3_problem(cfg.method)
     if not why or cfg.resources.zero_stage != 3 or cfg.stream.mode != "sequential":
         return []
     return [

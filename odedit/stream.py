@@ -226,7 +226,7 @@ class StreamRunner:
             self.check_state(state.to_dict(), ids)
         state = state or StreamState()
         t0 = time.perf_counter()
-        if not state.pre and state.next_step == 0 and not state.ledger:
+        if self.cfg.stream.pre_eval and not state.pre and state.next_step == 0 and not state.ledger:
             pre = self._score_all(source, len(ids), self.cfg.stream.generation_eval)
             state.pre = {r["edit_id"]: {k: v for k, v in r.items() if k != "edit_id"} for r in pre}
             self._metrics({f"pre/{k}": v for k, v in _means(pre).items()}, 0)
@@ -369,7 +369,15 @@ class StreamRunner:
                 for r in state.rows
             ]
         else:
-            final = self._score_all(source, n, cfg.generation_eval)
+            # The last step's edits were scored right after it, on the model the stream ends with (nothing edits
+            # after it): their immediate scores are their final ones, so only the earlier edits are scored again.
+            # Under ZeRO-3 every forward pass gathers the whole model, and a 1-step stream skips its last pass.
+            earlier = min(n, (n_steps - 1) * cfg.batch_size)
+            last = {r["edit_id"]: r for r in state.rows if r["edit_id"] in set(ids[earlier:])}
+            if len(last) < n - earlier:  # a row missing (never the case today): score everything again
+                earlier, last = n, {}
+            final = self._score_all(source, earlier, cfg.generation_eval) if earlier else []
+            final += [{"edit_id": i, **{k: v for k, v in last[i].items() if k in PROTOCOLS}} for i in ids[earlier:]]
             self._set_final(state, final)
         point = _means(final)
         state.curve.append({"edits": state.edits_applied, "n": len(final), **point})

@@ -70,6 +70,14 @@ class EditMethod(ABC):
     # reading other positions), and its host loss reads answer positions only: then an edit of the last
     # layer's FFN output may replay just the positions the losses read (`odedit.models.tail`).
     positionwise: ClassVar[bool] = False
+    # Why the method cannot run under DeepSpeed ZeRO-3 at all ("" = it can); `odedit.loading` refuses the
+    # combination at load (issue 16 item 3). Config-dependent reasons: override `zero3_problem`.
+    zero3_blocker: ClassVar[str] = ""
+
+    @classmethod
+    def zero3_problem(cls, cfg: MethodConfig) -> str:
+        """Why this method, so configured, cannot run under ZeRO-3 ("" = it can)."""
+        return cls.zero3_blocker
 
     def __init__(self, adapter: ModelAdapter, cfg: MethodConfig) -> None:
         self.adapter = adapter

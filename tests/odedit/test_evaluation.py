@@ -20,7 +20,7 @@ def _cases(n: int) -> list[EditCase]:
         EditCase(
             f"e{i}",
             {
-                "in": [Sample("what color is the shape ?", "red" if i % 2 else "blue", make_image((255, 0, 0), seed=i))],
+                "in": [Sample("what color is the shape ?", ("red", "blue")[i % 2], make_image((255, 0, 0), seed=i))],
                 "se_text": [Sample("which color is the shape" + " ?" * (i + 1), "red")],
                 "se_image": [Sample("what color is the shape ?", "red", make_image((250, 5, 5), seed=10 + i))],
                 "out_text": [Sample("who wrote it ?" + " it" * i, "paris"), Sample("where is it ?", "rome")],

@@ -23,6 +23,22 @@ def test_wise_and_unike_under_zero3_are_refused_at_load_with_the_editor_the_stag
         load_config(None, ["method.name=unike", "stream.mode=sequential", "resources.zero_stage=3"])
 
 
+def test_mend_under_zero3_needs_a_trained_hypernetwork(record_outcome):
+    """MEND's edit runs under ZeRO-3 (tests/pipeline/train/test_zero_editors.py); its in-process meta-training
+    does not, so without method.hypernet_path the combination is refused, naming the file to give."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["method.name=mend", "stream.mode=sequential", "resources.zero_stage=3"])
+    text = str(err.value)
+    assert "method.name=mend cannot run under DeepSpeed ZeRO-3" in text and "method.hypernet_path" in text
+    assert "jobs.train_editor" in text
+    record_outcome("bad config", "method.name=mend, no hypernet_path, zero_stage=3", "refused at load", text)
+    cfg = load_config(
+        None,
+        ["method.name=mend", "method.hypernet_path=h.safetensors", "stream.mode=sequential", "resources.zero_stage=3"],
+    )
+    assert cfg.resources.zero_stage == 3
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -9,6 +9,7 @@ import pytest
 import torch
 from testdata import make_image
 
+from odedit import stream as stream_module
 from odedit.editing import Editor
 from odedit.envs import EditCase, attach_references
 from odedit.loading import load_config
@@ -84,6 +85,31 @@ def test_sequential_stream_curve_ledger_and_summary(setup):
         assert 0.0 <= m["edit/target_prob"] <= 1.0 and m["edit/iterations"] == 4.0
     assert all(0.0 <= r["target_prob"] <= 1.0 and r["stopped_early"] is False for r in result.rows)
     assert any(k.startswith("retention/") for _, m in metrics for k in m)
+
+
+def test_the_last_step_is_not_scored_twice(setup, monkeypatch):
+    """Its edits were scored right after it on the model the stream ends with: their final scores are their
+    immediate ones, and the end-of-stream pass scores only the earlier edits (under ZeRO-3 a pass gathers the
+    whole model)."""
+    adapter, cases = setup
+    cfg = _cfg("stream.batch_size=2")
+    scored = []
+    evaluate = stream_module.evaluate_cases
+    monkeypatch.setattr(
+        stream_module, "evaluate_cases", lambda a, cs, **kw: scored.append(len(cs)) or evaluate(a, cs, **kw)
+    )
+    result = StreamRunner(Editor(adapter, cfg), cfg).run(cases)
+    rows = {r["edit_id"]: r for r in result.rows}
+    for c in cases[4:]:
+        assert all(rows[c.edit_id][f"final_{k}"] == rows[c.edit_id][k] for k in ("rel", "t_gen", "t_loc", "m_loc"))
+    # cases scored: all 6 before editing, each step's 2 right after it, at the end the first 4 only (was all 6)
+    assert scored == [6, 2, 2, 2, 4], scored
+    scored.clear()
+    cfg = _cfg("stream.batch_size=2", "stream.pre_eval=false")
+    result = StreamRunner(Editor(adapter, cfg), cfg).run(cases)
+    assert scored == [2, 2, 2, 4], "no pass before the stream"
+    assert all("pre_rel" not in r and "final_rel" in r for r in result.rows)
+    assert math.isnan(result.summary["pre"]["rel"]), result.summary["pre"]
 
 
 def test_single_mode_leaves_the_model_unchanged(setup):

@@ -87,6 +87,20 @@ class MEND(EditMethod):
     host_envs = ("in",)
     default_last_layers = 3  # EasyEdit: OPT-2.7B layers 29-31
 
+    @classmethod
+    def zero3_problem(cls, cfg: MENDConfig) -> str:
+        """An edit runs under ZeRO-3 (factors from the modules' inputs and output gradients, the update written
+        inside a gather); meta-training in process does not: it reads the edited weights outside a forward pass
+        (`meta_loss`), where ZeRO-3 leaves them empty partitions."""
+        if cfg.hypernet_path:
+            return ""
+        return (
+            "without method.hypernet_path MEND meta-trains its hypernetwork in process (method.bootstrap_steps), "
+            "reading the edited weights outside a forward pass, where ZeRO-3 leaves them empty partitions; train it "
+            "first with `python -m jobs.train_editor` (no ZeRO sharding) and set method.hypernet_path to the file it "
+            "writes"
+        )
+
     def __init__(self, adapter, cfg: MENDConfig) -> None:
         super().__init__(adapter, cfg)
         self.hypernet: Hypernet | None = None
@@ -166,7 +180,10 @@ class MEND(EditMethod):
         finally:
             capture.remove()
         rel = super().host_loss(outs, cases)
-        torch.autograd.grad(rel, [m.weight for m in modules.values()])  # fills delta at every edited module
+        # Differentiated with respect to the edited modules' outputs, which fills delta at every one of them:
+        # the weights' own gradients are never formed (MEND reads only u and delta), and under ZeRO-3, where a
+        # weight is an empty partition outside its module's forward, there is nothing of them to differentiate.
+        torch.autograd.grad(rel, capture.outputs, allow_unused=True)
         return capture.factors(), outs
 
     def _write_update(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

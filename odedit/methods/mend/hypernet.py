@@ -166,6 +166,7 @@ class FactorCapture:
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.calls: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in modules}
+        self.outputs: list[torch.Tensor] = []  # what a backward pass differentiates to reach every delta
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
@@ -174,6 +175,7 @@ class FactorCapture:
                 return
             rec = {"u": inputs[0].detach()}
             self.calls[name].append(rec)
+            self.outputs.append(output)
             output.register_hook(lambda g, rec=rec: rec.__setitem__("d", g.detach()))
 
         return hook
