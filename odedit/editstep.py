@@ -2,8 +2,8 @@
 
     handle, report = run_edit_step(method, objective, cases, stepper_factory)
 
-Per iteration: one batched forward pass per environment the objective reads (all cases of the step
-together), the objective's loss, one update of phi_e through a `Stepper`. A step whose loss turns NaN/Inf, or
+Per iteration: one batched forward pass of every environment the objective reads (all cases of the step
+together, `forward_envs`), the objective's loss, one update of phi_e through a `Stepper`. A step whose loss turns NaN/Inf, or
 that the objective rejects (`Objective.rollback_reason`: ODEdit's lambda running past `odedit.lambda_max`), is
 rolled back (`handle.restore()`) and reported as failed; the stream goes on.
 
