@@ -3,9 +3,9 @@
     handle, report = run_edit_step(method, objective, cases, stepper_factory)
 
 Per iteration: one batched forward pass of every environment the objective reads (all cases of the step
-together, `forward_envs`), the objective's loss, one update of phi_e through a `Stepper`. A step whose loss turns NaN/Inf, or
-that the objective rejects (`Objective.rollback_reason`: ODEdit's lambda running past `odedit.lambda_max`), is
-rolled back (`handle.restore()`) and reported as failed; the stream goes on.
+together, `forward_envs`), the objective's loss, one update of phi_e through a `Stepper`. A step whose loss
+turns NaN/Inf, or that the objective rejects (`Objective.rollback_reason`: ODEdit's lambda running past
+`odedit.lambda_max`), is rolled back (`handle.restore()`) and reported as failed; the stream goes on.
 
 The loop sees the editor through `odedit.interfaces.StepEditor`; it does not import the editors.
 
