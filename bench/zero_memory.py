@@ -14,9 +14,11 @@ gloo workers): `resources.zero_stage=0` (a replicated model, phi_e's gradients a
 step in full on every worker (`pipeline.train.distributed.runs_lockstep`: ODEdit's objective reads the step's
 edits together), so both take the step one worker would. The preparation (shards, references) and both streams
 share one local Ray instance; the seconds of each part are in the details (`seconds`). Each worker
-samples its own memory every 50 ms from its start to the end of its stream (`pipeline.train.memory`,
-`$ODEDIT_MEMORY_SAMPLE_S`), as PSS from `/proc/<pid>/smaps_rollup`: a page shared by k processes counts 1/k
-in each, so the pages of the memory-mapped weights file both workers read while loading are not counted twice.
+samples its own memory from its start to the end of its stream (`pipeline.train.memory`,
+`$ODEDIT_MEMORY_SAMPLE_S`: every 50 ms, or less often where a read takes longer, so the probe never takes more
+than 10% of a core; the gaps are in the details, `mean_gap_s`), as PSS from `/proc/<pid>/smaps_rollup`: a
+page shared by k processes counts 1/k in each, so the pages of the memory-mapped weights file both workers read
+while loading are not counted twice. The peak RSS is the kernel's high-water mark (`VmHWM`, exact).
 
 Figures (targets from issue 16 item 5):
 * `param_memory_ratio_z3_z0` (<= 0.6): peak PSS of the worker with the highest one, ZeRO-3 / ZeRO-0, each
