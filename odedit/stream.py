@@ -373,7 +373,8 @@ class StreamRunner:
             # after it): their immediate scores are their final ones, so only the earlier edits are scored again.
             # Under ZeRO-3 every forward pass gathers the whole model, and a 1-step stream skips its last pass.
             earlier = min(n, (n_steps - 1) * cfg.batch_size)
-            last = {r["edit_id"]: r for r in state.rows if r["edit_id"] in set(ids[earlier:])}
+            tail = set(ids[earlier:])
+            last = {r["edit_id"]: r for r in state.rows if r["edit_id"] in tail}
             if len(last) < n - earlier:  # a row missing (never the case today): score everything again
                 earlier, last = n, {}
             final = self._score_all(source, earlier, cfg.generation_eval) if earlier else []

@@ -127,8 +127,8 @@ ZERO3_TOL = 1e-6
 # WISE and UniKE are refused at load under ZeRO-3 (odedit.loading, their classes' `zero3_blocker`: WISE reads the
 # partitioned main weight outside forward, UniKE's hooked memory is released before its backward).
 # ODEdit's part under ZeRO-3 (the gathered lambda summary and its gradient, the penalty's mean over workers) is the
-# same for every editor; it is run on two of them: a base weight and hooked patches. Those two also run under
-# zero_stage 0 with 2 workers, which run ODEdit's steps in full too (`runs_lockstep`).
+# same for every editor; it is run on three of them: a base weight, hooked patches and MEND's one-shot update.
+# Those three also run under zero_stage 0 with 2 workers, which run ODEdit's steps in full too (`runs_lockstep`).
 ZERO3_ODEDIT = ("ft", "tpatcher", "mend")
 ZERO3_EDITORS = {
     "ft": ["method.name=ft", "method.lr=0.05", "method.n_iter=2"],
